@@ -1,0 +1,94 @@
+"""Step time against batch size: DGNOpt's fast path beside optax.sgd, one process, one run.
+
+    python benchmarks/batch_scaling.py [--batches 32,64,128,256,512] [--width 64]
+
+Times the jit-compiled train step (median of --repeats steps after warm-up,
+block_until_ready) on the DIGITS MLP (4 tanh layers + linear head), prints a
+table of per-step times and of time(B)/time(smallest B) for each optimizer
+next to optax.sgd's, and writes JSON. Linear cost in the batch shows as
+growth ratios close to sgd's.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dgnopt_jax as dgnopt
+
+G = dgnopt.games
+
+
+def timed(step, params, state, x, y, repeats):
+  params, state = step(params, state, x, y)  # compile
+  jax.block_until_ready(params)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    params, state = step(params, state, x, y)
+    jax.block_until_ready(params)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--batches", default="32,64,128,256,512")
+  p.add_argument("--width", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=50)
+  p.add_argument("--out", default="batch_scaling.json")
+  args = p.parse_args()
+  sizes = [int(b) for b in args.batches.split(",")]
+  game = G.sequential([G.Dense(args.width, "tanh") for _ in range(4)] + [G.Dense(10)], (64,))
+  params = game.init(jax.random.PRNGKey(0))
+
+  def ours(tx):
+    def step(params, state, x, y):
+      updates, state = tx.update(None, state, params, batch=(x, y))
+      return optax.apply_updates(params, updates), state
+    return tx.init, jax.jit(step)
+
+  def baseline(opt):
+    def step(params, state, x, y):
+      grads = jax.grad(lambda p: jnp.mean(jax.vmap(game.loss.per_sample)(game.apply(p, x), y)))(params)
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+    return opt.init, jax.jit(step)
+
+  optimizers = {"optax.sgd": baseline(optax.sgd(0.1)),
+                "olne-sgd": ours(dgnopt.olne(game, 0.1)),
+                "fne-sgd": ours(dgnopt.fne(game, 0.1, vxx_reg=1e-4)),
+                "fne-sgd exact": ours(dgnopt.fne(game, 0.1, vxx_rank="exact")),
+                "fne-adam": ours(dgnopt.fne(game, 1e-3, "adam"))}
+  rng = np.random.default_rng(0)
+  results = {name: {} for name in optimizers}
+  for b in sizes:
+    x = jnp.asarray(rng.normal(size=(b, 64)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=b))
+    for name, (init, step) in optimizers.items():
+      results[name][b] = timed(step, params, init(params), x, y, args.repeats)
+  print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "
+        f"MLP width {args.width}, median of {args.repeats} steps")
+  head = "| optimizer | " + " | ".join(f"B={b} (ms)" for b in sizes) + \
+      f" | t({sizes[-1]})/t({sizes[0]}) | vs sgd's ratio | t/sgd at B={sizes[-1]} |"
+  print(head)
+  print("|" + "---|" * (len(sizes) + 4))
+  sgd_growth = results["optax.sgd"][sizes[-1]] / results["optax.sgd"][sizes[0]]
+  for name, r in results.items():
+    growth = r[sizes[-1]] / r[sizes[0]]
+    print(f"| {name} | " + " | ".join(f"{1e3 * r[b]:.3f}" for b in sizes) +
+          f" | {growth:.2f} | {growth / sgd_growth:.2f} | "
+          f"{r[sizes[-1]] / results['optax.sgd'][sizes[-1]]:.2f} |")
+  with open(args.out, "w") as f:
+    json.dump({"machine": platform.platform(), "backend": jax.default_backend(),
+               "width": args.width, "seconds": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

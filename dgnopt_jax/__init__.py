@@ -1,0 +1,31 @@
+"""dgnopt_jax: train neural networks by solving the dynamic game they define.
+
+DDPNOpt, GT-DDP and DGNOpt as optax transformations::
+
+  import dgnopt_jax as dgnopt
+  game = dgnopt.games.sequential([dgnopt.games.Dense(32, "tanh"),
+                                  dgnopt.games.Dense(10)], input_shape=(64,))
+  tx = dgnopt.fne(game, learning_rate=0.1)
+  state = tx.init(params)
+  updates, state = tx.update(None, state, params, batch=(x, y))
+"""
+
+from dgnopt_jax import curvature
+from dgnopt_jax import games
+from dgnopt_jax import losses
+from dgnopt_jax import reference
+from dgnopt_jax._src.transform import DGNOptState
+from dgnopt_jax._src.transform import fne
+from dgnopt_jax._src.transform import olne
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DGNOptState",
+    "curvature",
+    "fne",
+    "games",
+    "losses",
+    "olne",
+    "reference",
+]

@@ -1,0 +1,272 @@
+"""Curvatures C ~ Q_theta_theta of one player (DGNOpt eq. 13, Prop. 2; DDPNOpt Table 2).
+
+Every update of DGNOpt preconditions with the player's curvature plus a
+Tikhonov term and the learning rate eta, the quadratic model's ``Q_theta_theta``
+being ``M = (C + damping I) / eta``:
+
+    open gain      k = M^-1 d          (d = Q_theta, or Adam's first moment)
+    feedback gain  K = M^-1 Q_theta_x
+
+Each curvature is a small object with
+
+* ``init(theta) -> state``: persistent statistics, a pytree;
+* ``update(state, q_theta, ggn_matvec) -> (state, step)``: new statistics from
+  this step's ``Q_theta`` (and, for ``dense``, the Gauss-Newton product
+  ``v -> F_theta^T V~_xx F_theta v + l_theta_theta v``); ``step`` is what the
+  solves of this step need;
+* ``direction(step, q_theta)``: the vector the open gain preconditions;
+* ``solve(step, v, damping) -> (C + damping I)^-1 v``;
+* ``inverse_diagonal(step, damping, like)``: ``diag((C + damping I)^-1)`` as a
+  pytree shaped like ``like`` when C is diagonal, else ``None``;
+* ``check(player, theta)``: raises a clear error for a player it cannot handle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+Params = Any
+
+
+def _safe_reciprocal(x: jax.Array) -> jax.Array:
+  """1/x where x > 0, else 0 (a pseudo-inverse of a non-negative diagonal)."""
+  tiny = jnp.finfo(x.dtype).tiny
+  return jnp.where(x > tiny, 1.0 / jnp.where(x > tiny, x, 1.0), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+  """C = I: DDP-SGD (DDPNOpt Table 2); with no feedback, plain SGD (Theorem 6)."""
+
+  name = "identity"
+  needs_value_hessian = False
+  default_damping = 0.0
+
+  def check(self, player, theta) -> None:
+    del player, theta
+
+  def init(self, theta: Params) -> tuple:
+    del theta
+    return ()
+
+  def update(self, state, q_theta, ggn_matvec=None):
+    del q_theta, ggn_matvec
+    return state, ()
+
+  def direction(self, step, q_theta: Params) -> Params:
+    del step
+    return q_theta
+
+  def solve(self, step, v: Params, damping) -> Params:
+    del step
+    return jax.tree.map(lambda x: x / (1.0 + damping), v)
+
+  def inverse_diagonal(self, step, damping, like: Params) -> Params:
+    del step
+    return jax.tree.map(lambda x: jnp.asarray(1.0 / (1.0 + damping), x.dtype), like)
+
+
+class RMSPropState(NamedTuple):
+  nu: Params
+  count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSProp:
+  """C = diag(sqrt(E[Q_theta^2]) ...): DDP-RMSprop (DGNOpt eq. 13).
+
+  The statistics are the exponential moving average of ``Q_theta * Q_theta``
+  with the conventions of ``optax.rmsprop`` (same argument names and defaults),
+  so that the open-loop solver with this curvature is exactly ``optax.rmsprop``.
+  """
+
+  decay: float = 0.9
+  eps: float = 1e-8
+  initial_scale: float = 0.0
+  eps_in_sqrt: bool = True
+  bias_correction: bool = False
+  name = "rmsprop"
+  needs_value_hessian = False
+  default_damping = 0.0
+
+  def check(self, player, theta) -> None:
+    del player, theta
+
+  def init(self, theta: Params) -> RMSPropState:
+    nu = jax.tree.map(lambda x: jnp.full_like(x, self.initial_scale), theta)
+    return RMSPropState(nu, jnp.zeros([], jnp.int32))
+
+  def update(self, state: RMSPropState, q_theta, ggn_matvec=None):
+    del ggn_matvec
+    nu = jax.tree.map(lambda g, n: (1 - self.decay) * g ** 2 + self.decay * n,
+                      q_theta, state.nu)
+    count = state.count + 1
+    nu_hat = nu
+    if self.bias_correction:
+      nu_hat = jax.tree.map(lambda n: n / (1 - self.decay ** count).astype(n.dtype), nu)
+    return RMSPropState(nu, count), nu_hat
+
+  def _diag(self, nu_hat):
+    if self.eps_in_sqrt:
+      return jax.tree.map(lambda n: jnp.sqrt(n + self.eps), nu_hat)
+    return jax.tree.map(lambda n: jnp.sqrt(n) + self.eps, nu_hat)
+
+  def direction(self, step, q_theta: Params) -> Params:
+    del step
+    return q_theta
+
+  def solve(self, step, v: Params, damping) -> Params:
+    return jax.tree.map(lambda x, c: x / (c + damping), v, self._diag(step))
+
+  def inverse_diagonal(self, step, damping, like: Params) -> Params:
+    del like
+    return jax.tree.map(lambda c: 1.0 / (c + damping), self._diag(step))
+
+
+class AdamState(NamedTuple):
+  mu: Params
+  nu: Params
+  count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Adam:
+  """C = diag(sqrt(nu_hat + eps_root) + eps), direction mu_hat: DDP-Adam.
+
+  Moments of ``Q_theta`` with ``optax.adam``'s conventions, so that the
+  open-loop solver with this curvature is exactly ``optax.adam``.
+  """
+
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  eps_root: float = 0.0
+  name = "adam"
+  needs_value_hessian = False
+  default_damping = 0.0
+
+  def check(self, player, theta) -> None:
+    del player, theta
+
+  def init(self, theta: Params) -> AdamState:
+    zeros = jax.tree.map(jnp.zeros_like, theta)
+    return AdamState(zeros, zeros, jnp.zeros([], jnp.int32))
+
+  def update(self, state: AdamState, q_theta, ggn_matvec=None):
+    del ggn_matvec
+    mu = jax.tree.map(lambda g, m: (1 - self.b1) * g + self.b1 * m, q_theta, state.mu)
+    nu = jax.tree.map(lambda g, n: (1 - self.b2) * g ** 2 + self.b2 * n, q_theta, state.nu)
+    count = state.count + 1
+    mu_hat = jax.tree.map(lambda m: m / (1 - self.b1 ** count).astype(m.dtype), mu)
+    nu_hat = jax.tree.map(lambda n: n / (1 - self.b2 ** count).astype(n.dtype), nu)
+    return AdamState(mu, nu, count), (mu_hat, nu_hat)
+
+  def direction(self, step, q_theta: Params) -> Params:
+    del q_theta
+    return step[0]
+
+  def _diag(self, step):
+    return jax.tree.map(lambda n: jnp.sqrt(n + self.eps_root) + self.eps, step[1])
+
+  def solve(self, step, v: Params, damping) -> Params:
+    return jax.tree.map(lambda x, c: x / (c + damping), v, self._diag(step))
+
+  def inverse_diagonal(self, step, damping, like: Params) -> Params:
+    del like
+    return jax.tree.map(lambda c: 1.0 / (c + damping), self._diag(step))
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseExact:
+  """C = F_theta^T (V_xx + eps I) F_theta + l_theta_theta, materialised: vanilla DDP.
+
+  The exact Gauss-Newton curvature of the player's Bellman objective
+  (DGNOpt eq. 20, dynamics linearised), built column by column from
+  Jacobian-vector products. Its symmetric eigendecomposition is clamped at
+  zero (indefinite directions get no curvature) and pseudo-inverted, so a
+  singular curvature never produces inf or NaN. For tiny players only:
+  ``check`` rejects players with more than ``max_params`` parameters.
+  """
+
+  max_params: int = 4096
+  name = "dense"
+  needs_value_hessian = True
+  default_damping = 1e-3
+
+  def check(self, player, theta) -> None:
+    size = sum(x.size for x in jax.tree.leaves(theta))
+    if size > self.max_params:
+      raise ValueError(
+          f"curvature 'dense' cannot handle player {player.name!r}: it has {size} "
+          f"parameters and the dense curvature materialises a {size}x{size} matrix "
+          f"(limit max_params={self.max_params}); use identity, rmsprop or adam")
+
+  def init(self, theta: Params) -> tuple:
+    del theta
+    return ()
+
+  def update(self, state, q_theta, ggn_matvec: Callable[[Params], Params]):
+    flat, unravel = ravel_pytree(q_theta)
+    basis = jnp.eye(flat.size, dtype=flat.dtype)
+    cols = jax.vmap(lambda e: ravel_pytree(ggn_matvec(unravel(e)))[0])(basis)
+    matrix = 0.5 * (cols + cols.T)
+    w, u = jnp.linalg.eigh(matrix)
+    return state, (u, jnp.maximum(w, 0.0))
+
+  def direction(self, step, q_theta: Params) -> Params:
+    del step
+    return q_theta
+
+  def solve(self, step, v: Params, damping) -> Params:
+    u, w = step
+    flat, unravel = ravel_pytree(v)
+    return unravel(u @ (_safe_reciprocal(w + damping) * (u.T @ flat)))
+
+  def inverse_diagonal(self, step, damping, like: Params) -> None:
+    del step, damping, like
+    return None
+
+
+def identity() -> Identity:
+  """Identity curvature (DDP-SGD)."""
+  return Identity()
+
+
+def rmsprop(decay: float = 0.9, eps: float = 1e-8, *, initial_scale: float = 0.0,
+            eps_in_sqrt: bool = True, bias_correction: bool = False) -> RMSProp:
+  """RMSprop curvature built from Q_theta (DDP-RMSprop); optax.rmsprop's conventions."""
+  return RMSProp(decay, eps, initial_scale, eps_in_sqrt, bias_correction)
+
+
+def adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+         eps_root: float = 0.0) -> Adam:
+  """Adam curvature and first moment built from Q_theta (DDP-Adam); optax.adam's conventions."""
+  return Adam(b1, b2, eps, eps_root)
+
+
+def dense(max_params: int = 4096) -> DenseExact:
+  """Exact (Gauss-Newton) dense curvature per player: vanilla DDP, tiny networks only."""
+  return DenseExact(max_params)
+
+
+_BY_NAME = {"identity": identity, "sgd": identity, "rmsprop": rmsprop, "adam": adam,
+            "dense": dense}
+
+
+def get_curvature(curvature: Any):
+  """Resolves a curvature object or one of the names identity/sgd/rmsprop/adam/dense."""
+  if isinstance(curvature, str):
+    if curvature not in _BY_NAME:
+      raise ValueError(
+          f"unknown curvature {curvature!r}; known: {sorted(_BY_NAME)}")
+    return _BY_NAME[curvature]()
+  needed = ("init", "update", "direction", "solve", "inverse_diagonal", "check")
+  missing = [m for m in needed if not hasattr(curvature, m)]
+  if missing:
+    raise TypeError(f"curvature {curvature!r} lacks {missing}")
+  return curvature

@@ -1,0 +1,420 @@
+"""Networks as multi-player dynamic games (DGNOpt §3.1, eq. 3).
+
+A game is a sequence of stages. Stage t is the shared dynamics
+
+    x_{t+1} = F_t(x_t, (theta_{t,1}, ..., theta_{t,N_t}))
+
+on a batched state pytree ``x_t`` (every leaf has the batch as its leading
+axis, and samples propagate independently), played by ``N_t`` players, each
+owning one subtree ``theta_{t,n}`` of an ordinary params pytree. The game ends
+with a per-sample terminal loss ``phi(x_T, target)`` shared by all players
+(DGNOpt §3.1: phi_n = phi) and per-player stage costs
+``l_{t,n}(theta) = weight_decay / 2 * |theta|^2``.
+
+Stages may have no player (a flatten or a pooling step): their value
+derivatives are passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from dgnopt_jax._src import losses as losses_lib
+
+Array = jax.Array
+Params = Any
+State = Any
+Path = tuple
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "identity": lambda x: x,
+    "linear": lambda x: x,
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "sigmoid": jax.nn.sigmoid,
+    "elu": jax.nn.elu,
+    "gelu": jax.nn.gelu,
+    "softplus": jax.nn.softplus,
+    "swish": jax.nn.swish,
+}
+
+
+def get_activation(activation: Union[str, Callable, None]) -> Callable[[Array], Array]:
+  """Resolves an activation name (or callable, or None for identity)."""
+  if activation is None:
+    return _ACTIVATIONS["identity"]
+  if callable(activation):
+    return activation
+  if activation not in _ACTIVATIONS:
+    raise ValueError(f"unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
+  return _ACTIVATIONS[activation]
+
+
+def _lecun_normal(key: Array, shape: tuple[int, ...], fan_in: int, dtype) -> Array:
+  return jax.random.normal(key, shape, dtype) / math.sqrt(max(fan_in, 1))
+
+
+# ----------------------------------------------------------------------------
+# Ready-made layers (players with a known structure).
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """Fully connected player: ``x' = activation(flatten(x) @ kernel + bias)``.
+
+  Its per-sample parameter derivative has Kronecker structure
+  ``f_theta^T z = [a (x) g, g]`` with ``a = flatten(x)`` and
+  ``g = activation'(h) * z``, which the solver uses to form per-sample
+  quadratic forms without materialising per-sample gradients (DESIGN §4).
+  """
+
+  features: int
+  activation: Union[str, Callable, None] = None
+  use_bias: bool = True
+  kind = "dense"
+
+  @property
+  def prefix(self) -> str:
+    return "dense"
+
+  def init(self, key: Array, in_shape: tuple[int, ...], dtype=jnp.float32):
+    fan_in = math.prod(in_shape)
+    params = {"kernel": _lecun_normal(key, (fan_in, self.features), fan_in, dtype)}
+    if self.use_bias:
+      params["bias"] = jnp.zeros((self.features,), dtype)
+    return params, (self.features,)
+
+  def linear_input(self, x: Array) -> Array:
+    return x.reshape(x.shape[0], -1)
+
+  def preactivation(self, params: Params, x: Array) -> Array:
+    h = self.linear_input(x) @ params["kernel"]
+    if self.use_bias:
+      h = h + params["bias"]
+    return h
+
+  def __call__(self, params: Params, x: Array) -> Array:
+    return get_activation(self.activation)(self.preactivation(params, x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv2D:
+  """2-D convolution player on NHWC states: ``x' = act(conv(x, kernel) + bias)``."""
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: str = "SAME"
+  activation: Union[str, Callable, None] = "relu"
+  use_bias: bool = True
+  kind = "conv"
+
+  @property
+  def prefix(self) -> str:
+    return "conv2d"
+
+  def init(self, key: Array, in_shape: tuple[int, ...], dtype=jnp.float32):
+    if len(in_shape) != 3:
+      raise ValueError(
+          f"Conv2D expects per-sample states of shape (height, width, channels); got {in_shape}")
+    kh, kw = self.kernel_size
+    fan_in = kh * kw * in_shape[-1]
+    params = {"kernel": _lecun_normal(key, (kh, kw, in_shape[-1], self.features), fan_in, dtype)}
+    if self.use_bias:
+      params["bias"] = jnp.zeros((self.features,), dtype)
+    out = jax.eval_shape(lambda p, x: self(p, x), params,
+                         jax.ShapeDtypeStruct((1,) + tuple(in_shape), dtype))
+    return params, tuple(out.shape[1:])
+
+  def __call__(self, params: Params, x: Array) -> Array:
+    h = jax.lax.conv_general_dilated(
+        x, params["kernel"], window_strides=self.strides, padding=self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      h = h + params["bias"]
+    return get_activation(self.activation)(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flatten:
+  """A stage without players: reshapes the per-sample state to a vector."""
+
+  prefix = None
+
+  def __call__(self, params: Params, x: Array) -> Array:
+    del params
+    return x.reshape(x.shape[0], -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class AvgPool:
+  """A stage without players: average pooling over NHWC windows."""
+
+  window: tuple[int, int] = (2, 2)
+  prefix = None
+
+  def __call__(self, params: Params, x: Array) -> Array:
+    del params
+    wh, ww = self.window
+    s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, wh, ww, 1), (1, wh, ww, 1), "VALID")
+    return s / (wh * ww)
+
+
+Layer = Union[Dense, Conv2D, Flatten, AvgPool]
+
+
+# ----------------------------------------------------------------------------
+# Stages and games.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Player:
+  """One player: the params subtree at ``path`` and its stage cost.
+
+  Attributes:
+    path: keys leading to the player's subtree in the params pytree.
+    weight_decay: coefficient of the stage cost ``weight_decay/2 |theta|^2``.
+    layer: the ready-made layer this player is, when the stage function is
+      exactly ``layer(theta, x)``; lets the solver use its Kronecker structure.
+  """
+
+  path: Path
+  weight_decay: float = 0.0
+  layer: Any = None
+
+  @property
+  def name(self) -> str:
+    return "/".join(str(p) for p in self.path)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stage:
+  """Shared dynamics ``F_t(x, thetas) -> x_next`` played by ``players``.
+
+  ``fn`` maps a batched state pytree and a tuple with one params subtree per
+  player to the next batched state. Consecutive stages with the same ``fn``
+  object, the same player kinds and equal shapes are solved with ``lax.scan``.
+  """
+
+  fn: Callable[[State, tuple], State]
+  players: tuple[Player, ...] = ()
+  name: str = ""
+
+  @property
+  def num_players(self) -> int:
+    return len(self.players)
+
+  def signature(self) -> tuple:
+    """What must agree for two stages to share one scanned body."""
+    return (self.fn,) + tuple((p.weight_decay, p.layer) for p in self.players)
+
+
+@functools.lru_cache(maxsize=None)
+def layer_stage_fn(layer: Any) -> Callable[[State, tuple], State]:
+  """The stage function of a ready-made layer; one object per layer config."""
+  if getattr(layer, "prefix", None) is None:
+    return lambda x, thetas: layer(None, x)
+  return lambda x, thetas: layer(thetas[0], x)
+
+
+def stage(fn: Callable[[State, tuple], State],
+          players: Sequence[Union[Player, str, Path]] = (),
+          *, weight_decay: float = 0.0, name: str = "") -> Stage:
+  """Builds a stage from a plain JAX function.
+
+  Args:
+    fn: ``fn(x, thetas) -> x_next`` on batched state pytrees, where ``thetas``
+      is a tuple with one params subtree per player, in the order of
+      ``players``. Samples must propagate independently.
+    players: each a :class:`Player`, a path tuple, or a ``"a/b"`` string naming
+      the params subtree the player owns.
+    weight_decay: stage cost coefficient for players given as paths.
+    name: a readable name.
+
+  Returns:
+    A :class:`Stage`.
+  """
+  resolved = []
+  for p in players:
+    if isinstance(p, Player):
+      resolved.append(p)
+    elif isinstance(p, str):
+      resolved.append(Player(tuple(p.split("/")), weight_decay))
+    else:
+      resolved.append(Player(tuple(p), weight_decay))
+  return Stage(fn, tuple(resolved), name)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Game:
+  """A network written as a multi-player dynamic game (DGNOpt eq. 3).
+
+  Attributes:
+    stages: the shared dynamics F_0 .. F_{T-1}.
+    loss: the terminal cost shared by all players.
+    init_fn: optional ``key -> params`` making params that fit the game.
+    input_shape: optional per-sample input shape, checked on every batch.
+  """
+
+  stages: tuple[Stage, ...]
+  loss: losses_lib.TerminalLoss
+  init_fn: Callable[[Array], Params] | None = None
+  input_shape: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "loss", losses_lib.get_loss(self.loss))
+    object.__setattr__(self, "stages", tuple(self.stages))
+    seen = {}
+    for t, s in enumerate(self.stages):
+      for p in s.players:
+        if p.path in seen:
+          raise ValueError(
+              f"player {p.name!r} appears at stages {seen[p.path]} and {t}; each "
+              "params subtree must belong to exactly one player")
+        seen[p.path] = t
+
+  @property
+  def num_streams(self) -> int:
+    """Value streams carried by FNE: the largest number of players at a stage."""
+    return max([s.num_players for s in self.stages] + [1])
+
+  @property
+  def players(self) -> tuple[Player, ...]:
+    return tuple(p for s in self.stages for p in s.players)
+
+  def init(self, key: Array) -> Params:
+    if self.init_fn is None:
+      raise ValueError("this game was built without an init function; make params yourself")
+    return self.init_fn(key)
+
+  def apply(self, params: Params, inputs: State) -> State:
+    """The network's forward pass: ``x_T`` from ``x_0 = inputs``."""
+    x = inputs
+    for s in self.stages:
+      x = s.fn(x, tuple(get_path(params, p.path) for p in s.players))
+    return x
+
+  def loss_value(self, params: Params, inputs: State, targets: Array) -> Array:
+    """Batch-mean terminal loss plus the players' stage costs."""
+    out = self.apply(params, inputs)
+    value = jnp.mean(jax.vmap(self.loss.per_sample)(out, targets))
+    for p in self.players:
+      if p.weight_decay:
+        sq = sum(jnp.sum(l ** 2) for l in jax.tree.leaves(get_path(params, p.path)))
+        value = value + 0.5 * p.weight_decay * sq
+    return value
+
+
+def sequential(layers: Sequence[Any], input_shape: Sequence[int],
+               loss: losses_lib.LossLike = "softmax_cross_entropy", *,
+               weight_decay: float = 0.0, dtype=jnp.float32,
+               paths: Sequence[Path] | None = None) -> Game:
+  """A feedforward network as a game with one player per parametric layer.
+
+  Args:
+    layers: ready-made layers (:class:`Dense`, :class:`Conv2D`,
+      :class:`Flatten`, :class:`AvgPool`), each one stage.
+    input_shape: per-sample input shape, e.g. ``(64,)`` or ``(8, 8, 1)``.
+    loss: terminal loss name, :class:`TerminalLoss` or per-sample callable.
+    weight_decay: stage-cost coefficient for every player.
+    dtype: dtype of the params made by ``game.init``.
+    paths: optional params path of each parametric layer, in order, e.g.
+      ``[("params", "Dense_0"), ("params", "Dense_1")]`` to play on the params
+      of an equivalent Flax model (same ``kernel``/``bias`` layout).
+
+  Returns:
+    A :class:`Game` whose params are ``{"<kind>_<i>": {"kernel", "bias"}}``
+    (or nested at ``paths``).
+
+  Example::
+
+    game = sequential([Dense(32, "tanh"), Dense(32, "tanh"), Dense(10)], (64,))
+    params = game.init(jax.random.PRNGKey(0))
+  """
+  input_shape = tuple(int(d) for d in input_shape)
+  parametric = [l for l in layers if getattr(l, "prefix", None) is not None]
+  if paths is not None and len(paths) != len(parametric):
+    raise ValueError(f"paths names {len(paths)} players but there are {len(parametric)} "
+                     "parametric layers")
+  path_iter = iter(tuple(p) for p in paths) if paths is not None else None
+  stages = []
+  names = []
+  for i, layer in enumerate(layers):
+    fn = layer_stage_fn(layer)
+    if getattr(layer, "prefix", None) is None:
+      stages.append(Stage(fn, (), name=type(layer).__name__.lower()))
+      names.append(None)
+    else:
+      path = next(path_iter) if path_iter is not None else (f"{layer.prefix}_{i}",)
+      stages.append(Stage(fn, (Player(path, weight_decay, layer),), name="/".join(path)))
+      names.append(path)
+
+  def init_fn(key: Array) -> Params:
+    params = {}
+    shape = input_shape
+    keys = jax.random.split(key, max(len(layers), 1))
+    for layer, path, k in zip(layers, names, keys):
+      if path is None:
+        out = jax.eval_shape(lambda x: layer(None, x),
+                             jax.ShapeDtypeStruct((1,) + shape, dtype))
+        shape = tuple(out.shape[1:])
+      else:
+        node = params
+        for key_ in path[:-1]:
+          node = node.setdefault(key_, {})
+        node[path[-1]], shape = layer.init(k, shape, dtype)
+    return params
+
+  return Game(tuple(stages), losses_lib.get_loss(loss), init_fn, input_shape)
+
+
+# ----------------------------------------------------------------------------
+# Params paths.
+# ----------------------------------------------------------------------------
+
+
+def get_path(tree: Params, path: Path) -> Params:
+  """The subtree of ``tree`` at ``path``; a clear error if it is missing."""
+  node = tree
+  for i, key in enumerate(path):
+    try:
+      node = node[key]
+    except (KeyError, TypeError, IndexError):
+      where = "/".join(str(k) for k in path[:i]) or "<root>"
+      keys = list(node.keys()) if hasattr(node, "keys") else type(node).__name__
+      raise ValueError(
+          f"params do not match the game: player {'/'.join(map(str, path))!r} needs "
+          f"key {key!r} under {where!r}, which has {keys}") from None
+  return node
+
+
+def _key_name(entry: Any) -> Any:
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return getattr(entry, attr)
+  return entry
+
+
+def scatter_players(params: Params, values: dict[Path, Params], fill: Callable) -> Params:
+  """A pytree shaped like ``params`` holding ``values[path]`` under each player.
+
+  Leaves owned by no player get ``fill(leaf)``.
+  """
+
+  def leaf(keypath, x):
+    names = tuple(_key_name(e) for e in keypath)
+    for depth in range(len(names), -1, -1):
+      prefix = names[:depth]
+      if prefix in values:
+        return get_path(values[prefix], names[depth:])
+    return fill(x)
+
+  return jax.tree_util.tree_map_with_path(leaf, params)

@@ -1,0 +1,127 @@
+"""A stage's dynamics linearised at the nominal trajectory, and the value-Hessian factor algebra.
+
+Nothing here materialises a Jacobian: ``F_x``, ``F_theta`` and their
+transposes are applied through ``jax.jvp`` / ``jax.vjp`` of the stage
+function (DESIGN §4). States are batched pytrees (leading axis B); a value
+Hessian factor ``Z`` is a pytree like the state with an extra axis of size r
+after the batch, ``V_xx^(i) = sum_r Z[i, r] Z[i, r]^T``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+State = Any
+Params = Any
+
+
+def _replace(items: tuple, n: int, value: Any) -> tuple:
+  return items[:n] + (value,) + items[n + 1:]
+
+
+def tree_add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def tree_sub(a, b):
+  return jax.tree.map(jnp.subtract, a, b)
+
+
+def tree_scale(s, a):
+  return jax.tree.map(lambda x: s * x, a)
+
+
+class Linearised:
+  """``F_t`` linearised at ``(x, thetas)``: JVPs and VJPs in x and in one player's theta."""
+
+  def __init__(self, fn: Callable[[State, tuple], State], x: State, thetas: tuple):
+    self.fn = fn
+    self.x = x
+    self.thetas = thetas
+
+  def _of_theta(self, n: int) -> Callable[[Params], State]:
+    return lambda th: self.fn(self.x, _replace(self.thetas, n, th))
+
+  def jvp_x(self, dx: State) -> State:
+    """F_x dx (per sample)."""
+    return jax.jvp(lambda x: self.fn(x, self.thetas), (self.x,), (dx,))[1]
+
+  def jvp_theta(self, n: int, dtheta: Params) -> State:
+    """F_theta_n dtheta (per sample; dtheta shared by the batch)."""
+    return jax.jvp(self._of_theta(n), (self.thetas[n],), (dtheta,))[1]
+
+  def vjp_x(self, cotangent: State) -> State:
+    """F_x^T c (per sample)."""
+    return jax.vjp(lambda x: self.fn(x, self.thetas), self.x)[1](cotangent)[0]
+
+  def vjp_theta(self, n: int, cotangent: State) -> Params:
+    """sum_i F_theta_n^(i)T c^(i): one batched VJP."""
+    return jax.vjp(self._of_theta(n), self.thetas[n])[1](cotangent)[0]
+
+  def vjp_x_theta(self, n: int, cotangent: State) -> tuple[State, Params]:
+    """(F_x^T c, sum_i F_theta_n^T c) from one pullback."""
+    fn = lambda x, th: self.fn(x, _replace(self.thetas, n, th))
+    return jax.vjp(fn, self.x, self.thetas[n])[1](cotangent)
+
+  def vjp_x_columns(self, factor: State) -> State:
+    """F_x^T Z column by column: the factor q_x of Q_xx = q_x q_x^T."""
+    return jax.vmap(self.vjp_x, in_axes=1, out_axes=1)(factor)
+
+  def per_sample_vjp_theta(self, n: int, factor: State) -> Params:
+    """Per-sample F_theta_n^(i)T Z^(i): leaves of shape (B, r, *theta.shape).
+
+    The generic route for players without a known structure: one VJP of the
+    single-sample stage per sample and column, memory linear in B.
+    """
+
+    def one(xi, zi):
+      f = lambda th: self.fn(jax.tree.map(lambda a: a[None], xi),
+                             _replace(self.thetas, n, th))
+      pull = jax.vjp(f, self.thetas[n])[1]
+      return jax.vmap(lambda c: pull(jax.tree.map(lambda a: a[None], c))[0])(zi)
+
+    return jax.vmap(one)(self.x, factor)
+
+
+def factor_transpose_apply(factor: State, u: State) -> jax.Array:
+  """Z^(i)T u^(i) for every sample: shape (B, r)."""
+  parts = [jnp.einsum("br...,b...->br", z, v)
+           for z, v in zip(jax.tree.leaves(factor), jax.tree.leaves(u))]
+  return sum(parts[1:], parts[0])
+
+
+def factor_apply(factor: State, coeffs: jax.Array) -> State:
+  """Z^(i) c^(i) for every sample, c of shape (B, r)."""
+  return jax.tree.map(lambda z: jnp.einsum("br...,br->b...", z, coeffs.astype(z.dtype)),
+                      factor)
+
+
+def value_hessian_apply(factor: State, u: State, vxx_reg) -> State:
+  """V~_xx u = Z (Z^T u) + eps u, per sample: the regularised value Hessian."""
+  out = factor_apply(factor, factor_transpose_apply(factor, u))
+  if isinstance(vxx_reg, (int, float)) and vxx_reg == 0:
+    return out
+  return jax.tree.map(lambda o, v: o + vxx_reg * v, out, u)
+
+
+def psd_sqrt_of_identity_minus(s: jax.Array) -> jax.Array:
+  """R with R R^T = (I - S)_+ for a batch of symmetric r x r matrices S.
+
+  The clamp at zero keeps the factor real when the approximate curvature
+  over-shoots (S > I); it never takes the square root of a negative number.
+  """
+  r = s.shape[-1]
+  if r == 1:
+    return jnp.sqrt(jnp.maximum(1.0 - s, 0.0))
+  m = jnp.eye(r, dtype=s.dtype) - 0.5 * (s + jnp.swapaxes(s, -1, -2))
+  w, u = jnp.linalg.eigh(m)
+  return u * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :]
+
+
+def mix_columns(factor: State, mixing: jax.Array) -> State:
+  """Z R per sample: columns recombined by the (B, r, r') matrix R."""
+  return jax.tree.map(lambda z: jnp.einsum("br...,brs->bs...", z, mixing.astype(z.dtype)),
+                      factor)

@@ -1,0 +1,199 @@
+"""Dense reference of one DGNOpt step (DESIGN §5), for tiny problems and tests.
+
+Everything is built with explicit Jacobians of the batch-augmented state
+``X = (x^(1), ..., x^(B))`` (DDPNOpt Appendix B.2): ``F_X``, ``F_theta``,
+the full ``V_XX`` matrix, explicit curvature matrices and pseudo-inverse
+solves. Nothing is shared with the fast path but the game definition and the
+curvature's hyper-parameters.
+
+With ``coupling="full"`` the value Hessian keeps the cross-sample blocks that
+shared parameters create (DDPNOpt eq. 37): exact batch DDP, which lands on the
+minimiser of a linear-quadratic game in one step. With ``coupling="block"``
+they are dropped at every stage (GT-DDP §4.2), the approximation of the fast
+path. The value Hessian's Tikhonov term ``vxx_reg`` is defined as in the fast
+path: ``V~_XX = V_XX + eps I`` wherever the value Hessian is used, never
+propagated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from dgnopt_jax._src import curvature as curvature_lib
+from dgnopt_jax._src import games as games_lib
+
+
+def _flat_stage(stage, x_unravel, theta_unravels):
+  def g(x_flat, *theta_flats):
+    x = x_unravel(x_flat)
+    thetas = tuple(u(t) for u, t in zip(theta_unravels, theta_flats))
+    return ravel_pytree(stage.fn(x, thetas))[0]
+  return g
+
+
+def _sample_ids(x: Any) -> np.ndarray:
+  ids = jax.tree.map(lambda l: jnp.broadcast_to(
+      jnp.arange(l.shape[0]).reshape((-1,) + (1,) * (l.ndim - 1)), l.shape).astype(l.dtype), x)
+  return np.asarray(ravel_pytree(ids)[0])
+
+
+def _block_mask(x: Any) -> np.ndarray:
+  ids = _sample_ids(x)
+  return (ids[:, None] == ids[None, :]).astype(np.float64)
+
+
+def _pinv_sym(m: np.ndarray) -> np.ndarray:
+  return np.linalg.pinv(0.5 * (m + m.T), hermitian=True)
+
+
+def _reference_curvature(curvature, state, q_theta, ggn_matrix):
+  """(C, direction, new state) on flat numpy vectors, independent of the fast path."""
+  if isinstance(curvature, curvature_lib.Identity):
+    return np.eye(q_theta.size), q_theta, state
+  if isinstance(curvature, curvature_lib.RMSProp):
+    nu_flat, nu_unravel = ravel_pytree(state.nu)
+    nu = curvature.decay * np.asarray(nu_flat) + (1 - curvature.decay) * q_theta * q_theta
+    count = int(state.count) + 1
+    nu_hat = nu / (1 - curvature.decay ** count) if curvature.bias_correction else nu
+    diag = np.sqrt(nu_hat + curvature.eps) if curvature.eps_in_sqrt else \
+        np.sqrt(nu_hat) + curvature.eps
+    new = curvature_lib.RMSPropState(nu_unravel(jnp.asarray(nu)), jnp.asarray(count, jnp.int32))
+    return np.diag(diag), q_theta, new
+  if isinstance(curvature, curvature_lib.Adam):
+    mu_flat, unravel = ravel_pytree(state.mu)
+    nu_flat = np.asarray(ravel_pytree(state.nu)[0])
+    mu = curvature.b1 * np.asarray(mu_flat) + (1 - curvature.b1) * q_theta
+    nu = curvature.b2 * nu_flat + (1 - curvature.b2) * q_theta ** 2
+    count = int(state.count) + 1
+    mu_hat = mu / (1 - curvature.b1 ** count)
+    nu_hat = nu / (1 - curvature.b2 ** count)
+    diag = np.sqrt(nu_hat + curvature.eps_root) + curvature.eps
+    new = curvature_lib.AdamState(unravel(jnp.asarray(mu)), unravel(jnp.asarray(nu)),
+                                  jnp.asarray(count, jnp.int32))
+    return np.diag(diag), mu_hat, new
+  if isinstance(curvature, curvature_lib.DenseExact):
+    w, u = np.linalg.eigh(0.5 * (ggn_matrix + ggn_matrix.T))
+    return (u * np.maximum(w, 0.0)) @ u.T, q_theta, state
+  raise NotImplementedError(f"no dense reference for curvature {curvature!r}")
+
+
+def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array, *,
+               learning_rate: float, curvature: Any = "identity",
+               curvature_state: dict | None = None, damping: float | None = None,
+               vxx_reg: float = 0.0, vxx_rank: str = "outer", feedback: bool = True,
+               coupling: str = "block") -> tuple[Any, dict]:
+  """One FNE (``feedback=True``) or OLNE step with explicit matrices.
+
+  Args:
+    game: the game.
+    params: params pytree.
+    inputs, targets: the batch.
+    learning_rate: eta.
+    curvature: a curvature name or object (identity, rmsprop, adam, dense).
+    curvature_state: ``{player name: state}``; fresh states when None.
+    damping: Tikhonov term on the curvature (the curvature's default if None).
+    vxx_reg: Tikhonov term on the value Hessian.
+    vxx_rank: ``"outer"`` (V_XX^T = blockdiag(B grad phi^(i) grad phi^(i)^T / B^2))
+      or ``"exact"`` (the exact Hessian of the batch-mean loss).
+    feedback: FNE or OLNE.
+    coupling: ``"block"`` (block-diagonal V_XX) or ``"full"``.
+
+  Returns:
+    ``(updates, new_curvature_state)``; updates shaped like params.
+  """
+  curvature = curvature_lib.get_curvature(curvature)
+  if damping is None:
+    damping = curvature.default_damping
+  if curvature_state is None:
+    curvature_state = {p.name: curvature.init(games_lib.get_path(params, p.path))
+                       for p in game.players}
+  eta = learning_rate
+
+  # Forward with flat states; Jacobians and loss derivatives from jax, algebra in numpy.
+  xs, flats, stage_fns = [], [], []
+  x = inputs
+  for stage in game.stages:
+    thetas = [games_lib.get_path(params, p.path) for p in stage.players]
+    theta_flat = [ravel_pytree(t) for t in thetas]
+    x_flat, x_unravel = ravel_pytree(x)
+    g = _flat_stage(stage, x_unravel, [u for _, u in theta_flat])
+    xs.append((x, x_flat))
+    flats.append([f for f, _ in theta_flat])
+    stage_fns.append((g, [u for _, u in theta_flat]))
+    x = stage.fn(x, tuple(thetas))
+  xt_flat, xt_unravel = ravel_pytree(x)
+  batch = jax.tree.leaves(inputs)[0].shape[0]
+
+  def mean_loss(flat):
+    return jnp.mean(jax.vmap(game.loss.per_sample)(xt_unravel(flat), targets))
+
+  v_x = np.asarray(jax.jit(jax.grad(mean_loss))(xt_flat))
+  if vxx_rank == "exact":
+    v_xx = np.asarray(jax.jit(jax.hessian(mean_loss))(xt_flat))
+  else:
+    v_xx = batch * np.outer(v_x, v_x) * _block_mask(x)
+  streams = [(v_x, v_xx) for _ in range(game.num_streams)]
+
+  gains = [None] * len(game.stages)
+  new_state = dict(curvature_state)
+  for t in reversed(range(len(game.stages))):
+    stage = game.stages[t]
+    g, _ = stage_fns[t]
+    args = [xs[t][1]] + flats[t]
+    f_x = np.asarray(jax.jit(jax.jacfwd(g, argnums=0))(*args))
+    same = _block_mask(xs[t][0])
+    stage_gains, new_streams = [], []
+    for n, (vx_next, vxx_next) in enumerate(streams):
+      if n >= stage.num_players:
+        new_streams.append((f_x.T @ vx_next, f_x.T @ vxx_next @ f_x))
+        continue
+      player = stage.players[n]
+      theta = np.asarray(flats[t][n])
+      f_th = np.asarray(jax.jit(jax.jacfwd(g, argnums=1 + n))(*args))
+      eye_p = np.eye(theta.size)
+      v_reg = vxx_next + vxx_reg * np.eye(vxx_next.shape[0])
+      q_theta = f_th.T @ vx_next + player.weight_decay * theta
+      q_x = f_x.T @ vx_next
+      ggn = f_th.T @ v_reg @ f_th + player.weight_decay * eye_p
+      c, direction, new_state[player.name] = _reference_curvature(
+          curvature, curvature_state[player.name], q_theta, ggn)
+      m_inv = _pinv_sym((c + damping * eye_p) / eta)
+      k = m_inv @ direction
+      if feedback:
+        big_k = m_inv @ (f_th.T @ v_reg @ f_x)
+        v_x = q_x - (f_x.T @ v_reg @ f_th) @ k
+        cross = f_th.T @ vxx_next @ f_x
+        v_xx = f_x.T @ vxx_next @ f_x - cross.T @ m_inv @ cross
+      else:
+        big_k = np.zeros((theta.size, f_x.shape[1]))
+        v_x = q_x
+        v_xx = f_x.T @ vxx_next @ f_x
+      if coupling == "block":
+        v_xx = v_xx * same
+      elif coupling != "full":
+        raise ValueError(f"coupling must be 'block' or 'full', got {coupling!r}")
+      stage_gains.append((k, big_k))
+      new_streams.append((v_x, v_xx))
+    gains[t] = stage_gains
+    streams = new_streams
+
+  # Rollout.
+  deltas = {}
+  x_new = np.asarray(ravel_pytree(inputs)[0])
+  for t, stage in enumerate(game.stages):
+    g, unravels = stage_fns[t]
+    dx = x_new - np.asarray(xs[t][1])
+    new_thetas = []
+    for n, player in enumerate(stage.players):
+      k, big_k = gains[t][n]
+      delta = -(k + big_k @ dx)
+      deltas[player.path] = unravels[n](jnp.asarray(delta))
+      new_thetas.append(np.asarray(flats[t][n]) + delta)
+    x_new = np.asarray(g(jnp.asarray(x_new), *[jnp.asarray(v) for v in new_thetas]))
+  updates = games_lib.scatter_players(params, deltas, jnp.zeros_like)
+  return updates, new_state

@@ -1,0 +1,214 @@
+"""The optax surface: ``fne`` and ``olne`` as ``optax.GradientTransformationExtraArgs``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from dgnopt_jax._src import curvature as curvature_lib
+from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import losses as losses_lib
+from dgnopt_jax._src import solver
+
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+class DGNOptState(NamedTuple):
+  """Optimizer state.
+
+  Attributes:
+    count: steps applied so far (skipped steps not counted); drives schedules.
+    curvature: ``{player name: curvature statistics}``.
+    skipped: steps skipped because the loss or the update was not finite.
+    loss: the batch-mean terminal loss of the last step (NaN before the first).
+  """
+
+  count: jax.Array
+  curvature: dict
+  skipped: jax.Array
+  loss: jax.Array
+
+
+def _value(x: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+  return x(count) if callable(x) else jnp.asarray(x)
+
+
+def _check_positive(name: str, value: ScalarOrSchedule, allow_zero: bool) -> None:
+  if callable(value):
+    return
+  try:
+    v = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return
+  if not (v > 0 or (allow_zero and v == 0)) or v != v:
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def _unpack_batch(batch: Any) -> tuple[Any, jax.Array]:
+  if batch is None:
+    raise TypeError(
+        "the DGNOpt update needs the batch: call tx.update(updates, state, params, "
+        "batch=(inputs, targets))")
+  if isinstance(batch, dict) and {"inputs", "targets"} <= set(batch):
+    return batch["inputs"], batch["targets"]
+  if isinstance(batch, (tuple, list)) and len(batch) == 2:
+    return batch[0], batch[1]
+  raise TypeError(
+      "batch must be a pair (inputs, targets) or a dict with keys 'inputs' and "
+      f"'targets'; got {type(batch).__name__}")
+
+
+def validate(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array,
+             curvature: Any) -> None:
+  """Checks params, batch and curvature against the game; raises ValueError naming the problem."""
+  if params is None:
+    raise TypeError("the DGNOpt update needs params: tx.update(updates, state, params, batch=...)")
+  expected = None
+  if game.init_fn is not None:
+    expected = jax.eval_shape(game.init_fn, jax.random.PRNGKey(0))
+  for player in game.players:
+    theta = games_lib.get_path(params, player.path)
+    if expected is not None:
+      want = games_lib.get_path(expected, player.path)
+      got_leaves, got_def = jax.tree.flatten(theta)
+      want_leaves, want_def = jax.tree.flatten(want)
+      if got_def != want_def:
+        raise ValueError(
+            f"params do not match the game: player {player.name!r} expects a subtree "
+            f"{want_def}, got {got_def}")
+      for g, w in zip(got_leaves, want_leaves):
+        if jnp.shape(g) != w.shape:
+          raise ValueError(
+              f"params do not match the game: player {player.name!r} expects shapes "
+              f"{[x.shape for x in want_leaves]}, got {[jnp.shape(x) for x in got_leaves]}")
+    for leaf in jax.tree.leaves(theta):
+      if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        raise ValueError(f"player {player.name!r} has non-float params ({jnp.result_type(leaf)})")
+    curvature.check(player, theta)
+  leaves = jax.tree.leaves(inputs)
+  if not leaves:
+    raise ValueError("batch inputs are empty")
+  sizes = {jnp.shape(l)[0] if jnp.ndim(l) else None for l in leaves}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(f"every input leaf needs the same leading batch axis; got sizes {sizes}")
+  size = sizes.pop()
+  if size == 0:
+    raise ValueError("the batch is empty (batch size 0)")
+  if jnp.ndim(targets) == 0 or jnp.shape(targets)[0] != size:
+    raise ValueError(
+        f"batch inputs have {size} samples but targets have shape {jnp.shape(targets)}")
+  if game.input_shape is not None and len(leaves) == 1:
+    got = tuple(jnp.shape(leaves[0])[1:])
+    if got != tuple(game.input_shape):
+      raise ValueError(
+          f"batch inputs have per-sample shape {got}; the game expects {game.input_shape}")
+  outputs = jax.eval_shape(game.apply, params, inputs)
+  if not isinstance(outputs, jax.ShapeDtypeStruct):
+    raise ValueError("the last stage must output a single array for the terminal loss")
+  if game.loss.check_target is not None:
+    game.loss.check_target(outputs, jax.ShapeDtypeStruct(jnp.shape(targets),
+                                                         jnp.result_type(targets)))
+
+
+def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
+          damping: ScalarOrSchedule | None, vxx_reg: float, vxx_rank: str,
+          feedback: bool) -> optax.GradientTransformationExtraArgs:
+  if not isinstance(game, games_lib.Game):
+    raise TypeError(f"game must be a dgnopt_jax.games.Game, got {type(game).__name__}")
+  curvature = curvature_lib.get_curvature(curvature)
+  if damping is None:
+    damping = curvature.default_damping
+  _check_positive("learning_rate", learning_rate, allow_zero=False)
+  _check_positive("damping", damping, allow_zero=True)
+  _check_positive("vxx_reg", vxx_reg, allow_zero=True)
+  if vxx_rank not in losses_lib.VALUE_RANKS:
+    raise ValueError(f"vxx_rank must be one of {losses_lib.VALUE_RANKS}, got {vxx_rank!r}")
+  cfg = solver.SolverConfig(curvature, feedback, vxx_rank)
+
+  def init_fn(params):
+    for player in game.players:
+      curvature.check(player, games_lib.get_path(params, player.path))
+    cstate = {p.name: curvature.init(games_lib.get_path(params, p.path)) for p in game.players}
+    dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else jnp.float32
+    return DGNOptState(jnp.zeros([], jnp.int32), cstate, jnp.zeros([], jnp.int32),
+                       jnp.full([], jnp.nan, dtype))
+
+  def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    del updates, extra_args  # the step comes from the game, not from incoming gradients
+    inputs, targets = _unpack_batch(batch)
+    validate(game, params, inputs, targets, curvature)
+    hyper = solver.Hyper(_value(learning_rate, state.count), _value(damping, state.count),
+                         vxx_reg)
+    result = solver.solve_step(game, cfg, hyper, params, state.curvature, inputs, targets)
+    finite = jnp.isfinite(result.loss) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(result.updates)]))
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
+                               result.updates)
+    new_updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), new_updates, params)
+    new_cstate = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                              result.curvature_state, state.curvature)
+    new_state = DGNOptState(
+        count=state.count + finite.astype(jnp.int32),
+        curvature=new_cstate,
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+        loss=result.loss.astype(state.loss.dtype))
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
+        curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
+        vxx_reg: float = 0.0, vxx_rank: str = "outer") -> optax.GradientTransformationExtraArgs:
+  r"""DGNOpt for the feedback Nash equilibrium (Isaacs-Bellman, DGNOpt eq. 6, 9, 10).
+
+  Each player n at stage t solves its own second-order expansion of
+  ``Q_{t,n} = l_{t,n} + V_{t+1,n} o F_t`` (dynamics linearised, DGNOpt eq. 20)
+  and applies the feedback policy ``theta <- theta - (k + K dx)`` in a forward
+  rollout (Alg. 1), where, with ``M = (C + damping I) / learning_rate``,
+
+  .. math::
+     k = M^{-1} Q_\theta, \qquad K = M^{-1} Q_{\theta x}, \qquad
+     V_x = Q_x - Q_{x\theta} k, \qquad V_{xx} = Q_{xx} - Q_{x\theta} M^{-1} Q_{\theta x}.
+
+  With one player per stage this is DDPNOpt (Alg. 1, eq. 12-13).
+
+  Args:
+    game: the network as a :class:`dgnopt_jax.games.Game`.
+    learning_rate: eta, a float or an optax schedule of the step count.
+    curvature: C ~ Q_theta_theta: a name (``"identity"``, ``"rmsprop"``,
+      ``"adam"``, ``"dense"``) or an object from :mod:`dgnopt_jax.curvature`.
+    damping: Tikhonov term on Q_theta_theta (float or schedule); default: the
+      curvature's (0 for identity/rmsprop/adam, 1e-3 for dense).
+    vxx_reg: Tikhonov term eps on the value Hessian, ``V~_xx = Z Z^T + eps I``
+      (DDPNOpt §4.2; a state cost at every stage, not propagated).
+    vxx_rank: ``"outer"`` (rank-1 Gauss-Newton factor, GT-DDP Prop. 5) or
+      ``"exact"`` (the loss's exact Hessian factor, rank C for softmax CE).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. Its ``update(updates, state,
+    params, *, batch)`` ignores ``updates`` (pass ``None`` or the gradients),
+    needs ``params`` and ``batch=(inputs, targets)``, and returns exactly the
+    change the rollout applied. A step whose loss or update is not finite is
+    skipped: zero updates, unchanged statistics, ``state.skipped`` incremented.
+  """
+  return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, True)
+
+
+def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
+         curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
+         vxx_reg: float = 0.0, vxx_rank: str = "outer") -> optax.GradientTransformationExtraArgs:
+  r"""The open-loop Nash baseline (DGNOpt eq. 5, Prop. 2): the same machinery with no feedback.
+
+  ``Q_theta_x := 0``, so ``V_x`` is the back-propagated co-state and the update
+  is ``-M^{-1} d``: with the identity curvature it is SGD, with ``rmsprop`` /
+  ``adam`` it is exactly ``optax.rmsprop`` / ``optax.adam`` (DGNOpt Theorem 6),
+  with ``dense`` a layer-wise Gauss-Newton step. Arguments as :func:`fne`
+  (``vxx_reg`` and ``vxx_rank`` only matter for the dense curvature).
+  """
+  return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, False)

@@ -1,0 +1,16 @@
+"""Curvatures C ~ Q_theta_theta for the players (DGNOpt eq. 13; DDPNOpt Table 2)."""
+
+from dgnopt_jax._src.curvature import Adam
+from dgnopt_jax._src.curvature import AdamState
+from dgnopt_jax._src.curvature import DenseExact
+from dgnopt_jax._src.curvature import Identity
+from dgnopt_jax._src.curvature import RMSProp
+from dgnopt_jax._src.curvature import RMSPropState
+from dgnopt_jax._src.curvature import adam
+from dgnopt_jax._src.curvature import dense
+from dgnopt_jax._src.curvature import get_curvature
+from dgnopt_jax._src.curvature import identity
+from dgnopt_jax._src.curvature import rmsprop
+
+__all__ = ["Adam", "AdamState", "DenseExact", "Identity", "RMSProp", "RMSPropState",
+           "adam", "dense", "get_curvature", "identity", "rmsprop"]

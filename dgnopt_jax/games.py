@@ -1,0 +1,16 @@
+"""Networks as multi-player dynamic games: stages, players, ready-made layers."""
+
+from dgnopt_jax._src.games import AvgPool
+from dgnopt_jax._src.games import Conv2D
+from dgnopt_jax._src.games import Dense
+from dgnopt_jax._src.games import Flatten
+from dgnopt_jax._src.games import Game
+from dgnopt_jax._src.games import Player
+from dgnopt_jax._src.games import Stage
+from dgnopt_jax._src.games import get_activation
+from dgnopt_jax._src.games import get_path
+from dgnopt_jax._src.games import sequential
+from dgnopt_jax._src.games import stage
+
+__all__ = ["AvgPool", "Conv2D", "Dense", "Flatten", "Game", "Player", "Stage",
+           "get_activation", "get_path", "sequential", "stage"]

@@ -1,0 +1,207 @@
+"""Train a network on an embedded dataset with DGNOpt beside its baselines.
+
+    python -m dgnopt_jax.train                       # DIGITS, DDPNOpt's tanh MLP
+    python -m dgnopt_jax.train --model cnn --optimizers sgd,fne-sgd --steps 800
+
+Optimizer names: ``sgd``, ``rmsprop``, ``adam`` are optax's own (gradients by
+``jax.grad``); ``olne-<c>`` and ``fne-<c>`` are this library's open-loop and
+feedback-Nash solvers with curvature ``<c>`` in identity (alias sgd), rmsprop,
+adam, dense. Prints progress, a markdown result table, and writes a JSON
+record and a PNG of the curves to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dgnopt_jax as dgnopt
+from dgnopt_jax import datasets
+
+G = dgnopt.games
+
+DEFAULT_LR = {"identity": 0.1, "sgd": 0.1, "rmsprop": 1e-3, "adam": 1e-3, "dense": 0.3}
+
+
+def make_model(name: str, data: datasets.Dataset) -> G.Game:
+  """The networks: ``mlp`` (DDPNOpt Appendix D.1: tanh, width 32) or ``cnn`` (4 conv + 2 dense)."""
+  if name == "mlp":
+    layers = [G.Dense(32, "tanh") for _ in range(4)] + [G.Dense(data.num_classes)]
+    return G.sequential(layers, data.x_train.shape[1:])
+  if name == "cnn":
+    layers = [G.Conv2D(8, (3, 3), activation="relu") for _ in range(4)]
+    layers += [G.AvgPool((2, 2)), G.Dense(32, "relu"), G.Dense(data.num_classes)]
+    return G.sequential(layers, data.x_train.shape[1:])
+  raise ValueError(f"unknown model {name!r}; choose mlp or cnn")
+
+
+def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float
+              ) -> tuple[Callable, Callable, float]:
+  """(init, jitted step, learning rate) for an optimizer name."""
+  if "-" in name:
+    kind, curvature = name.split("-", 1)
+    if kind not in ("olne", "fne"):
+      raise ValueError(f"unknown optimizer {name!r}")
+    curvature = "identity" if curvature == "sgd" else curvature
+    lr = DEFAULT_LR[curvature] if lr is None else lr
+    make = dgnopt.fne if kind == "fne" else dgnopt.olne
+    tx = make(game, lr, curvature, vxx_reg=vxx_reg)
+
+    @jax.jit
+    def step(params, state, x, y):
+      updates, state = tx.update(None, state, params, batch=(x, y))
+      return optax.apply_updates(params, updates), state, state.loss
+
+    return tx.init, step, lr
+  if name not in ("sgd", "rmsprop", "adam"):
+    raise ValueError(f"unknown optimizer {name!r}")
+  lr = DEFAULT_LR[name] if lr is None else lr
+  tx = getattr(optax, name)(lr)
+
+  @jax.jit
+  def step(params, state, x, y):
+    def terminal(p):
+      out = game.apply(p, x)
+      return jnp.mean(jax.vmap(game.loss.per_sample)(out, y))
+    loss, grads = jax.value_and_grad(terminal)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  return tx.init, step, lr
+
+
+def accuracy(game: G.Game, params: Any, x: np.ndarray, y: np.ndarray) -> float:
+  logits = jax.jit(game.apply)(params, x)
+  return float(jnp.mean(jnp.argmax(logits, -1) == y))
+
+
+def run_one(name: str, game: G.Game, data: datasets.Dataset, seed: int, args) -> dict:
+  init, step, lr = make_step(name, game, args.lr, args.vxx_reg)
+  params = game.init(jax.random.PRNGKey(seed))
+  state = init(params)
+  stream = datasets.batches(data.x_train, data.y_train, args.batch_size, seed=seed)
+  curve, times, losses = [], [], []
+  for i in range(1, args.steps + 1):
+    x, y = next(stream)
+    t0 = time.perf_counter()
+    params, state, loss = step(params, state, x, y)
+    loss = float(loss)
+    times.append(time.perf_counter() - t0)
+    losses.append(loss)
+    if i % args.eval_every == 0 or i == args.steps:
+      acc = accuracy(game, params, data.x_test, data.y_test)
+      window = losses[-args.eval_every:]
+      curve.append({"step": i, "train_loss": float(np.mean(window)), "test_accuracy": acc})
+      bar = "#" * int(20 * i / args.steps)
+      print(f"  [{bar:<20}] {name:>12} seed {seed} step {i:5d}  "
+            f"loss {curve[-1]['train_loss']:.4f}  test acc {acc:.4f}", flush=True)
+  warm = times[min(10, len(times) - 1):]
+  return {"optimizer": name, "seed": seed, "learning_rate": lr, "curve": curve,
+          "final_train_loss": curve[-1]["train_loss"], "test_accuracy": curve[-1]["test_accuracy"],
+          "step_time_s": statistics.median(warm)}
+
+
+def summarise(runs: list[dict], optimizers: list[str]) -> tuple[str, list[dict]]:
+  rows = []
+  base = None
+  for name in optimizers:
+    mine = [r for r in runs if r["optimizer"] == name]
+    acc = [100 * r["test_accuracy"] for r in mine]
+    loss = [r["final_train_loss"] for r in mine]
+    t = statistics.median(r["step_time_s"] for r in mine)
+    base = t if base is None else base
+    rows.append({"optimizer": name, "learning_rate": mine[0]["learning_rate"],
+                 "train_loss": float(np.mean(loss)), "train_loss_std": float(np.std(loss)),
+                 "test_accuracy": float(np.mean(acc)), "test_accuracy_std": float(np.std(acc)),
+                 "step_time_ms": 1e3 * t, "step_time_ratio": t / base})
+  lines = [f"| optimizer | lr | train loss | test acc (%) | step time (ms) | / {optimizers[0]} |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['optimizer']} | {r['learning_rate']:g} | {r['train_loss']:.4f} ± "
+                 f"{r['train_loss_std']:.4f} | {r['test_accuracy']:.2f} ± {r['test_accuracy_std']:.2f}"
+                 f" | {r['step_time_ms']:.2f} | {r['step_time_ratio']:.2f}× |")
+  return "\n".join(lines), rows
+
+
+def plot(runs: list[dict], optimizers: list[str], path: str) -> bool:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed: no plot written")
+    return False
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for name in optimizers:
+    mine = [r for r in runs if r["optimizer"] == name]
+    steps = [c["step"] for c in mine[0]["curve"]]
+    loss = np.mean([[c["train_loss"] for c in r["curve"]] for r in mine], axis=0)
+    acc = np.mean([[c["test_accuracy"] for c in r["curve"]] for r in mine], axis=0)
+    axes[0].plot(steps, loss, label=name)
+    axes[1].plot(steps, 100 * acc, label=name)
+  axes[0].set(xlabel="step", ylabel="train loss", yscale="log")
+  axes[1].set(xlabel="step", ylabel="test accuracy (%)")
+  axes[1].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--dataset", default="digits", choices=datasets.EMBEDDED)
+  p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+  p.add_argument("--optimizers", default="sgd,fne-sgd,adam,fne-adam",
+                 help="comma-separated; the first is the step-time baseline")
+  p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default per curvature)")
+  p.add_argument("--vxx-reg", type=float, default=1e-4, help="Tikhonov term on V_xx for fne")
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--steps", type=int, default=1500)
+  p.add_argument("--eval-every", type=int, default=250)
+  p.add_argument("--seeds", type=int, default=2, help="number of seeds (0..n-1)")
+  p.add_argument("--out", default="runs", help="folder for the JSON record and the plot")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  images = args.model == "cnn"
+  if images and args.dataset != "digits":
+    raise SystemExit("--model cnn needs --dataset digits (8x8 images)")
+  data = datasets.load(args.dataset, images=images)
+  game = make_model(args.model, data)
+  optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+  print(f"dgnopt_jax {dgnopt.__version__} | jax {jax.__version__} on {jax.default_backend()} | "
+        f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test | model {args.model} | "
+        f"batch {args.batch_size} | {args.steps} steps | seeds {args.seeds}", flush=True)
+  runs = []
+  for seed in range(args.seeds):
+    for name in optimizers:
+      runs.append(run_one(name, game, data, seed, args))
+  table, rows = summarise(runs, optimizers)
+  print("\n" + table)
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, f"{args.dataset}_{args.model}")
+  record = {"args": vars(args), "machine": platform.platform(), "backend": jax.default_backend(),
+            "summary": rows, "runs": runs}
+  with open(stem + ".json", "w") as f:
+    json.dump(record, f, indent=1)
+  wrote = plot(runs, optimizers, stem + ".png")
+  print(f"\nwrote {stem}.json" + (f" and {stem}.png" if wrote else ""))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
