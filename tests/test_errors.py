@@ -121,3 +121,19 @@ def test_singular_dense_curvature_is_pseudo_inverted():
   updates, state = h.step(dgnopt.fne(game, 1.0, "dense", damping=0.0), params, (x, y))
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   assert int(state.skipped) == 0
+
+
+@pytest.mark.parametrize("curvature", [dgnopt.curvature.rmsprop(eps=0.0),
+                                       dgnopt.curvature.adam(eps=0.0)])
+def test_zero_diagonal_curvature_is_pseudo_inverted(curvature):
+  # A dead ReLU unit has zero statistics; with eps = 0 that is C = 0 on its
+  # coordinates, which get no step rather than 0/0.
+  game = G.sequential([G.Dense(4, "relu"), G.Dense(3)], (4,))
+  params = h.perturbed_params(game)
+  params["dense_0"]["bias"] = params["dense_0"]["bias"].at[0].set(-1e3)
+  updates, state = h.step(dgnopt.fne(game, 1e-3, curvature), params,
+                          h.classification_batch((4,), 5))
+  assert int(state.skipped) == 0
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  assert float(jnp.max(jnp.abs(updates["dense_0"]["kernel"][:, 0]))) == 0.0
+  assert float(jnp.max(jnp.abs(updates["dense_0"]["kernel"][:, 1:]))) > 0.0

@@ -34,7 +34,11 @@ Params = Any
 
 
 def _safe_reciprocal(x: jax.Array) -> jax.Array:
-  """1/x where x > 0, else 0 (a pseudo-inverse of a non-negative diagonal)."""
+  """1/x where x > 0, else 0 (a pseudo-inverse of a non-negative diagonal).
+
+  With ``eps = 0`` a coordinate whose statistics are zero (a dead unit) gets
+  no step instead of 0/0.
+  """
   tiny = jnp.finfo(x.dtype).tiny
   return jnp.where(x > tiny, 1.0 / jnp.where(x > tiny, x, 1.0), 0.0)
 
@@ -121,11 +125,11 @@ class RMSProp:
     return q_theta
 
   def solve(self, step, v: Params, damping) -> Params:
-    return jax.tree.map(lambda x, c: x / (c + damping), v, self._diag(step))
+    return jax.tree.map(lambda x, d: x * d, v, self.inverse_diagonal(step, damping, v))
 
   def inverse_diagonal(self, step, damping, like: Params) -> Params:
     del like
-    return jax.tree.map(lambda c: 1.0 / (c + damping), self._diag(step))
+    return jax.tree.map(lambda c: _safe_reciprocal(c + damping), self._diag(step))
 
 
 class AdamState(NamedTuple):
@@ -174,11 +178,11 @@ class Adam:
     return jax.tree.map(lambda n: jnp.sqrt(n + self.eps_root) + self.eps, step[1])
 
   def solve(self, step, v: Params, damping) -> Params:
-    return jax.tree.map(lambda x, c: x / (c + damping), v, self._diag(step))
+    return jax.tree.map(lambda x, d: x * d, v, self.inverse_diagonal(step, damping, v))
 
   def inverse_diagonal(self, step, damping, like: Params) -> Params:
     del like
-    return jax.tree.map(lambda c: 1.0 / (c + damping), self._diag(step))
+    return jax.tree.map(lambda c: _safe_reciprocal(c + damping), self._diag(step))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,19 +110,17 @@ def plan_segments(game: games_lib.Game, params: Params, inputs: State) -> list[S
   """Groups consecutive identical stages (same fn, players, shapes; x_{t+1} like x_t)."""
   segments: list[Segment] = []
   x = _shapes(inputs)
-  prev = None
+  prev = None  # (signature, thetas, x) of the previous stage if it maps x to its own shape
   for t, stage in enumerate(game.stages):
     thetas = _shapes(stage_thetas(stage, params))
     y = jax.eval_shape(stage.fn, x, thetas)
-    key = (stage.signature(), thetas, x)
-    joinable = (prev is not None and prev[0] == stage.signature() and
-                _same_shapes(prev[1], thetas) and _same_shapes(prev[2], x) and
-                _same_shapes(x, y))
-    if joinable and segments:
+    repeats_shape = _same_shapes(x, y)
+    if (prev is not None and repeats_shape and prev[0] == stage.signature() and
+        _same_shapes(prev[1], thetas) and _same_shapes(prev[2], x)):
       segments[-1] = Segment(segments[-1].start, segments[-1].length + 1)
     else:
       segments.append(Segment(t, 1))
-    prev = key if _same_shapes(x, y) else None
+    prev = (stage.signature(), thetas, x) if repeats_shape else None
     x = y
   return segments
 
