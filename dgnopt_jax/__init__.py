@@ -16,6 +16,7 @@ from dgnopt_jax import losses
 from dgnopt_jax import reference
 from dgnopt_jax._src.transform import DGNOptState
 from dgnopt_jax._src.transform import fne
+from dgnopt_jax._src.transform import gr
 from dgnopt_jax._src.transform import olne
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "curvature",
     "fne",
     "games",
+    "gr",
     "losses",
     "olne",
     "reference",

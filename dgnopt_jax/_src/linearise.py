@@ -70,6 +70,28 @@ class Linearised:
     """F_x^T Z column by column: the factor q_x of Q_xx = q_x q_x^T."""
     return jax.vmap(self.vjp_x, in_axes=1, out_axes=1)(factor)
 
+  def jvp_thetas(self, dthetas: tuple) -> State:
+    """sum_n F_theta_n dtheta_n: all players' parameter changes at once."""
+    return jax.jvp(lambda ths: self.fn(self.x, ths), (self.thetas,), (dthetas,))[1]
+
+  def vjp_thetas(self, cotangent: State) -> tuple:
+    """(sum_i F_theta_n^(i)T c^(i))_n for every player."""
+    return jax.vjp(lambda ths: self.fn(self.x, ths), self.thetas)[1](cotangent)[0]
+
+  def vjp_x_thetas(self, cotangent: State) -> tuple[State, tuple]:
+    """(F_x^T c, (sum_i F_theta_n^T c)_n) from one pullback."""
+    return jax.vjp(self.fn, self.x, self.thetas)[1](cotangent)
+
+  def per_sample_vjp_thetas(self, factor: State) -> tuple:
+    """Per-sample F_theta^(i)T Z^(i) for all players jointly (leaves (B, r, ...))."""
+
+    def one(xi, zi):
+      f = lambda ths: self.fn(jax.tree.map(lambda a: a[None], xi), ths)
+      pull = jax.vjp(f, self.thetas)[1]
+      return jax.vmap(lambda c: pull(jax.tree.map(lambda a: a[None], c))[0])(zi)
+
+    return jax.vmap(one)(self.x, factor)
+
   def per_sample_vjp_theta(self, n: int, factor: State) -> Params:
     """Per-sample F_theta_n^(i)T Z^(i): leaves of shape (B, r, *theta.shape).
 

@@ -86,8 +86,9 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
                learning_rate: float, curvature: Any = "identity",
                curvature_state: dict | None = None, damping: float | None = None,
                vxx_reg: float = 0.0, vxx_rank: str = "outer", feedback: bool = True,
-               coupling: str = "block") -> tuple[Any, dict]:
-  """One FNE (``feedback=True``) or OLNE step with explicit matrices.
+               coupling: str = "block", principle: str = "fne",
+               cross_terms: bool = True) -> tuple[Any, dict]:
+  """One FNE or GR step (OLNE with ``feedback=False``) with explicit matrices.
 
   Args:
     game: the game.
@@ -102,6 +103,9 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
       or ``"exact"`` (the exact Hessian of the batch-mean loss).
     feedback: FNE or OLNE.
     coupling: ``"block"`` (block-diagonal V_XX) or ``"full"``.
+    principle: ``"fne"`` (a value per player, DGNOpt eq. 9-10) or ``"gr"``
+      (one joint value, the stage's players solved jointly, eq. 22-25).
+    cross_terms: GR with the dense curvature: keep the players' cross blocks.
 
   Returns:
     ``(updates, new_curvature_state)``; updates shaped like params.
@@ -139,6 +143,10 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
     v_xx = batch * np.outer(v_x, v_x) * _block_mask(x)
   streams = [(v_x, v_xx) for _ in range(game.num_streams)]
 
+  if coupling not in ("block", "full"):
+    raise ValueError(f"coupling must be 'block' or 'full', got {coupling!r}")
+  if principle == "gr":
+    streams = streams[:1]
   gains = [None] * len(game.stages)
   new_state = dict(curvature_state)
   for t in reversed(range(len(game.stages))):
@@ -146,23 +154,38 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
     g, _ = stage_fns[t]
     args = [xs[t][1]] + flats[t]
     f_x = np.asarray(jax.jit(jax.jacfwd(g, argnums=0))(*args))
+    f_ths = [np.asarray(jax.jit(jax.jacfwd(g, argnums=1 + n))(*args))
+             for n in range(stage.num_players)]
     same = _block_mask(xs[t][0])
-    stage_gains, new_streams = [], []
-    for n, (vx_next, vxx_next) in enumerate(streams):
-      if n >= stage.num_players:
+    if principle == "gr":  # all players on the one joint value
+      groups = [list(range(stage.num_players))]
+    else:  # player n on value stream n; streams without a player pass through
+      groups = [[n] if n < stage.num_players else [] for n in range(len(streams))]
+    stage_gains, new_streams = {}, []
+    for group, (vx_next, vxx_next) in zip(groups, streams):
+      if not group:
         new_streams.append((f_x.T @ vx_next, f_x.T @ vxx_next @ f_x))
         continue
-      player = stage.players[n]
-      theta = np.asarray(flats[t][n])
-      f_th = np.asarray(jax.jit(jax.jacfwd(g, argnums=1 + n))(*args))
-      eye_p = np.eye(theta.size)
+      f_th = np.concatenate([f_ths[n] for n in group], axis=1)
+      sizes = [f_ths[n].shape[1] for n in group]
+      theta = np.concatenate([np.asarray(flats[t][n]) for n in group])
+      decay = np.concatenate([np.full(f_ths[n].shape[1], stage.players[n].weight_decay)
+                              for n in group])
       v_reg = vxx_next + vxx_reg * np.eye(vxx_next.shape[0])
-      q_theta = f_th.T @ vx_next + player.weight_decay * theta
+      q_theta = f_th.T @ vx_next + decay * theta
       q_x = f_x.T @ vx_next
-      ggn = f_th.T @ v_reg @ f_th + player.weight_decay * eye_p
-      c, direction, new_state[player.name] = _reference_curvature(
-          curvature, curvature_state[player.name], q_theta, ggn)
-      m_inv = _pinv_sym((c + damping * eye_p) / eta)
+      ggn = f_th.T @ v_reg @ f_th + np.diag(decay)
+      bounds = np.cumsum([0] + sizes)
+      if isinstance(curvature, curvature_lib.DenseExact) and (cross_terms or len(group) == 1):
+        c, direction, _ = _reference_curvature(curvature, None, q_theta, ggn)
+      else:  # block-diagonal: no cross curvature between the players
+        c = np.zeros((theta.size, theta.size))
+        direction = np.zeros(theta.size)
+        for n, lo, hi in zip(group, bounds[:-1], bounds[1:]):
+          name = stage.players[n].name
+          c[lo:hi, lo:hi], direction[lo:hi], new_state[name] = _reference_curvature(
+              curvature, curvature_state[name], q_theta[lo:hi], ggn[lo:hi, lo:hi])
+      m_inv = _pinv_sym((c + damping * np.eye(theta.size)) / eta)
       k = m_inv @ direction
       if feedback:
         big_k = m_inv @ (f_th.T @ v_reg @ f_x)
@@ -175,9 +198,8 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
         v_xx = f_x.T @ vxx_next @ f_x
       if coupling == "block":
         v_xx = v_xx * same
-      elif coupling != "full":
-        raise ValueError(f"coupling must be 'block' or 'full', got {coupling!r}")
-      stage_gains.append((k, big_k))
+      for n, lo, hi in zip(group, bounds[:-1], bounds[1:]):
+        stage_gains[n] = (k[lo:hi], big_k[lo:hi])
       new_streams.append((v_x, v_xx))
     gains[t] = stage_gains
     streams = new_streams

@@ -117,7 +117,8 @@ def validate(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array,
 
 def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
           damping: ScalarOrSchedule | None, vxx_reg: float, vxx_rank: str,
-          feedback: bool) -> optax.GradientTransformationExtraArgs:
+          feedback: bool, principle: str = "fne",
+          cross_terms: bool = True) -> optax.GradientTransformationExtraArgs:
   if not isinstance(game, games_lib.Game):
     raise TypeError(f"game must be a dgnopt_jax.games.Game, got {type(game).__name__}")
   curvature = curvature_lib.get_curvature(curvature)
@@ -128,7 +129,7 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
   _check_positive("vxx_reg", vxx_reg, allow_zero=True)
   if vxx_rank not in losses_lib.VALUE_RANKS:
     raise ValueError(f"vxx_rank must be one of {losses_lib.VALUE_RANKS}, got {vxx_rank!r}")
-  cfg = solver.SolverConfig(curvature, feedback, vxx_rank)
+  cfg = solver.SolverConfig(curvature, feedback, vxx_rank, principle, cross_terms)
 
   def init_fn(params):
     for player in game.players:
@@ -212,3 +213,40 @@ def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
   (``vxx_reg`` and ``vxx_rank`` only matter for the dense curvature).
   """
   return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, False)
+
+
+def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
+       curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
+       vxx_reg: float = 0.0, vxx_rank: str = "outer", feedback: bool = True,
+       cross_terms: bool = True) -> optax.GradientTransformationExtraArgs:
+  r"""DGNOpt for the cooperative game: group rationality (group Bellman, DGNOpt eq. 7, 11, 22-25).
+
+  The players of each stage minimise the group objective
+  ``P_t = sum_n l_{t,n} + W_{t+1} o F_t`` jointly, carrying one joint value
+  ``(W_x, W_xx)`` (the shared loss counted once). With
+  ``M = (P_theta_theta + damping I) / learning_rate`` over the stage's joint
+  action, the cooperative gains solve
+
+  .. math::
+     [k; K] = M^{-1} [P_\theta;\; P_{\theta x}], \qquad
+     \tilde k_u = \tilde P_{uu}^{-1} (P_u - P_{uv} P_{vv}^{-1} P_v),\quad
+     \tilde P_{uu} = P_{uu} - P_{uv} P_{vv}^{-1} P_{vu}
+
+  (block inversion, eq. 23), and ``W_x = P_x - P_{x\theta} k``,
+  ``W_xx = P_xx - P_{x\theta} M^{-1} P_{\theta x}`` (eq. 25). The cross
+  curvature ``P_uv`` is kept by the ``dense`` curvature (``cross_terms=True``);
+  identity, RMSprop and Adam have none (GT-DDP §4.1). On stages with one
+  player GR and :func:`fne` coincide.
+
+  Args:
+    game, learning_rate, curvature, damping, vxx_reg, vxx_rank: as :func:`fne`.
+    feedback: False gives the cooperative open-loop update (with the identity
+      curvature, exactly SGD).
+    cross_terms: keep ``P_uv`` for the dense curvature; False sets it to zero
+      (DGNOpt Theorem 6).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with the surface of :func:`fne`.
+  """
+  return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, feedback,
+               "gr", cross_terms)

@@ -1,0 +1,114 @@
+"""One stage of the feedback Nash (FNE) and open-loop Nash (OLNE) solvers.
+
+Every player n of stage t has its own value stream (V_x, Z) and solves its
+own expansion of the Isaacs-Bellman objective Q_{t,n} = l_{t,n} + V_{t+1,n} o F_t,
+the other players' actions being unobservable to it (DGNOpt eq. 6, 9, 10,
+20-21; with one player per stage DDPNOpt eq. 12-13)::
+
+    Q_theta = l_theta + F_theta^T V_x'                  (one batched VJP)
+    k       = M^-1 d,   M = (C + damping I) / eta      (d = Q_theta or a moment)
+    V_x     = F_x^T (V_x' - V~_xx' F_theta k)           (eq. 10)
+    Z       = (F_x^T Z') (I - S)_+^{1/2},  S = (F_theta^T Z')^T M^-1 (F_theta^T Z')
+
+and its feedback policy in the rollout is
+``theta <- theta - (k + M^-1 F_theta^T V~_xx' F_x dx)``. Streams of players
+absent at a stage (dummy players, DGNOpt §3.1) pass through. Without feedback
+(OLNE: Q_theta_x := 0) ``V_x`` is the back-propagated co-state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import linearise as lin
+from dgnopt_jax._src import quadratic_forms
+
+State = Any
+Params = Any
+
+
+def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
+                   thetas: tuple, streams: tuple, cstates: tuple):
+  """Gains of every player at one stage and the value streams at x_t.
+
+  Args:
+    stage: the stage.
+    cfg: solver configuration.
+    hyper: learning rate, damping and V_xx regularisation of this step.
+    x: the nominal state x_t.
+    thetas: the players' params.
+    streams: per value stream, ``(V_x', Z')`` at t+1 (``Z'`` None when unused).
+    cstates: the players' curvature states.
+
+  Returns:
+    ``(streams_t, new_cstates, saved)`` where ``saved[n] = (k, step, Z')`` is
+    what the rollout needs for player n.
+  """
+  f = lin.Linearised(stage.fn, x, thetas)
+  eta, damping, eps = hyper
+  curvature = cfg.curvature
+  out_streams, out_cstates, saved = [], [], []
+  for n, (v_next, z_next) in enumerate(streams):
+    if n >= stage.num_players:  # a dummy player: the value passes through
+      out_streams.append((f.vjp_x(v_next),
+                          None if z_next is None else f.vjp_x_columns(z_next)))
+      continue
+    player, theta = stage.players[n], thetas[n]
+    q_x, q_theta = f.vjp_x_theta(n, v_next)
+    if player.weight_decay:
+      q_theta = lin.tree_add(q_theta, lin.tree_scale(player.weight_decay, theta))
+
+    def ggn_matvec(v, n=n, player=player, z_next=z_next):
+      out = f.vjp_theta(n, lin.value_hessian_apply(z_next, f.jvp_theta(n, v), eps))
+      if player.weight_decay:
+        out = lin.tree_add(out, lin.tree_scale(player.weight_decay, v))
+      return out
+
+    cstate, step = curvature.update(cstates[n], q_theta,
+                                    ggn_matvec if curvature.needs_value_hessian else None)
+    open_gain = lin.tree_scale(eta, curvature.solve(step, curvature.direction(step, q_theta),
+                                                    damping))
+    if cfg.feedback:
+      correction = lin.value_hessian_apply(z_next, f.jvp_theta(n, open_gain), eps)
+      v_x = f.vjp_x(lin.tree_sub(v_next, correction))
+    else:
+      v_x = q_x
+    z = None
+    if z_next is not None:
+      z = f.vjp_x_columns(z_next)
+      if cfg.feedback:
+        s = eta * quadratic_forms.player(curvature, player, f, n, z_next, step, damping)
+        z = lin.mix_columns(z, lin.psd_sqrt_of_identity_minus(s))
+    out_streams.append((v_x, z))
+    out_cstates.append(cstate)
+    saved.append((open_gain, step, z_next))
+  return tuple(out_streams), tuple(out_cstates), tuple(saved)
+
+
+def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
+                  x_new: State, thetas: tuple, saved: tuple):
+  """Applies the players' feedback policies at one stage (Alg. 1 lines 10-11).
+
+  Returns:
+    ``(x'_{t+1}, deltas)`` with ``deltas[n]`` the change applied to theta_n.
+  """
+  eta, damping, eps = hyper
+  deltas = []
+  if stage.num_players:
+    f = lin.Linearised(stage.fn, x, thetas)
+    dx = lin.tree_sub(x_new, x)
+    f_x_dx = f.jvp_x(dx)
+    for n, (open_gain, step, z_next) in enumerate(saved):
+      feedback = f.vjp_theta(n, lin.value_hessian_apply(z_next, f_x_dx, eps))
+      feedback = lin.tree_scale(eta, cfg.curvature.solve(step, feedback, damping))
+      deltas.append(jax.tree.map(lambda k, fb: -(k + fb), open_gain, feedback))
+  new_thetas = tuple(lin.tree_add(t, d) for t, d in zip(thetas, deltas))
+  return stage.fn(x_new, new_thetas), tuple(deltas)
+
+
+def open_loop_deltas(saved: tuple) -> tuple:
+  """The players' changes without feedback: -k."""
+  return tuple(jax.tree.map(lambda a: -a, k) for k, _, _ in saved)

@@ -1,0 +1,139 @@
+"""One stage of the cooperative, group-rational (GR) solver (DGNOpt eq. 7, 11, 22-25).
+
+All players of a stage minimise the group Bellman objective
+``P_t = sum_n l_{t,n} + W_{t+1} o F_t`` jointly; one joint value (W_x, Z) is
+carried backward, starting from the shared terminal loss counted once. With
+``theta = (theta_1, ..., theta_N)`` the stage's joint action and
+``M = (P_theta_theta + damping I) / eta``::
+
+    P_theta = l_theta + F_theta^T W_x'
+    [k_1..k_N] = M^-1 [d_1..d_N],  [K_1..K_N] = M^-1 [P_theta_n x]   (eq. 22)
+    W_x = F_x^T (W_x' - V~_xx' sum_n F_theta_n k_n)                  (eq. 25)
+    Z   = (F_x^T Z') (I - S)_+^{1/2},  S = q_theta^T M^-1 q_theta,  q_theta = F_theta^T Z'
+
+Solving the joint system is the block inversion of eq. 23: for two players,
+``k_1 = P~_uu^-1 (P_u - P_uv P_vv^-1 P_v)`` with the cooperative precondition
+``P~_uu = P_uu - P_uv P_vv^-1 P_vu`` (eq. 11), and likewise for the feedback
+gains. With the ``dense`` curvature and ``cross_terms=True`` the cross blocks
+``P_uv = F_u^T V~_xx F_v`` are kept and the joint Gauss-Newton matrix is
+solved; otherwise ``P_uv := 0`` (GT-DDP §4.1: identity and diagonal
+curvatures carry no cross-covariance) and each player's block is solved on
+its own, though the value still collects every player's correction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import linearise as lin
+from dgnopt_jax._src import quadratic_forms
+
+State = Any
+Params = Any
+
+
+def _is_joint(cfg: Any, stage: games_lib.Stage) -> bool:
+  return cfg.cross_terms and cfg.curvature.needs_value_hessian and stage.num_players > 1
+
+
+def _joint_player(stage: games_lib.Stage) -> games_lib.Player:
+  return games_lib.Player(("+".join(p.name for p in stage.players),))
+
+
+def _solve(cfg: Any, stage: games_lib.Stage, steps: Any, vectors: tuple, damping) -> tuple:
+  if _is_joint(cfg, stage):
+    return cfg.curvature.solve(steps, vectors, damping)
+  return tuple(cfg.curvature.solve(s, v, damping) for s, v in zip(steps, vectors))
+
+
+def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
+                   thetas: tuple, streams: tuple, cstates: tuple):
+  """Cooperative gains of the stage's players and the joint value at x_t.
+
+  Args:
+    stage, cfg, hyper, x, thetas, cstates: as for the FNE stage.
+    streams: a one-element tuple ``((W_x', Z'),)``.
+
+  Returns:
+    ``(((W_x, Z),), new_cstates, saved)`` with ``saved = (gains, steps, Z')``.
+  """
+  f = lin.Linearised(stage.fn, x, thetas)
+  eta, damping, eps = hyper
+  curvature = cfg.curvature
+  ((w_next, z_next),) = streams
+  if stage.num_players == 0:
+    z = None if z_next is None else f.vjp_x_columns(z_next)
+    return ((f.vjp_x(w_next), z),), (), ()
+  q_x, q_thetas = f.vjp_x_thetas(w_next)
+  q_thetas = tuple(lin.tree_add(q, lin.tree_scale(p.weight_decay, t)) if p.weight_decay else q
+                   for q, p, t in zip(q_thetas, stage.players, thetas))
+  decay = tuple(p.weight_decay for p in stage.players)
+
+  if _is_joint(cfg, stage):
+    curvature.check(_joint_player(stage), thetas)
+
+    def joint_ggn(v):
+      out = f.vjp_thetas(lin.value_hessian_apply(z_next, f.jvp_thetas(v), eps))
+      return tuple(lin.tree_add(o, lin.tree_scale(d, vn)) if d else o
+                   for o, d, vn in zip(out, decay, v))
+
+    new_cstates, steps = curvature.update(cstates, q_thetas, joint_ggn)
+    directions = curvature.direction(steps, q_thetas)
+  else:
+    new_cstates, steps, directions = [], [], []
+    for n, (q, d) in enumerate(zip(q_thetas, decay)):
+
+      def ggn(v, n=n, d=d):
+        out = f.vjp_theta(n, lin.value_hessian_apply(z_next, f.jvp_theta(n, v), eps))
+        return lin.tree_add(out, lin.tree_scale(d, v)) if d else out
+
+      c, s = curvature.update(cstates[n], q, ggn if curvature.needs_value_hessian else None)
+      new_cstates.append(c)
+      steps.append(s)
+      directions.append(curvature.direction(s, q))
+    new_cstates, steps, directions = tuple(new_cstates), tuple(steps), tuple(directions)
+  gains = lin.tree_scale(eta, _solve(cfg, stage, steps, directions, damping))
+
+  if cfg.feedback:
+    correction = lin.value_hessian_apply(z_next, f.jvp_thetas(gains), eps)
+    w_x = f.vjp_x(lin.tree_sub(w_next, correction))
+  else:
+    w_x = q_x
+  z = None
+  if z_next is not None:
+    z = f.vjp_x_columns(z_next)
+    if cfg.feedback:
+      if _is_joint(cfg, stage):
+        s = quadratic_forms.joint(curvature, f, z_next, steps, damping)
+      else:
+        parts = [quadratic_forms.player(curvature, p, f, n, z_next, steps[n], damping)
+                 for n, p in enumerate(stage.players)]
+        s = sum(parts[1:], parts[0])
+      z = lin.mix_columns(z, lin.psd_sqrt_of_identity_minus(eta * s))
+  return ((w_x, z),), new_cstates, (gains, steps, z_next)
+
+
+def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State, x_new: State,
+                  thetas: tuple, saved: tuple):
+  """Applies the cooperative feedback policies of one stage (Alg. 1 lines 10-11)."""
+  eta, damping, eps = hyper
+  deltas = ()
+  if stage.num_players:
+    gains, steps, z_next = saved
+    f = lin.Linearised(stage.fn, x, thetas)
+    feedback = f.vjp_thetas(lin.value_hessian_apply(z_next, f.jvp_x(lin.tree_sub(x_new, x)), eps))
+    feedback = lin.tree_scale(eta, _solve(cfg, stage, steps, feedback, damping))
+    deltas = jax.tree.map(lambda k, fb: -(k + fb), gains, feedback)
+  new_thetas = tuple(lin.tree_add(t, d) for t, d in zip(thetas, deltas))
+  return stage.fn(x_new, new_thetas), tuple(deltas)
+
+
+def open_loop_deltas(saved: tuple) -> tuple:
+  """The players' changes without feedback: -k."""
+  if not saved:
+    return ()
+  return tuple(jax.tree.map(jnp.negative, g) for g in saved[0])
