@@ -5,12 +5,17 @@ from dgnopt_jax._src.games import Conv2D
 from dgnopt_jax._src.games import Dense
 from dgnopt_jax._src.games import Flatten
 from dgnopt_jax._src.games import Game
+from dgnopt_jax._src.games import InceptionBlock
+from dgnopt_jax._src.games import Parallel
 from dgnopt_jax._src.games import Player
+from dgnopt_jax._src.games import RESIDUAL_ALIGNMENTS
+from dgnopt_jax._src.games import ResidualBlock
 from dgnopt_jax._src.games import Stage
 from dgnopt_jax._src.games import get_activation
 from dgnopt_jax._src.games import get_path
 from dgnopt_jax._src.games import sequential
 from dgnopt_jax._src.games import stage
 
-__all__ = ["AvgPool", "Conv2D", "Dense", "Flatten", "Game", "Player", "Stage",
-           "get_activation", "get_path", "sequential", "stage"]
+__all__ = ["AvgPool", "Conv2D", "Dense", "Flatten", "Game", "InceptionBlock", "Parallel",
+           "Player", "RESIDUAL_ALIGNMENTS", "ResidualBlock", "Stage", "get_activation",
+           "get_path", "sequential", "stage"]

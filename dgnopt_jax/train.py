@@ -4,9 +4,9 @@
     python -m dgnopt_jax.train --model cnn --optimizers sgd,fne-sgd --steps 800
 
 Optimizer names: ``sgd``, ``rmsprop``, ``adam`` are optax's own (gradients by
-``jax.grad``); ``olne-<c>`` and ``fne-<c>`` are this library's open-loop and
-feedback-Nash solvers with curvature ``<c>`` in identity (alias sgd), rmsprop,
-adam, dense. Prints progress, a markdown result table, and writes a JSON
+``jax.grad``); ``olne-<c>``, ``fne-<c>`` and ``gr-<c>`` are this library's
+open-loop, feedback-Nash and group-rational solvers with curvature ``<c>`` in
+identity (alias sgd), rmsprop, adam, dense. Prints progress, a markdown result table, and writes a JSON
 record and a PNG of the curves to ``--out``.
 """
 
@@ -34,8 +34,20 @@ G = dgnopt.games
 DEFAULT_LR = {"identity": 0.1, "sgd": 0.1, "rmsprop": 1e-3, "adam": 1e-3, "dense": 0.3}
 
 
-def make_model(name: str, data: datasets.Dataset) -> G.Game:
-  """The networks: ``mlp`` (DDPNOpt Appendix D.1: tanh, width 32) or ``cnn`` (4 conv + 2 dense)."""
+MODELS = ("mlp", "cnn", "resnet", "inception")
+IMAGE_MODELS = ("cnn", "resnet", "inception")
+
+
+def make_model(name: str, data: datasets.Dataset, alignment: str = "merge") -> G.Game:
+  """The networks.
+
+  * ``mlp``: DDPNOpt Appendix D.1 (4 tanh layers of width 32, linear head);
+  * ``cnn``: 4 conv + 2 dense (DGNOpt Appendix E's fictitious-player net, narrower);
+  * ``resnet``: a conv stem and 3 residual blocks with identity shortcuts, 12
+    feature maps, no normalisation (DGNOpt Appendix E, MNIST);
+  * ``inception``: conv, an inception block (a 4-player stage), conv, two dense
+    layers (DGNOpt Appendix E).
+  """
   if name == "mlp":
     layers = [G.Dense(32, "tanh") for _ in range(4)] + [G.Dense(data.num_classes)]
     return G.sequential(layers, data.x_train.shape[1:])
@@ -43,7 +55,17 @@ def make_model(name: str, data: datasets.Dataset) -> G.Game:
     layers = [G.Conv2D(8, (3, 3), activation="relu") for _ in range(4)]
     layers += [G.AvgPool((2, 2)), G.Dense(32, "relu"), G.Dense(data.num_classes)]
     return G.sequential(layers, data.x_train.shape[1:])
-  raise ValueError(f"unknown model {name!r}; choose mlp or cnn")
+  if name == "resnet":
+    layers = [G.Conv2D(12, (3, 3), activation="relu")]
+    layers += [G.ResidualBlock(12, alignment=alignment) for _ in range(3)]
+    layers += [G.AvgPool((2, 2)), G.Dense(data.num_classes)]
+    return G.sequential(layers, data.x_train.shape[1:])
+  if name == "inception":
+    layers = [G.Conv2D(8, (3, 3), activation="relu"), G.InceptionBlock(4),
+              G.Conv2D(8, (3, 3), activation="relu"), G.AvgPool((2, 2)),
+              G.Dense(32, "relu"), G.Dense(data.num_classes)]
+    return G.sequential(layers, data.x_train.shape[1:])
+  raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
 def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float
@@ -51,11 +73,12 @@ def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float
   """(init, jitted step, learning rate) for an optimizer name."""
   if "-" in name:
     kind, curvature = name.split("-", 1)
-    if kind not in ("olne", "fne"):
+    makers = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}
+    if kind not in makers:
       raise ValueError(f"unknown optimizer {name!r}")
     curvature = "identity" if curvature == "sgd" else curvature
     lr = DEFAULT_LR[curvature] if lr is None else lr
-    make = dgnopt.fne if kind == "fne" else dgnopt.olne
+    make = makers[kind]
     tx = make(game, lr, curvature, vxx_reg=vxx_reg)
 
     @jax.jit
@@ -162,7 +185,9 @@ def plot(runs: list[dict], optimizers: list[str], path: str) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--dataset", default="digits", choices=datasets.EMBEDDED)
-  p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+  p.add_argument("--model", default="mlp", choices=MODELS)
+  p.add_argument("--alignment", default="merge", choices=G.RESIDUAL_ALIGNMENTS,
+                 help="where a residual block's shortcut plays (resnet)")
   p.add_argument("--optimizers", default="sgd,fne-sgd,adam,fne-adam",
                  help="comma-separated; the first is the step-time baseline")
   p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default per curvature)")
@@ -177,11 +202,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  images = args.model == "cnn"
+  images = args.model in IMAGE_MODELS
   if images and args.dataset != "digits":
-    raise SystemExit("--model cnn needs --dataset digits (8x8 images)")
+    raise SystemExit(f"--model {args.model} needs --dataset digits (8x8 images)")
   data = datasets.load(args.dataset, images=images)
-  game = make_model(args.model, data)
+  game = make_model(args.model, data, args.alignment)
   optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
   print(f"dgnopt_jax {dgnopt.__version__} | jax {jax.__version__} on {jax.default_backend()} | "
         f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test | model {args.model} | "

@@ -10,11 +10,20 @@ G = dgnopt.games
 
 
 def perturbed_params(game, seed=0, scale=0.1, dtype=jnp.float64):
-  params = game.init(jax.random.PRNGKey(seed))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
-  leaves = [(l + scale * jax.random.normal(k, l.shape)).astype(dtype) for l, k in zip(leaves, keys)]
-  return jax.tree.unflatten(treedef, leaves)
+  """Random params with the game's structure, drawn with numpy.
+
+  Each leaf is ``N(0, 1/fan_in)`` for kernels (fan-in from all but the last
+  axis) plus ``scale``-sized noise, so that biases are not all zero.
+  """
+  shapes = jax.eval_shape(game.init, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
+
+  def draw(s):
+    fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 0
+    base = rng.normal(size=s.shape) / np.sqrt(fan_in) if fan_in else 0.0
+    return jnp.asarray(base + scale * rng.normal(size=s.shape), dtype)
+
+  return jax.tree.map(draw, shapes)
 
 
 def tanh_mlp(widths=(5, 5, 5), in_dim=4, classes=3, loss="softmax_cross_entropy", wd=0.0):

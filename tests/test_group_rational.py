@@ -92,8 +92,9 @@ def test_without_cooperation_the_step_misses_the_joint_minimiser():
 CURVATURES = [("identity", 0.3), ("rmsprop", 1e-3), ("adam", 1e-3), ("dense", 0.5)]
 
 
-@pytest.mark.parametrize("curvature,lr", CURVATURES)
-@pytest.mark.parametrize("cross_terms", [True, False])
+@pytest.mark.parametrize("curvature,lr,cross_terms", [
+    pytest.param(c, lr, x, marks=() if (i + x) % 2 else pytest.mark.slow)
+    for i, (c, lr) in enumerate(CURVATURES) for x in (True, False)])
 def test_gr_equals_dense_reference(curvature, lr, cross_terms):
   game = h.two_player_game()
   params = h.two_player_params()

@@ -321,7 +321,9 @@ def sequential(layers: Sequence[Any], input_shape: Sequence[int],
 
   Args:
     layers: ready-made layers (:class:`Dense`, :class:`Conv2D`,
-      :class:`Flatten`, :class:`AvgPool`), each one stage.
+      :class:`Flatten`, :class:`AvgPool`), each one stage, and blocks
+      (:class:`ResidualBlock`: two stages; :class:`InceptionBlock`: a
+      4-player stage; :class:`Parallel`: a 2-player stage).
     input_shape: per-sample input shape, e.g. ``(64,)`` or ``(8, 8, 1)``.
     loss: terminal loss name, :class:`TerminalLoss` or per-sample callable.
     weight_decay: stage-cost coefficient for every player.
@@ -348,14 +350,17 @@ def sequential(layers: Sequence[Any], input_shape: Sequence[int],
   stages = []
   names = []
   for i, layer in enumerate(layers):
-    fn = layer_stage_fn(layer)
     if getattr(layer, "prefix", None) is None:
-      stages.append(Stage(fn, (), name=type(layer).__name__.lower()))
+      stages.append(Stage(layer_stage_fn(layer), (), name=type(layer).__name__.lower()))
       names.append(None)
+      continue
+    path = next(path_iter) if path_iter is not None else (f"{layer.prefix}_{i}",)
+    names.append(path)
+    if hasattr(layer, "to_stages"):
+      stages.extend(layer.to_stages(path, weight_decay))
     else:
-      path = next(path_iter) if path_iter is not None else (f"{layer.prefix}_{i}",)
-      stages.append(Stage(fn, (Player(path, weight_decay, layer),), name="/".join(path)))
-      names.append(path)
+      stages.append(Stage(layer_stage_fn(layer), (Player(path, weight_decay, layer),),
+                          name="/".join(path)))
 
   def init_fn(key: Array) -> Params:
     params = {}
@@ -373,7 +378,8 @@ def sequential(layers: Sequence[Any], input_shape: Sequence[int],
         node[path[-1]], shape = layer.init(k, shape, dtype)
     return params
 
-  return Game(tuple(stages), losses_lib.get_loss(loss), init_fn, input_shape)
+  # One compiled initialiser rather than one small compilation per random leaf.
+  return Game(tuple(stages), losses_lib.get_loss(loss), jax.jit(init_fn), input_shape)
 
 
 # ----------------------------------------------------------------------------
@@ -418,3 +424,189 @@ def scatter_players(params: Params, values: dict[Path, Params], fill: Callable) 
     return fill(x)
 
   return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+# ----------------------------------------------------------------------------
+# Blocks spanning several players or stages (DGNOpt §3.1, Fig. 2, 3a, 6, 10a).
+# ----------------------------------------------------------------------------
+
+
+def _conv(features: int, kernel_size: tuple[int, int], activation=None) -> Conv2D:
+  return Conv2D(features, kernel_size, (1, 1), "SAME", activation)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+  """Two layers sharing input and output, ``x' = a(x) + b(x)``: a two-player stage.
+
+  The cooperative block of DGNOpt Fig. 3a / GT-DDP Fig. 7a; params
+  ``{"a": ..., "b": ...}``.
+  """
+
+  a: Any
+  b: Any
+  prefix = "parallel"
+
+  def init(self, key: Array, in_shape: tuple[int, ...], dtype=jnp.float32):
+    ka, kb = jax.random.split(key)
+    pa, out_a = self.a.init(ka, in_shape, dtype)
+    pb, out_b = self.b.init(kb, in_shape, dtype)
+    if out_a != out_b:
+      raise ValueError(f"Parallel layers must have equal output shapes, got {out_a} and {out_b}")
+    return {"a": pa, "b": pb}, out_a
+
+  def __call__(self, params: Params, x: Array) -> Array:
+    return self.a(params["a"], x) + self.b(params["b"], x)
+
+  def to_stages(self, path: Path, weight_decay: float) -> list[Stage]:
+    fn = _parallel_fn(self)
+    return [Stage(fn, (Player(path + ("a",), weight_decay), Player(path + ("b",), weight_decay)),
+                  name="/".join(map(str, path)))]
+
+
+@functools.lru_cache(maxsize=None)
+def _parallel_fn(block: Parallel):
+  return lambda x, th: block.a(th[0], x) + block.b(th[1], x)
+
+
+RESIDUAL_ALIGNMENTS = ("merge", "split")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualBlock:
+  """``z' = act(conv2(act(conv1(z))) + shortcut(z))`` as two stages (DGNOpt Fig. 2).
+
+  The first stage lifts the state to ``x = (z_mid, z_res)`` (the augmented
+  state ``[z_t, z_{t-1}]`` of GT-DDP eq. 8), the second merges the paths. A
+  projection shortcut (1x1 convolution) is a second player; the alignment
+  (DGNOpt Fig. 10a) says where it plays:
+
+  * ``"merge"``: beside ``conv2`` at the merging stage,
+    ``F_t = (act(conv1(z)), z)``, ``F_{t+1} = act(conv2(z_mid) + shortcut(z_res))``;
+  * ``"split"``: beside ``conv1`` at the lifting stage,
+    ``F_t = (act(conv1(z)), shortcut(z))``, ``F_{t+1} = act(conv2(z_mid) + z_res)``.
+
+  Both alignments compute the same network on the same params
+  ``{"conv1", "conv2"[, "shortcut"]}``; they differ in the game, hence in the
+  DGNOpt update. With an identity shortcut they coincide.
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  shortcut: str = "identity"
+  activation: Union[str, Callable, None] = "relu"
+  alignment: str = "merge"
+  prefix = "residual"
+
+  def __post_init__(self):
+    if self.shortcut not in ("identity", "projection"):
+      raise ValueError(f"shortcut must be 'identity' or 'projection', got {self.shortcut!r}")
+    if self.alignment not in RESIDUAL_ALIGNMENTS:
+      raise ValueError(f"alignment must be one of {RESIDUAL_ALIGNMENTS}, got {self.alignment!r}")
+
+  @property
+  def conv1(self) -> Conv2D:
+    return _conv(self.features, self.kernel_size, self.activation)
+
+  @property
+  def conv2(self) -> Conv2D:
+    return _conv(self.features, self.kernel_size, None)
+
+  @property
+  def projection(self) -> Conv2D:
+    return _conv(self.features, (1, 1), None)
+
+  def init(self, key: Array, in_shape: tuple[int, ...], dtype=jnp.float32):
+    if self.shortcut == "identity" and in_shape[-1] != self.features:
+      raise ValueError(
+          f"an identity shortcut needs {self.features} input channels, got {in_shape[-1]}; "
+          "use shortcut='projection'")
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {"conv1": self.conv1.init(k1, in_shape, dtype)[0]}
+    mid = in_shape[:-1] + (self.features,)
+    params["conv2"] = self.conv2.init(k2, mid, dtype)[0]
+    if self.shortcut == "projection":
+      params["shortcut"] = self.projection.init(k3, in_shape, dtype)[0]
+    return params, mid
+
+  def _shortcut(self, params: Params | None, z: Array) -> Array:
+    return z if params is None else self.projection(params, z)
+
+  def __call__(self, params: Params, x: Array) -> Array:
+    res = self._shortcut(params.get("shortcut"), x)
+    h = self.conv2(params["conv2"], self.conv1(params["conv1"], x)) + res
+    return get_activation(self.activation)(h)
+
+  def to_stages(self, path: Path, weight_decay: float) -> list[Stage]:
+    lift, merge = _residual_fns(self)
+    p = lambda name: Player(path + (name,), weight_decay)
+    projected = self.shortcut == "projection"
+    name = "/".join(map(str, path))
+    if projected and self.alignment == "split":
+      return [Stage(lift, (p("conv1"), p("shortcut")), name + "/lift"),
+              Stage(merge, (p("conv2"),), name + "/merge")]
+    if projected:
+      return [Stage(lift, (p("conv1"),), name + "/lift"),
+              Stage(merge, (p("conv2"), p("shortcut")), name + "/merge")]
+    return [Stage(lift, (p("conv1"),), name + "/lift"), Stage(merge, (p("conv2"),), name + "/merge")]
+
+
+@functools.lru_cache(maxsize=None)
+def _residual_fns(block: ResidualBlock):
+  act = get_activation(block.activation)
+  split = block.shortcut == "projection" and block.alignment == "split"
+  merge_short = block.shortcut == "projection" and block.alignment == "merge"
+
+  def lift(x, th):
+    res = block.projection(th[1], x) if split else x
+    return (block.conv1(th[0], x), res)
+
+  def merge(x, th):
+    z_mid, z_res = x
+    res = block.projection(th[1], z_res) if merge_short else z_res
+    return act(block.conv2(th[0], z_mid) + res)
+
+  return lift, merge
+
+
+@dataclasses.dataclass(frozen=True)
+class InceptionBlock:
+  """Four parallel branches concatenated: a 4-player stage (DGNOpt Fig. 6).
+
+  Branches: 1x1 conv, 3x3 conv, 5x5 conv, 3x3 average pooling then 1x1 conv,
+  each with ``features`` channels; ``x' = act(concat(branches))``. Params
+  ``{"b1x1", "b3x3", "b5x5", "pool"}``.
+  """
+
+  features: int
+  activation: Union[str, Callable, None] = "relu"
+  prefix = "inception"
+  names = ("b1x1", "b3x3", "b5x5", "pool")
+
+  def branches(self) -> tuple[Conv2D, ...]:
+    return (_conv(self.features, (1, 1)), _conv(self.features, (3, 3)),
+            _conv(self.features, (5, 5)), _conv(self.features, (1, 1)))
+
+  def init(self, key: Array, in_shape: tuple[int, ...], dtype=jnp.float32):
+    keys = jax.random.split(key, 4)
+    params = {n: b.init(k, in_shape, dtype)[0]
+              for n, b, k in zip(self.names, self.branches(), keys)}
+    return params, in_shape[:-1] + (4 * self.features,)
+
+  def _forward(self, thetas: Sequence[Params], x: Array) -> Array:
+    b1, b3, b5, bp = self.branches()
+    pooled = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), "SAME") / 9.0
+    outs = [b1(thetas[0], x), b3(thetas[1], x), b5(thetas[2], x), bp(thetas[3], pooled)]
+    return get_activation(self.activation)(jnp.concatenate(outs, axis=-1))
+
+  def __call__(self, params: Params, x: Array) -> Array:
+    return self._forward([params[n] for n in self.names], x)
+
+  def to_stages(self, path: Path, weight_decay: float) -> list[Stage]:
+    return [Stage(_inception_fn(self), tuple(Player(path + (n,), weight_decay) for n in self.names),
+                  "/".join(map(str, path)))]
+
+
+@functools.lru_cache(maxsize=None)
+def _inception_fn(block: InceptionBlock):
+  return lambda x, th: block._forward(th, x)
