@@ -191,7 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--optimizers", default="sgd,fne-sgd,adam,fne-adam",
                  help="comma-separated; the first is the step-time baseline")
   p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default per curvature)")
-  p.add_argument("--vxx-reg", type=float, default=1e-4, help="Tikhonov term on V_xx for fne")
+  p.add_argument("--vxx-reg", type=float, default=0.0, help="Tikhonov term on V_xx for fne/gr")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--steps", type=int, default=1500)
   p.add_argument("--eval-every", type=int, default=250)

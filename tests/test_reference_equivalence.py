@@ -123,3 +123,40 @@ def test_feedback_changes_the_update():
   with_fb = h.step(dgnopt.fne(game, 0.5, vxx_reg=1e-2), params, batch)[0]
   without = h.step(dgnopt.olne(game, 0.5), params, batch)[0]
   assert h.max_relative_error(with_fb, without) > 1e-3
+
+
+@pytest.mark.parametrize("make,principle", [(dgnopt.fne, "fne"), (dgnopt.gr, "gr")])
+def test_convexity_safeguard_matches_reference(make, principle):
+  # At large steps the identity curvature leaves the model non-convex
+  # (lambda_max(G) > 1) and the coupling is scaled by 1/lambda_max(G): the
+  # reference computes lambda_max by a dense eigensolve, the fast path by
+  # power iteration, which converges to it.
+  game = h.tanh_mlp()
+  params = h.perturbed_params(game)
+  batch = h.classification_batch((4,), 5)
+  for lr in (3.0, 30.0):
+    ref, _ = h.reference_step(game, params, batch, learning_rate=lr, vxx_reg=1e-2,
+                              principle=principle)
+    rough = h.step(make(game, lr, vxx_reg=1e-2, coupling_iterations=2), params, batch)[0]
+    exact = h.step(make(game, lr, vxx_reg=1e-2, coupling_iterations=60), params, batch)[0]
+    assert h.max_relative_error(rough, ref) > 1e-10  # the safeguard is active
+    h.assert_trees_close(exact, ref, 1e-8)
+
+
+def test_feedback_does_not_amplify_deviations_at_large_steps():
+  # A CNN at a step size where the unguarded feedback over-compensates by
+  # 1 - lambda_max(G) << -1 and the loss explodes; guarded, it stays bounded.
+  game = h.relu_cnn()
+  params = jax.tree.map(lambda a: a.astype(jnp.float32), h.perturbed_params(game))
+  x, y = h.classification_batch((4, 4, 1), 16)
+  batch = (x.astype(jnp.float32), y)
+  tx = dgnopt.fne(game, 1.0)
+  state = tx.init(params)
+  first = float(game.loss_value(params, *batch))
+  worst = first
+  for _ in range(30):
+    updates, state = h.step(tx, params, batch, state)
+    params = jax.tree.map(jnp.add, params, updates)
+    worst = max(worst, float(game.loss_value(params, *batch)))
+  assert int(state.skipped) == 0
+  assert worst < 3 * first

@@ -7,11 +7,14 @@ the other players' actions being unobservable to it (DGNOpt eq. 6, 9, 10,
 
     Q_theta = l_theta + F_theta^T V_x'                  (one batched VJP)
     k       = M^-1 d,   M = (C + damping I) / eta      (d = Q_theta or a moment)
-    V_x     = F_x^T (V_x' - V~_xx' F_theta k)           (eq. 10)
-    Z       = (F_x^T Z') (I - S)_+^{1/2},  S = (F_theta^T Z')^T M^-1 (F_theta^T Z')
+    V_x     = F_x^T (V_x' - w V~_xx' F_theta k)         (eq. 10)
+    Z       = (F_x^T Z') (I - w^2 S)_+^{1/2},  S = (F_theta^T Z')^T M^-1 (F_theta^T Z')
 
 and its feedback policy in the rollout is
-``theta <- theta - (k + M^-1 F_theta^T V~_xx' F_x dx)``. Streams of players
+``theta <- theta - (k + w M^-1 F_theta^T V~_xx' F_x dx)``, where
+``w = 1 / max(1, lambda_max(G))`` shrinks the state-parameter coupling where a
+surrogate curvature leaves the stage's model non-convex
+(:func:`linearise.coupling_scale`; ``w = 1`` for exact DDP). Streams of players
 absent at a stage (dummy players, DGNOpt §3.1) pass through. Without feedback
 (OLNE: Q_theta_x := 0) ``V_x`` is the back-propagated co-state.
 """
@@ -71,20 +74,27 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
                                     ggn_matvec if curvature.needs_value_hessian else None)
     open_gain = lin.tree_scale(eta, curvature.solve(step, curvature.direction(step, q_theta),
                                                     damping))
-    if cfg.feedback:
-      correction = lin.value_hessian_apply(z_next, f.jvp_theta(n, open_gain), eps)
-      v_x = f.vjp_x(lin.tree_sub(v_next, correction))
-    else:
-      v_x = q_x
-    z = None
+    z, scale = None, None
     if z_next is not None:
       z = f.vjp_x_columns(z_next)
       if cfg.feedback:
         s = eta * quadratic_forms.player(curvature, player, f, n, z_next, step, damping)
-        z = lin.mix_columns(z, lin.psd_sqrt_of_identity_minus(s))
+
+        def gram(v, n=n, step=step, z_next=z_next):
+          g = f.vjp_theta(n, lin.factor_apply(z_next, v))
+          u = f.jvp_theta(n, lin.tree_scale(eta, curvature.solve(step, g, damping)))
+          return lin.factor_transpose_apply(z_next, u)
+
+        scale = lin.coupling_scale(gram, s, cfg.coupling_iterations)
+        z = lin.mix_columns(z, lin.psd_sqrt_of_identity_minus(scale * scale * s))
+    if cfg.feedback:
+      correction = lin.value_hessian_apply(z_next, f.jvp_theta(n, open_gain), eps)
+      v_x = f.vjp_x(lin.tree_sub(v_next, lin.tree_scale(scale, correction)))
+    else:
+      v_x = q_x
     out_streams.append((v_x, z))
     out_cstates.append(cstate)
-    saved.append((open_gain, step, z_next))
+    saved.append((open_gain, step, z_next, scale))
   return tuple(out_streams), tuple(out_cstates), tuple(saved)
 
 
@@ -101,9 +111,9 @@ def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     f = lin.Linearised(stage.fn, x, thetas)
     dx = lin.tree_sub(x_new, x)
     f_x_dx = f.jvp_x(dx)
-    for n, (open_gain, step, z_next) in enumerate(saved):
+    for n, (open_gain, step, z_next, scale) in enumerate(saved):
       feedback = f.vjp_theta(n, lin.value_hessian_apply(z_next, f_x_dx, eps))
-      feedback = lin.tree_scale(eta, cfg.curvature.solve(step, feedback, damping))
+      feedback = lin.tree_scale(scale * eta, cfg.curvature.solve(step, feedback, damping))
       deltas.append(jax.tree.map(lambda k, fb: -(k + fb), open_gain, feedback))
   new_thetas = tuple(lin.tree_add(t, d) for t, d in zip(thetas, deltas))
   return stage.fn(x_new, new_thetas), tuple(deltas)
@@ -111,4 +121,4 @@ def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
 
 def open_loop_deltas(saved: tuple) -> tuple:
   """The players' changes without feedback: -k."""
-  return tuple(jax.tree.map(lambda a: -a, k) for k, _, _ in saved)
+  return tuple(jax.tree.map(lambda a: -a, saved_n[0]) for saved_n in saved)

@@ -8,8 +8,11 @@ carried backward, starting from the shared terminal loss counted once. With
 
     P_theta = l_theta + F_theta^T W_x'
     [k_1..k_N] = M^-1 [d_1..d_N],  [K_1..K_N] = M^-1 [P_theta_n x]   (eq. 22)
-    W_x = F_x^T (W_x' - V~_xx' sum_n F_theta_n k_n)                  (eq. 25)
-    Z   = (F_x^T Z') (I - S)_+^{1/2},  S = q_theta^T M^-1 q_theta,  q_theta = F_theta^T Z'
+    W_x = F_x^T (W_x' - w V~_xx' sum_n F_theta_n k_n)                (eq. 25)
+    Z   = (F_x^T Z') (I - w^2 S)_+^{1/2},  S = q_theta^T M^-1 q_theta,  q_theta = F_theta^T Z'
+
+with the feedback gains scaled by the same ``w = 1/max(1, lambda_max(G))``
+that keeps the stage's model convex (:func:`linearise.coupling_scale`).
 
 Solving the joint system is the block inversion of eq. 23: for two players,
 ``k_1 = P~_uu^-1 (P_u - P_uv P_vv^-1 P_v)`` with the cooperative precondition
@@ -98,12 +101,7 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     new_cstates, steps, directions = tuple(new_cstates), tuple(steps), tuple(directions)
   gains = lin.tree_scale(eta, _solve(cfg, stage, steps, directions, damping))
 
-  if cfg.feedback:
-    correction = lin.value_hessian_apply(z_next, f.jvp_thetas(gains), eps)
-    w_x = f.vjp_x(lin.tree_sub(w_next, correction))
-  else:
-    w_x = q_x
-  z = None
+  z, scale = None, None
   if z_next is not None:
     z = f.vjp_x_columns(z_next)
     if cfg.feedback:
@@ -113,8 +111,20 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
         parts = [quadratic_forms.player(curvature, p, f, n, z_next, steps[n], damping)
                  for n, p in enumerate(stage.players)]
         s = sum(parts[1:], parts[0])
-      z = lin.mix_columns(z, lin.psd_sqrt_of_identity_minus(eta * s))
-  return ((w_x, z),), new_cstates, (gains, steps, z_next)
+
+      def gram(v):
+        g = f.vjp_thetas(lin.factor_apply(z_next, v))
+        u = f.jvp_thetas(lin.tree_scale(eta, _solve(cfg, stage, steps, g, damping)))
+        return lin.factor_transpose_apply(z_next, u)
+
+      scale = lin.coupling_scale(gram, eta * s, cfg.coupling_iterations)
+      z = lin.mix_columns(z, lin.psd_sqrt_of_identity_minus(scale * scale * eta * s))
+  if cfg.feedback:
+    correction = lin.value_hessian_apply(z_next, f.jvp_thetas(gains), eps)
+    w_x = f.vjp_x(lin.tree_sub(w_next, lin.tree_scale(scale, correction)))
+  else:
+    w_x = q_x
+  return ((w_x, z),), new_cstates, (gains, steps, z_next, scale)
 
 
 def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State, x_new: State,
@@ -123,10 +133,10 @@ def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State, x_new:
   eta, damping, eps = hyper
   deltas = ()
   if stage.num_players:
-    gains, steps, z_next = saved
+    gains, steps, z_next, scale = saved
     f = lin.Linearised(stage.fn, x, thetas)
     feedback = f.vjp_thetas(lin.value_hessian_apply(z_next, f.jvp_x(lin.tree_sub(x_new, x)), eps))
-    feedback = lin.tree_scale(eta, _solve(cfg, stage, steps, feedback, damping))
+    feedback = lin.tree_scale(scale * eta, _solve(cfg, stage, steps, feedback, damping))
     deltas = jax.tree.map(lambda k, fb: -(k + fb), gains, feedback)
   new_thetas = tuple(lin.tree_add(t, d) for t, d in zip(thetas, deltas))
   return stage.fn(x_new, new_thetas), tuple(deltas)

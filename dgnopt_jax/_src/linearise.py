@@ -129,6 +129,49 @@ def value_hessian_apply(factor: State, u: State, vxx_reg) -> State:
   return jax.tree.map(lambda o, v: o + vxx_reg * v, out, u)
 
 
+def coupling_scale(gram: Callable[[jax.Array], jax.Array], s: jax.Array,
+                   iterations: int = 8) -> jax.Array:
+  """w = 1 / max(1, lambda_max(G)): the shrinkage that keeps the stage's model convex.
+
+  With the per-sample factors ``q_theta^(i) = F_theta^(i)T Z'^(i)``, the
+  quadratic model of a stage over (dX, dtheta) is convex iff the Schur
+  complement ``I - G`` is positive semi-definite, where
+  ``G_ij = q_theta^(i)T M^-1 q_theta^(j)`` (rB x rB, never formed). The exact
+  curvature guarantees ``G <= I``; a surrogate curvature (identity, RMSprop,
+  Adam: M = C/eta much smaller than the Gauss-Newton part) does not, and the
+  feedback then over-compensates every deviation by a factor ``1 - G``
+  (beyond -1 it grows through the layers). Scaling the state-parameter
+  coupling ``Q_theta_x`` by ``w`` keeps the closed-loop gain ``I - w G`` in
+  [0, I] and the value Hessian ``q_x (I - w^2 S) q_x^T`` positive
+  semi-definite, and leaves exact DDP (``lambda_max <= 1``) untouched.
+
+  ``lambda_max(G)`` is estimated by power iteration with ``v -> G v``, one VJP
+  and one JVP of the stage per iteration (cost linear in the batch); the
+  largest Rayleigh quotient is used.
+
+  Args:
+    gram: ``v -> G v`` on (B, r) arrays.
+    s: the per-sample diagonal blocks S^(i) of G, (B, r, r); start vector.
+    iterations: power iterations.
+
+  Returns:
+    The scalar w in (0, 1].
+  """
+  diag = jnp.diagonal(s, axis1=-2, axis2=-1)
+  v0 = jnp.sqrt(jnp.maximum(diag, 0.0)) + 1e-3
+  v0 = v0 / jnp.linalg.norm(v0)
+  tiny = jnp.finfo(s.dtype).tiny
+
+  def body(_, carry):
+    v, lam = carry
+    gv = gram(v).astype(v.dtype)
+    lam = jnp.maximum(lam, jnp.sum(v * gv))
+    return gv / (jnp.linalg.norm(gv) + tiny), lam
+
+  _, lam = jax.lax.fori_loop(0, iterations, body, (v0, jnp.zeros([], s.dtype)))
+  return 1.0 / jnp.maximum(lam, 1.0)
+
+
 def psd_sqrt_of_identity_minus(s: jax.Array) -> jax.Array:
   """R with R R^T = (I - S)_+ for a batch of symmetric r x r matrices S.
 

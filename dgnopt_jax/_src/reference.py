@@ -12,7 +12,9 @@ minimiser of a linear-quadratic game in one step. With ``coupling="block"``
 they are dropped at every stage (GT-DDP §4.2), the approximation of the fast
 path. The value Hessian's Tikhonov term ``vxx_reg`` is defined as in the fast
 path: ``V~_XX = V_XX + eps I`` wherever the value Hessian is used, never
-propagated.
+propagated. The state-parameter coupling is scaled by
+``w = 1/max(1, lambda_max(G))``, ``G = Z^T F_theta M^-1 F_theta^T Z`` with
+``V_XX = Z Z^T``, computed here by a dense eigensolve.
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ def _block_mask(x: Any) -> np.ndarray:
 
 def _pinv_sym(m: np.ndarray) -> np.ndarray:
   return np.linalg.pinv(0.5 * (m + m.T), hermitian=True)
+
+
+def _coupling_scale(v_xx: np.ndarray, f_theta: np.ndarray, m_inv: np.ndarray) -> float:
+  """1 / max(1, lambda_max(Z^T F_theta M^-1 F_theta^T Z)), V_xx = Z Z^T, by a dense eigensolve."""
+  w, u = np.linalg.eigh(0.5 * (v_xx + v_xx.T))
+  factor = u * np.sqrt(np.maximum(w, 0.0))
+  q = f_theta.T @ factor
+  gram = q.T @ m_inv @ q
+  return 1.0 / max(1.0, float(np.linalg.eigvalsh(0.5 * (gram + gram.T)).max()))
 
 
 def _reference_curvature(curvature, state, q_theta, ggn_matrix):
@@ -188,10 +199,11 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
       m_inv = _pinv_sym((c + damping * np.eye(theta.size)) / eta)
       k = m_inv @ direction
       if feedback:
-        big_k = m_inv @ (f_th.T @ v_reg @ f_x)
-        v_x = q_x - (f_x.T @ v_reg @ f_th) @ k
+        scale = _coupling_scale(vxx_next, f_th, m_inv)
+        big_k = scale * m_inv @ (f_th.T @ v_reg @ f_x)
+        v_x = q_x - scale * (f_x.T @ v_reg @ f_th) @ k
         cross = f_th.T @ vxx_next @ f_x
-        v_xx = f_x.T @ vxx_next @ f_x - cross.T @ m_inv @ cross
+        v_xx = f_x.T @ vxx_next @ f_x - scale ** 2 * cross.T @ m_inv @ cross
       else:
         big_k = np.zeros((theta.size, f_x.shape[1]))
         v_x = q_x

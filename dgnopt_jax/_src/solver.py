@@ -62,6 +62,8 @@ class SolverConfig:
     vxx_rank: ``"outer"`` or ``"exact"`` terminal value-Hessian factor.
     principle: ``"fne"`` (one value per player) or ``"gr"`` (one joint value).
     cross_terms: GR only: keep the players' cross curvature P_uv (dense).
+    coupling_iterations: power iterations estimating lambda_max(G) for the
+      convexity safeguard (:func:`linearise.coupling_scale`).
   """
 
   curvature: Any
@@ -69,6 +71,7 @@ class SolverConfig:
   vxx_rank: str = "outer"
   principle: str = "fne"
   cross_terms: bool = True
+  coupling_iterations: int = 8
 
   @property
   def needs_factor(self) -> bool:

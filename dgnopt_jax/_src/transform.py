@@ -117,8 +117,8 @@ def validate(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array,
 
 def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
           damping: ScalarOrSchedule | None, vxx_reg: float, vxx_rank: str,
-          feedback: bool, principle: str = "fne",
-          cross_terms: bool = True) -> optax.GradientTransformationExtraArgs:
+          feedback: bool, principle: str = "fne", cross_terms: bool = True,
+          coupling_iterations: int = 8) -> optax.GradientTransformationExtraArgs:
   if not isinstance(game, games_lib.Game):
     raise TypeError(f"game must be a dgnopt_jax.games.Game, got {type(game).__name__}")
   curvature = curvature_lib.get_curvature(curvature)
@@ -129,7 +129,10 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
   _check_positive("vxx_reg", vxx_reg, allow_zero=True)
   if vxx_rank not in losses_lib.VALUE_RANKS:
     raise ValueError(f"vxx_rank must be one of {losses_lib.VALUE_RANKS}, got {vxx_rank!r}")
-  cfg = solver.SolverConfig(curvature, feedback, vxx_rank, principle, cross_terms)
+  if int(coupling_iterations) < 1:
+    raise ValueError(f"coupling_iterations must be >= 1, got {coupling_iterations!r}")
+  cfg = solver.SolverConfig(curvature, feedback, vxx_rank, principle, cross_terms,
+                            int(coupling_iterations))
 
   def init_fn(params):
     for player in game.players:
@@ -165,7 +168,8 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
 
 def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
         curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
-        vxx_reg: float = 0.0, vxx_rank: str = "outer") -> optax.GradientTransformationExtraArgs:
+        vxx_reg: float = 0.0, vxx_rank: str = "outer",
+        coupling_iterations: int = 8) -> optax.GradientTransformationExtraArgs:
   r"""DGNOpt for the feedback Nash equilibrium (Isaacs-Bellman, DGNOpt eq. 6, 9, 10).
 
   Each player n at stage t solves its own second-order expansion of
@@ -179,6 +183,13 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
 
   With one player per stage this is DDPNOpt (Alg. 1, eq. 12-13).
 
+  Where a surrogate curvature leaves a stage's quadratic model non-convex
+  (``lambda_max(G) > 1`` with ``G = Z^T F_theta M^-1 F_theta^T Z``), the
+  coupling ``Q_theta_x`` (feedback gain and value-gradient correction) is
+  scaled by ``w = 1/lambda_max(G)``, so that the feedback never amplifies a
+  deviation; with the exact curvature ``w = 1`` (see
+  :func:`dgnopt_jax._src.linearise.coupling_scale`).
+
   Args:
     game: the network as a :class:`dgnopt_jax.games.Game`.
     learning_rate: eta, a float or an optax schedule of the step count.
@@ -190,6 +201,7 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       (DDPNOpt §4.2; a state cost at every stage, not propagated).
     vxx_rank: ``"outer"`` (rank-1 Gauss-Newton factor, GT-DDP Prop. 5) or
       ``"exact"`` (the loss's exact Hessian factor, rank C for softmax CE).
+    coupling_iterations: power iterations estimating ``lambda_max(G)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``update(updates, state,
@@ -198,7 +210,8 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
     change the rollout applied. A step whose loss or update is not finite is
     skipped: zero updates, unchanged statistics, ``state.skipped`` incremented.
   """
-  return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, True)
+  return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, True,
+               coupling_iterations=coupling_iterations)
 
 
 def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
@@ -218,7 +231,8 @@ def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
 def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
        curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
        vxx_reg: float = 0.0, vxx_rank: str = "outer", feedback: bool = True,
-       cross_terms: bool = True) -> optax.GradientTransformationExtraArgs:
+       cross_terms: bool = True,
+       coupling_iterations: int = 8) -> optax.GradientTransformationExtraArgs:
   r"""DGNOpt for the cooperative game: group rationality (group Bellman, DGNOpt eq. 7, 11, 22-25).
 
   The players of each stage minimise the group objective
@@ -239,7 +253,8 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
   player GR and :func:`fne` coincide.
 
   Args:
-    game, learning_rate, curvature, damping, vxx_reg, vxx_rank: as :func:`fne`.
+    game, learning_rate, curvature, damping, vxx_reg, vxx_rank,
+      coupling_iterations: as :func:`fne` (the safeguard uses the joint G).
     feedback: False gives the cooperative open-loop update (with the identity
       curvature, exactly SGD).
     cross_terms: keep ``P_uv`` for the dense curvature; False sets it to zero
@@ -249,4 +264,4 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
     An ``optax.GradientTransformationExtraArgs`` with the surface of :func:`fne`.
   """
   return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, feedback,
-               "gr", cross_terms)
+               "gr", cross_terms, coupling_iterations)
