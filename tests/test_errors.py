@@ -82,6 +82,7 @@ def test_dense_curvature_refuses_a_large_player():
     ({"learning_rate": 0.1, "damping": -1.0}, "damping must be >= 0"),
     ({"learning_rate": 0.1, "curvature": "newton"}, "unknown curvature 'newton'"),
     ({"learning_rate": 0.1, "vxx_rank": "full"}, "vxx_rank must be one of"),
+    ({"learning_rate": 0.1, "coupling_iterations": 0}, "coupling_iterations must be >= 1"),
 ])
 def test_bad_hyper_parameters(setup, kwargs, match):
   game, _, _ = setup
