@@ -1,7 +1,6 @@
 """Residual, inception and parallel blocks as games: forward pass, alignments, reference."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

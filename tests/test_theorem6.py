@@ -1,7 +1,6 @@
 """DGNOpt Theorem 6 / Lemma 10: without feedback the game solvers are the familiar optimizers."""
 
 import jax
-import jax.numpy as jnp
 import optax
 import pytest
 
