@@ -47,8 +47,8 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     cstates: the players' curvature states.
 
   Returns:
-    ``(streams_t, new_cstates, saved)`` where ``saved[n] = (k, step, Z')`` is
-    what the rollout needs for player n.
+    ``(streams_t, new_cstates, saved)`` where ``saved[n] = (k, step, Z', w)``
+    is what the rollout needs for player n (``w`` None without feedback).
   """
   f = lin.Linearised(stage.fn, x, thetas)
   eta, damping, eps = hyper
@@ -79,14 +79,10 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
       z = f.vjp_x_columns(z_next)
       if cfg.feedback:
         s = eta * quadratic_forms.player(curvature, player, f, n, z_next, step, damping)
-
-        def gram(v, n=n, step=step, z_next=z_next):
-          g = f.vjp_theta(n, lin.factor_apply(z_next, v))
-          u = f.jvp_theta(n, lin.tree_scale(eta, curvature.solve(step, g, damping)))
-          return lin.factor_transpose_apply(z_next, u)
-
-        scale = lin.coupling_scale(gram, s, cfg.coupling_iterations)
-        z = lin.mix_columns(z, lin.psd_sqrt_of_identity_minus(scale * scale * s))
+        scale, z = lin.guarded_factor_update(
+            z_next, z, s, pull=lambda c, n=n: f.vjp_theta(n, c),
+            solve=lambda g, step=step: lin.tree_scale(eta, curvature.solve(step, g, damping)),
+            push=lambda d, n=n: f.jvp_theta(n, d), iterations=cfg.coupling_iterations)
     if cfg.feedback:
       correction = lin.value_hessian_apply(z_next, f.jvp_theta(n, open_gain), eps)
       v_x = f.vjp_x(lin.tree_sub(v_next, lin.tree_scale(scale, correction)))

@@ -62,7 +62,7 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     streams: a one-element tuple ``((W_x', Z'),)``.
 
   Returns:
-    ``(((W_x, Z),), new_cstates, saved)`` with ``saved = (gains, steps, Z')``.
+    ``(((W_x, Z),), new_cstates, saved)`` with ``saved = (gains, steps, Z', w)``.
   """
   f = lin.Linearised(stage.fn, x, thetas)
   eta, damping, eps = hyper
@@ -111,14 +111,10 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
         parts = [quadratic_forms.player(curvature, p, f, n, z_next, steps[n], damping)
                  for n, p in enumerate(stage.players)]
         s = sum(parts[1:], parts[0])
-
-      def gram(v):
-        g = f.vjp_thetas(lin.factor_apply(z_next, v))
-        u = f.jvp_thetas(lin.tree_scale(eta, _solve(cfg, stage, steps, g, damping)))
-        return lin.factor_transpose_apply(z_next, u)
-
-      scale = lin.coupling_scale(gram, eta * s, cfg.coupling_iterations)
-      z = lin.mix_columns(z, lin.psd_sqrt_of_identity_minus(scale * scale * eta * s))
+      scale, z = lin.guarded_factor_update(
+          z_next, z, eta * s, pull=f.vjp_thetas,
+          solve=lambda g: lin.tree_scale(eta, _solve(cfg, stage, steps, g, damping)),
+          push=f.jvp_thetas, iterations=cfg.coupling_iterations)
   if cfg.feedback:
     correction = lin.value_hessian_apply(z_next, f.jvp_thetas(gains), eps)
     w_x = f.vjp_x(lin.tree_sub(w_next, lin.tree_scale(scale, correction)))

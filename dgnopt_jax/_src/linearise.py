@@ -172,6 +172,32 @@ def coupling_scale(gram: Callable[[jax.Array], jax.Array], s: jax.Array,
   return 1.0 / jnp.maximum(lam, 1.0)
 
 
+def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
+                          pull: Callable[[State], Any], solve: Callable[[Any], Any],
+                          push: Callable[[Any], State], iterations: int
+                          ) -> tuple[jax.Array, State]:
+  """The coupling scale w and the new factor ``Z = q_x (I - w^2 S)_+^{1/2}``.
+
+  Args:
+    factor_next: Z' at t+1.
+    q_x: ``F_x^T Z'`` column by column.
+    s: per-sample ``S = q_theta^T M^-1 q_theta`` (B, r, r).
+    pull: ``c -> F_theta^T c`` (the stage's players' VJP).
+    solve: ``g -> M^-1 g``.
+    push: ``d -> F_theta d`` (the players' JVP).
+    iterations: power iterations of :func:`coupling_scale`.
+
+  Returns:
+    ``(w, Z)``.
+  """
+
+  def gram(v):
+    return factor_transpose_apply(factor_next, push(solve(pull(factor_apply(factor_next, v)))))
+
+  scale = coupling_scale(gram, s, iterations)
+  return scale, mix_columns(q_x, psd_sqrt_of_identity_minus(scale * scale * s))
+
+
 def psd_sqrt_of_identity_minus(s: jax.Array) -> jax.Array:
   """R with R R^T = (I - S)_+ for a batch of symmetric r x r matrices S.
 

@@ -1,7 +1,8 @@
 """Per-sample quadratic forms S = (F_theta^T Z')^T (C + damping)^-1 (F_theta^T Z').
 
-They enter the value-Hessian factor update ``Z <- (F_x^T Z') (I - eta S)_+^{1/2}``
-(GT-DDP Prop. 5-6; DESIGN §4) and are needed per sample, shape (B, r, r).
+They enter the value-Hessian factor update ``Z <- (F_x^T Z') (I - w^2 eta S)_+^{1/2}``
+(GT-DDP Prop. 5-6; DESIGN §4; ``w`` from :func:`linearise.coupling_scale`) and
+are needed per sample, shape (B, r, r).
 """
 
 from __future__ import annotations
