@@ -11,6 +11,12 @@ from dgnopt_jax._src.curvature import dense
 from dgnopt_jax._src.curvature import get_curvature
 from dgnopt_jax._src.curvature import identity
 from dgnopt_jax._src.curvature import rmsprop
+from dgnopt_jax._src.kronecker import DiagonalState
+from dgnopt_jax._src.kronecker import Kronecker
+from dgnopt_jax._src.kronecker import KroneckerState
+from dgnopt_jax._src.kronecker import ekfac
+from dgnopt_jax._src.kronecker import kfac
 
-__all__ = ["Adam", "AdamState", "DenseExact", "Identity", "RMSProp", "RMSPropState",
-           "adam", "dense", "get_curvature", "identity", "rmsprop"]
+__all__ = ["Adam", "AdamState", "DenseExact", "DiagonalState", "Identity", "Kronecker",
+           "KroneckerState", "RMSProp", "RMSPropState", "adam", "dense", "ekfac",
+           "get_curvature", "identity", "kfac", "rmsprop"]

@@ -9,16 +9,21 @@ being ``M = (C + damping I) / eta``:
 
 Each curvature is a small object with
 
-* ``init(theta) -> state``: persistent statistics, a pytree;
-* ``update(state, q_theta, ggn_matvec) -> (state, step)``: new statistics from
-  this step's ``Q_theta`` (and, for ``dense``, the Gauss-Newton product
-  ``v -> F_theta^T V~_xx F_theta v + l_theta_theta v``); ``step`` is what the
-  solves of this step need;
+* ``init(theta, player) -> state``: persistent statistics, a pytree;
+* ``update(state, q_theta, ggn_matvec, statistics) -> (state, step)``: new
+  statistics from this step's ``Q_theta`` (for ``dense``, from the
+  Gauss-Newton product ``v -> F_theta^T V~_xx F_theta v + l_theta_theta v``;
+  for ``kfac``/``ekfac`` (:mod:`kronecker`, ``needs_statistics``), from the
+  per-sample layer inputs and value derivatives); ``step`` is what the solves
+  of this step need;
 * ``direction(step, q_theta)``: the vector the open gain preconditions;
 * ``solve(step, v, damping) -> (C + damping I)^-1 v``;
 * ``inverse_diagonal(step, damping, like)``: ``diag((C + damping I)^-1)`` as a
   pytree shaped like ``like`` when C is diagonal, else ``None``;
-* ``check(player, theta)``: raises a clear error for a player it cannot handle.
+* ``check(player, theta)``: raises a clear error for a player it cannot handle;
+* optionally ``joint(players, thetas)`` and ``init_joint(thetas, players)``:
+  whether a GR stage's players are solved as one system with cross terms, and
+  that system's state.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+
+from dgnopt_jax._src import kronecker
 
 Params = Any
 
@@ -54,12 +61,12 @@ class Identity:
   def check(self, player, theta) -> None:
     del player, theta
 
-  def init(self, theta: Params) -> tuple:
-    del theta
+  def init(self, theta: Params, player: Any = None) -> tuple:
+    del theta, player
     return ()
 
-  def update(self, state, q_theta, ggn_matvec=None):
-    del q_theta, ggn_matvec
+  def update(self, state, q_theta, ggn_matvec=None, statistics=None):
+    del q_theta, ggn_matvec, statistics
     return state, ()
 
   def direction(self, step, q_theta: Params) -> Params:
@@ -101,12 +108,13 @@ class RMSProp:
   def check(self, player, theta) -> None:
     del player, theta
 
-  def init(self, theta: Params) -> RMSPropState:
+  def init(self, theta: Params, player: Any = None) -> RMSPropState:
+    del player
     nu = jax.tree.map(lambda x: jnp.full_like(x, self.initial_scale), theta)
     return RMSPropState(nu, jnp.zeros([], jnp.int32))
 
-  def update(self, state: RMSPropState, q_theta, ggn_matvec=None):
-    del ggn_matvec
+  def update(self, state: RMSPropState, q_theta, ggn_matvec=None, statistics=None):
+    del ggn_matvec, statistics
     nu = jax.tree.map(lambda g, n: (1 - self.decay) * g ** 2 + self.decay * n,
                       q_theta, state.nu)
     count = state.count + 1
@@ -157,12 +165,13 @@ class Adam:
   def check(self, player, theta) -> None:
     del player, theta
 
-  def init(self, theta: Params) -> AdamState:
+  def init(self, theta: Params, player: Any = None) -> AdamState:
+    del player
     zeros = jax.tree.map(jnp.zeros_like, theta)
     return AdamState(zeros, zeros, jnp.zeros([], jnp.int32))
 
-  def update(self, state: AdamState, q_theta, ggn_matvec=None):
-    del ggn_matvec
+  def update(self, state: AdamState, q_theta, ggn_matvec=None, statistics=None):
+    del ggn_matvec, statistics
     mu = jax.tree.map(lambda g, m: (1 - self.b1) * g + self.b1 * m, q_theta, state.mu)
     nu = jax.tree.map(lambda g, n: (1 - self.b2) * g ** 2 + self.b2 * n, q_theta, state.nu)
     count = state.count + 1
@@ -210,11 +219,21 @@ class DenseExact:
           f"parameters and the dense curvature materialises a {size}x{size} matrix "
           f"(limit max_params={self.max_params}); use identity, rmsprop or adam")
 
-  def init(self, theta: Params) -> tuple:
-    del theta
+  def init(self, theta: Params, player: Any = None) -> tuple:
+    del theta, player
     return ()
 
-  def update(self, state, q_theta, ggn_matvec: Callable[[Params], Params]):
+  def joint(self, players: tuple, thetas: tuple) -> bool:
+    """A stage's players are solved jointly, cross blocks kept (GR)."""
+    del thetas
+    return len(players) > 1
+
+  def init_joint(self, thetas: tuple, players: tuple) -> tuple:
+    del thetas, players
+    return ()
+
+  def update(self, state, q_theta, ggn_matvec: Callable[[Params], Params], statistics=None):
+    del statistics
     flat, unravel = ravel_pytree(q_theta)
     basis = jnp.eye(flat.size, dtype=flat.dtype)
     cols = jax.vmap(lambda e: ravel_pytree(ggn_matvec(unravel(e)))[0])(basis)
@@ -259,11 +278,11 @@ def dense(max_params: int = 4096) -> DenseExact:
 
 
 _BY_NAME = {"identity": identity, "sgd": identity, "rmsprop": rmsprop, "adam": adam,
-            "dense": dense}
+            "kfac": kronecker.kfac, "ekfac": kronecker.ekfac, "dense": dense}
 
 
 def get_curvature(curvature: Any):
-  """Resolves a curvature object or one of the names identity/sgd/rmsprop/adam/dense."""
+  """Resolves a curvature object or a name: identity/sgd, rmsprop, adam, kfac, ekfac, dense."""
   if isinstance(curvature, str):
     if curvature not in _BY_NAME:
       raise ValueError(

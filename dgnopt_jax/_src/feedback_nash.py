@@ -26,11 +26,22 @@ from typing import Any
 import jax
 
 from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import kronecker
 from dgnopt_jax._src import linearise as lin
 from dgnopt_jax._src import quadratic_forms
 
 State = Any
 Params = Any
+
+
+def state_keys(stage: games_lib.Stage, cfg: Any, thetas: tuple) -> tuple[str, ...]:
+  """Every player keeps its own curvature statistics."""
+  del cfg, thetas
+  return tuple(p.name for p in stage.players)
+
+
+def init_curvature_state(stage: games_lib.Stage, cfg: Any, thetas: tuple) -> dict:
+  return {p.name: cfg.curvature.init(t, p) for p, t in zip(stage.players, thetas)}
 
 
 def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
@@ -70,8 +81,12 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
         out = lin.tree_add(out, lin.tree_scale(player.weight_decay, v))
       return out
 
+    stats = None
+    if getattr(curvature, "needs_statistics", False):
+      stats = kronecker.gather_statistics(f, stage.players, (n,), v_next)[n]
     cstate, step = curvature.update(cstates[n], q_theta,
-                                    ggn_matvec if curvature.needs_value_hessian else None)
+                                    ggn_matvec if curvature.needs_value_hessian else None,
+                                    stats)
     open_gain = lin.tree_scale(eta, curvature.solve(step, curvature.direction(step, q_theta),
                                                     damping))
     z, scale = None, None

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from dgnopt_jax._src import layer_taps
 from dgnopt_jax._src import losses as losses_lib
 
 Array = jax.Array
@@ -98,7 +99,7 @@ class Dense:
     h = self.linear_input(x) @ params["kernel"]
     if self.use_bias:
       h = h + params["bias"]
-    return h
+    return layer_taps.tap(self, params, x, h)
 
   def __call__(self, params: Params, x: Array) -> Array:
     return get_activation(self.activation)(self.preactivation(params, x))
@@ -139,7 +140,7 @@ class Conv2D:
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
       h = h + params["bias"]
-    return get_activation(self.activation)(h)
+    return get_activation(self.activation)(layer_taps.tap(self, params, x, h))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +183,9 @@ class Player:
   Attributes:
     path: keys leading to the player's subtree in the params pytree.
     weight_decay: coefficient of the stage cost ``weight_decay/2 |theta|^2``.
-    layer: the ready-made layer this player is, when the stage function is
-      exactly ``layer(theta, x)``; lets the solver use its Kronecker structure.
+    layer: the ready-made layer (:class:`Dense`, :class:`Conv2D`) the
+      player's params feed, unchanged, inside the stage function; lets the
+      solver and the Kronecker curvatures use its structure.
   """
 
   path: Path
@@ -431,6 +433,10 @@ def scatter_players(params: Params, values: dict[Path, Params], fill: Callable) 
 # ----------------------------------------------------------------------------
 
 
+def _linear_layer(layer: Any) -> Any:
+  return layer if isinstance(layer, (Dense, Conv2D)) else None
+
+
 def _conv(features: int, kernel_size: tuple[int, int], activation=None) -> Conv2D:
   return Conv2D(features, kernel_size, (1, 1), "SAME", activation)
 
@@ -460,7 +466,8 @@ class Parallel:
 
   def to_stages(self, path: Path, weight_decay: float) -> list[Stage]:
     fn = _parallel_fn(self)
-    return [Stage(fn, (Player(path + ("a",), weight_decay), Player(path + ("b",), weight_decay)),
+    return [Stage(fn, (Player(path + ("a",), weight_decay, _linear_layer(self.a)),
+                       Player(path + ("b",), weight_decay, _linear_layer(self.b))),
                   name="/".join(map(str, path)))]
 
 
@@ -539,7 +546,8 @@ class ResidualBlock:
 
   def to_stages(self, path: Path, weight_decay: float) -> list[Stage]:
     lift, merge = _residual_fns(self)
-    p = lambda name: Player(path + (name,), weight_decay)
+    layers = {"conv1": self.conv1, "conv2": self.conv2, "shortcut": self.projection}
+    p = lambda name: Player(path + (name,), weight_decay, layers[name])
     projected = self.shortcut == "projection"
     name = "/".join(map(str, path))
     if projected and self.alignment == "split":
@@ -603,7 +611,8 @@ class InceptionBlock:
     return self._forward([params[n] for n in self.names], x)
 
   def to_stages(self, path: Path, weight_decay: float) -> list[Stage]:
-    return [Stage(_inception_fn(self), tuple(Player(path + (n,), weight_decay) for n in self.names),
+    return [Stage(_inception_fn(self), tuple(Player(path + (n,), weight_decay, b)
+                                             for n, b in zip(self.names, self.branches())),
                   "/".join(map(str, path)))]
 
 

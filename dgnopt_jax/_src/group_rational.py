@@ -17,11 +17,13 @@ that keeps the stage's model convex (:func:`linearise.coupling_scale`).
 Solving the joint system is the block inversion of eq. 23: for two players,
 ``k_1 = P~_uu^-1 (P_u - P_uv P_vv^-1 P_v)`` with the cooperative precondition
 ``P~_uu = P_uu - P_uv P_vv^-1 P_vu`` (eq. 11), and likewise for the feedback
-gains. With the ``dense`` curvature and ``cross_terms=True`` the cross blocks
-``P_uv = F_u^T V~_xx F_v`` are kept and the joint Gauss-Newton matrix is
-solved; otherwise ``P_uv := 0`` (GT-DDP §4.1: identity and diagonal
-curvatures carry no cross-covariance) and each player's block is solved on
-its own, though the value still collects every player's correction.
+gains. With ``cross_terms=True`` the cross blocks are kept by the ``dense``
+curvature (the joint Gauss-Newton matrix, ``P_uv = F_u^T V~_xx F_v``) and by
+``kfac``/``ekfac`` (the cooperative Kronecker factors of GT-DDP Thm 3 /
+DGNOpt Prop. 5, :mod:`kronecker`); otherwise ``P_uv := 0`` (GT-DDP §4.1:
+identity and diagonal curvatures carry no cross-covariance) and each
+player's block is solved on its own, though the value still collects every
+player's correction.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import kronecker
 from dgnopt_jax._src import linearise as lin
 from dgnopt_jax._src import quadratic_forms
 
@@ -39,16 +42,32 @@ State = Any
 Params = Any
 
 
-def _is_joint(cfg: Any, stage: games_lib.Stage) -> bool:
-  return cfg.cross_terms and cfg.curvature.needs_value_hessian and stage.num_players > 1
+def is_joint(stage: games_lib.Stage, cfg: Any, thetas: tuple) -> bool:
+  """Whether the stage's players are solved as one system with cross curvature."""
+  joint = getattr(cfg.curvature, "joint", None)
+  return bool(cfg.cross_terms and stage.num_players > 1 and joint is not None and
+              joint(stage.players, thetas))
 
 
 def _joint_player(stage: games_lib.Stage) -> games_lib.Player:
   return games_lib.Player(("+".join(p.name for p in stage.players),))
 
 
-def _solve(cfg: Any, stage: games_lib.Stage, steps: Any, vectors: tuple, damping) -> tuple:
-  if _is_joint(cfg, stage):
+def state_keys(stage: games_lib.Stage, cfg: Any, thetas: tuple) -> tuple[str, ...]:
+  """One statistics entry for a jointly solved stage, else one per player."""
+  if is_joint(stage, cfg, thetas):
+    return (_joint_player(stage).name,)
+  return tuple(p.name for p in stage.players)
+
+
+def init_curvature_state(stage: games_lib.Stage, cfg: Any, thetas: tuple) -> dict:
+  if is_joint(stage, cfg, thetas):
+    return {_joint_player(stage).name: cfg.curvature.init_joint(thetas, stage.players)}
+  return {p.name: cfg.curvature.init(t, p) for p, t in zip(stage.players, thetas)}
+
+
+def _solve(cfg: Any, joint: bool, steps: Any, vectors: tuple, damping) -> tuple:
+  if joint:
     return cfg.curvature.solve(steps, vectors, damping)
   return tuple(cfg.curvature.solve(s, v, damping) for s, v in zip(steps, vectors))
 
@@ -75,8 +94,13 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
   q_thetas = tuple(lin.tree_add(q, lin.tree_scale(p.weight_decay, t)) if p.weight_decay else q
                    for q, p, t in zip(q_thetas, stage.players, thetas))
   decay = tuple(p.weight_decay for p in stage.players)
+  joint = is_joint(stage, cfg, thetas)
+  stats = {}
+  if getattr(curvature, "needs_statistics", False):
+    stats = kronecker.gather_statistics(f, stage.players, tuple(range(stage.num_players)),
+                                        w_next)
 
-  if _is_joint(cfg, stage):
+  if joint:
     curvature.check(_joint_player(stage), thetas)
 
     def joint_ggn(v):
@@ -84,7 +108,10 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
       return tuple(lin.tree_add(o, lin.tree_scale(d, vn)) if d else o
                    for o, d, vn in zip(out, decay, v))
 
-    new_cstates, steps = curvature.update(cstates, q_thetas, joint_ggn)
+    new_cstate, steps = curvature.update(
+        cstates[0], q_thetas, joint_ggn,
+        tuple(stats[n] for n in range(stage.num_players)) if stats else None)
+    new_cstates = (new_cstate,)
     directions = curvature.direction(steps, q_thetas)
   else:
     new_cstates, steps, directions = [], [], []
@@ -94,18 +121,19 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
         out = f.vjp_theta(n, lin.value_hessian_apply(z_next, f.jvp_theta(n, v), eps))
         return lin.tree_add(out, lin.tree_scale(d, v)) if d else out
 
-      c, s = curvature.update(cstates[n], q, ggn if curvature.needs_value_hessian else None)
+      c, s = curvature.update(cstates[n], q, ggn if curvature.needs_value_hessian else None,
+                              stats.get(n))
       new_cstates.append(c)
       steps.append(s)
       directions.append(curvature.direction(s, q))
     new_cstates, steps, directions = tuple(new_cstates), tuple(steps), tuple(directions)
-  gains = lin.tree_scale(eta, _solve(cfg, stage, steps, directions, damping))
+  gains = lin.tree_scale(eta, _solve(cfg, joint, steps, directions, damping))
 
   z, scale = None, None
   if z_next is not None:
     z = f.vjp_x_columns(z_next)
     if cfg.feedback:
-      if _is_joint(cfg, stage):
+      if joint:
         s = quadratic_forms.joint(curvature, f, z_next, steps, damping)
       else:
         parts = [quadratic_forms.player(curvature, p, f, n, z_next, steps[n], damping)
@@ -113,7 +141,7 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
         s = sum(parts[1:], parts[0])
       scale, z = lin.guarded_factor_update(
           z_next, z, eta * s, pull=f.vjp_thetas,
-          solve=lambda g: lin.tree_scale(eta, _solve(cfg, stage, steps, g, damping)),
+          solve=lambda g: lin.tree_scale(eta, _solve(cfg, joint, steps, g, damping)),
           push=f.jvp_thetas, iterations=cfg.coupling_iterations)
   if cfg.feedback:
     correction = lin.value_hessian_apply(z_next, f.jvp_thetas(gains), eps)
@@ -132,7 +160,8 @@ def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State, x_new:
     gains, steps, z_next, scale = saved
     f = lin.Linearised(stage.fn, x, thetas)
     feedback = f.vjp_thetas(lin.value_hessian_apply(z_next, f.jvp_x(lin.tree_sub(x_new, x)), eps))
-    feedback = lin.tree_scale(scale * eta, _solve(cfg, stage, steps, feedback, damping))
+    feedback = lin.tree_scale(scale * eta, _solve(cfg, is_joint(stage, cfg, thetas), steps,
+                                                  feedback, damping))
     deltas = jax.tree.map(lambda k, fb: -(k + fb), gains, feedback)
   new_thetas = tuple(lin.tree_add(t, d) for t, d in zip(thetas, deltas))
   return stage.fn(x_new, new_thetas), tuple(deltas)

@@ -49,7 +49,8 @@ def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
   """S for one player of stage ``f`` (the Kronecker route when it applies)."""
   theta = f.thetas[n]
   inv_diag = curvature.inverse_diagonal(step, damping, theta)
-  if inv_diag is not None and isinstance(player_.layer, games_lib.Dense) and len(f.thetas) == 1:
+  if (inv_diag is not None and isinstance(player_.layer, games_lib.Dense) and
+      f.fn is games_lib.layer_stage_fn(player_.layer)):
     return dense_layer(player_.layer, theta, f.x, factor_next, inv_diag)
   q = f.per_sample_vjp_theta(n, factor_next)
   if inv_diag is not None:

@@ -3,8 +3,11 @@
 Everything is built with explicit Jacobians of the batch-augmented state
 ``X = (x^(1), ..., x^(B))`` (DDPNOpt Appendix B.2): ``F_X``, ``F_theta``,
 the full ``V_XX`` matrix, explicit curvature matrices and pseudo-inverse
-solves. Nothing is shared with the fast path but the game definition and the
-curvature's hyper-parameters.
+solves. Nothing is shared with the fast path but the game definition, the
+curvature's hyper-parameters and, for the Kronecker curvatures, the per-sample
+layer inputs and value derivatives (:func:`layer_taps.statistics`, tested on
+their own against per-sample gradients); their factors, eigendecompositions
+and inverses are formed here densely with ``numpy.kron``.
 
 With ``coupling="full"`` the value Hessian keeps the cross-sample blocks that
 shared parameters create (DDPNOpt eq. 37): exact batch DDP, which lands on the
@@ -28,6 +31,9 @@ from jax.flatten_util import ravel_pytree
 
 from dgnopt_jax._src import curvature as curvature_lib
 from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import kronecker
+from dgnopt_jax._src import layer_taps
+from dgnopt_jax._src import linearise
 
 
 def _flat_stage(stage, x_unravel, theta_unravels):
@@ -93,6 +99,76 @@ def _reference_curvature(curvature, state, q_theta, ggn_matrix):
   raise NotImplementedError(f"no dense reference for curvature {curvature!r}")
 
 
+def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples: list,
+                         damping: float):
+  """``(C + damping I)^-1`` of the Kronecker curvature for a group of players.
+
+  The group's players are stacked into one augmented layer (one player: its
+  own factors). The inverse is formed as a dense matrix from ``kron`` in
+  ``[kernel; bias]`` matrix coordinates and restricted to the players'
+  diagonal blocks. Players without Kronecker structure (diagonal fallback,
+  one player per group) get ``diag(B sum_i q_i^2)`` from the explicit
+  per-sample gradients ``q_samples``.
+
+  Returns:
+    ``(inverse in flat param coordinates, new state)``.
+  """
+  decay = curvature.decay
+  count = int(state.count) + 1
+  if isinstance(state, kronecker.DiagonalState):
+    (q,) = q_samples
+    moment = decay * np.asarray(ravel_pytree(state.second_moment)[0]) + \
+        (1 - decay) * q.shape[0] * np.sum(q * q, axis=0)
+    diag = moment / (1 - decay ** count)
+    unravel = ravel_pytree(state.second_moment)[1]
+    inv = np.diag(np.where(diag + damping > 0, 1.0 / np.maximum(diag + damping, 1e-300), 0.0))
+    return inv, kronecker.DiagonalState(unravel(jnp.asarray(moment)), jnp.asarray(count, jnp.int32))
+  a = np.concatenate([np.asarray(s.inputs) for s in stats], axis=-1)
+  g = np.concatenate([np.asarray(s.output_grads) for s in stats], axis=-1)
+  batch, positions = a.shape[:2]
+  ema = lambda old, new: decay * np.asarray(old) + (1 - decay) * new
+  input_cov = ema(state.input_cov, np.einsum("bpi,bpj->ij", a, a) / (batch * positions))
+  output_cov = ema(state.output_cov, batch * np.einsum("bpo,bpq->oq", g, g))
+  refresh = (count - 1) % curvature.inverse_every == 0
+
+  def eig(m):
+    w, u = np.linalg.eigh(m / (1 - decay ** count))
+    return u, np.maximum(w, 0.0)
+
+  if refresh:
+    (ua, la), (ug, lg) = eig(input_cov), eig(output_cov)
+  else:
+    ua, la, ug, lg = (np.asarray(state.input_basis), np.asarray(state.input_eigenvalues),
+                      np.asarray(state.output_basis), np.asarray(state.output_eigenvalues))
+  moments, moments_count = np.asarray(state.eigenbasis_moments), int(state.moments_count)
+  if curvature.eigenbasis_rescaling:
+    per_sample = np.einsum("bpi,bpo->bio", a, g)  # per-sample gradients, matrix form
+    rotated = np.einsum("ij,bjk,kl->bil", ua.T, per_sample, ug)
+    if refresh:
+      moments, moments_count = np.zeros_like(moments), 0
+    moments = ema(moments, batch * np.sum(rotated ** 2, axis=0))
+    moments_count += 1
+    eigenvalues = moments / (1 - decay ** moments_count)
+  else:
+    eigenvalues = np.outer(la, lg)
+  basis = np.kron(ua, ug)  # vec is row-major over the (Ka, O) matrix
+  denom = eigenvalues.reshape(-1) + damping
+  inv = (basis * np.where(denom > 0, 1.0 / np.maximum(denom, 1e-300), 0.0)) @ basis.T
+  # Flat coordinates of each player's block of the stacked matrix.
+  index = np.arange(a.shape[-1] * g.shape[-1]).reshape(a.shape[-1], g.shape[-1])
+  coords, row, col = [], 0, 0
+  for theta in thetas:
+    rows, cols = layer_taps.matrix_shape(theta)
+    block = jnp.asarray(index[row:row + rows, col:col + cols])
+    coords.append(np.asarray(ravel_pytree(layer_taps.from_matrix(block, theta))[0]).astype(int))
+    row, col = row + rows, col + cols
+  coords = np.concatenate(coords)
+  new = kronecker.KroneckerState(*(jnp.asarray(v) for v in (
+      input_cov, output_cov, ua, la, ug, lg, moments)), jnp.asarray(count, jnp.int32),
+      jnp.asarray(moments_count, jnp.int32))
+  return inv[np.ix_(coords, coords)], new
+
+
 def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array, *,
                learning_rate: float, curvature: Any = "identity",
                curvature_state: dict | None = None, damping: float | None = None,
@@ -124,9 +200,22 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
   curvature = curvature_lib.get_curvature(curvature)
   if damping is None:
     damping = curvature.default_damping
+  joint_name = lambda players: "+".join(p.name for p in players)
+
+  def is_joint(stage, thetas):
+    return (principle == "gr" and cross_terms and stage.num_players > 1 and
+            hasattr(curvature, "joint") and curvature.joint(stage.players, tuple(thetas)))
+
   if curvature_state is None:
-    curvature_state = {p.name: curvature.init(games_lib.get_path(params, p.path))
-                       for p in game.players}
+    curvature_state = {}
+    for stage in game.stages:
+      thetas = [games_lib.get_path(params, p.path) for p in stage.players]
+      if is_joint(stage, thetas):
+        curvature_state[joint_name(stage.players)] = curvature.init_joint(tuple(thetas),
+                                                                          stage.players)
+      else:
+        curvature_state.update({p.name: curvature.init(t, p)
+                                for p, t in zip(stage.players, thetas)})
   eta = learning_rate
 
   # Forward with flat states; Jacobians and loss derivatives from jax, algebra in numpy.
@@ -142,6 +231,7 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
     stage_fns.append((g, [u for _, u in theta_flat]))
     x = stage.fn(x, tuple(thetas))
   xt_flat, xt_unravel = ravel_pytree(x)
+  next_states = [state for state, _ in xs[1:]] + [x]
   batch = jax.tree.leaves(inputs)[0].shape[0]
 
   def mean_loss(flat):
@@ -187,7 +277,31 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
       q_x = f_x.T @ vx_next
       ggn = f_th.T @ v_reg @ f_th + np.diag(decay)
       bounds = np.cumsum([0] + sizes)
-      if isinstance(curvature, curvature_lib.DenseExact) and (cross_terms or len(group) == 1):
+      thetas = [games_lib.get_path(params, p.path) for p in stage.players]
+      if isinstance(curvature, kronecker.Kronecker):
+        v_next = ravel_pytree(next_states[t])[1](jnp.asarray(vx_next))
+        f = linearise.Linearised(stage.fn, xs[t][0], tuple(thetas))
+        kron = [n for n in group
+                if layer_taps.has_kronecker_structure(stage.players[n], thetas[n])]
+        stats = layer_taps.statistics(stage.fn, xs[t][0], tuple(thetas), v_next, tuple(kron))
+        ids = _sample_ids(next_states[t])
+        # Explicit per-sample gradients F_theta^(i)T V_x'^(i) for diagonal players.
+        q_samples = lambda n: np.stack([f_ths[n].T @ np.where(ids == i, vx_next, 0.0)
+                                        for i in range(batch)])
+        if is_joint(stage, thetas):
+          name = joint_name(stage.players)
+          inv, new_state[name] = _reference_kronecker(
+              curvature, curvature_state[name], [stats[n] for n in group],
+              [thetas[n] for n in group], [], damping)
+        else:
+          inv = np.zeros((theta.size, theta.size))
+          for n, lo, hi in zip(group, bounds[:-1], bounds[1:]):
+            name = stage.players[n].name
+            inv[lo:hi, lo:hi], new_state[name] = _reference_kronecker(
+                curvature, curvature_state[name], [stats[n]] if n in stats else [],
+                [thetas[n]], [] if n in stats else [q_samples(n)], damping)
+        m_inv, direction = eta * inv, q_theta
+      elif isinstance(curvature, curvature_lib.DenseExact) and (cross_terms or len(group) == 1):
         c, direction, _ = _reference_curvature(curvature, None, q_theta, ggn)
       else:  # block-diagonal: no cross curvature between the players
         c = np.zeros((theta.size, theta.size))
@@ -196,7 +310,8 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
           name = stage.players[n].name
           c[lo:hi, lo:hi], direction[lo:hi], new_state[name] = _reference_curvature(
               curvature, curvature_state[name], q_theta[lo:hi], ggn[lo:hi, lo:hi])
-      m_inv = _pinv_sym((c + damping * np.eye(theta.size)) / eta)
+      if not isinstance(curvature, kronecker.Kronecker):
+        m_inv = _pinv_sym((c + damping * np.eye(theta.size)) / eta)
       k = m_inv @ direction
       if feedback:
         scale = _coupling_scale(vxx_next, f_th, m_inv)

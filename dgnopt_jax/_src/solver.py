@@ -112,6 +112,14 @@ def stage_thetas(stage: games_lib.Stage, params: Params) -> tuple:
   return tuple(games_lib.get_path(params, p.path) for p in stage.players)
 
 
+def init_curvature_state(game: games_lib.Game, cfg: SolverConfig, params: Params) -> dict:
+  """Fresh curvature statistics: one entry per player, or per cooperative stage (GR)."""
+  state = {}
+  for stage in game.stages:
+    state.update(cfg.stage_solver.init_curvature_state(stage, cfg, stage_thetas(stage, params)))
+  return state
+
+
 def plan_segments(game: games_lib.Game, params: Params, inputs: State) -> list[Segment]:
   """Groups consecutive identical stages (same fn, players, shapes; x_{t+1} like x_t)."""
   segments: list[Segment] = []
@@ -161,7 +169,7 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
     cfg: solver configuration.
     hyper: this step's learning rate, damping and V_xx regularisation.
     params: the params pytree.
-    curvature_state: ``{player name: curvature state}``.
+    curvature_state: curvature statistics (:func:`init_curvature_state`).
     inputs: batched x_0.
     targets: batched targets.
 
@@ -172,7 +180,9 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
   segments = plan_segments(game, params, inputs)
   seg_thetas = [_stack([stage_thetas(game.stages[s.start + i], params) for i in range(s.length)])
                 for s in segments]
-  seg_cstates = [_stack([tuple(curvature_state[p.name] for p in game.stages[s.start + i].players)
+  keys = [cfg.stage_solver.state_keys(stage, cfg, stage_thetas(stage, params))
+          for stage in game.stages]
+  seg_cstates = [_stack([tuple(curvature_state[k] for k in keys[s.start + i])
                          for i in range(s.length)]) for s in segments]
 
   # 1. Forward: keep x_t for every stage.
@@ -201,8 +211,7 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
                                                           seg_cstates[j]), s.length, True)
     seg_saved[j] = saved
     for i, per_stage in enumerate(_unstack(cstates, s.length)):
-      for p, c in zip(game.stages[s.start + i].players, per_stage):
-        new_cstates[p.name] = c
+      new_cstates.update(zip(keys[s.start + i], per_stage))
 
   # 3. Rollout with the feedback policies (skipped for OLNE: updates = -k).
   deltas = {}

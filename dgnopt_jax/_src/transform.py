@@ -136,7 +136,7 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
   def init_fn(params):
     for player in game.players:
       curvature.check(player, games_lib.get_path(params, player.path))
-    cstate = {p.name: curvature.init(games_lib.get_path(params, p.path)) for p in game.players}
+    cstate = solver.init_curvature_state(game, cfg, params)
     dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else jnp.float32
     return DGNOptState(jnp.zeros([], jnp.int32), cstate, jnp.zeros([], jnp.int32),
                        jnp.full([], jnp.nan, dtype))

@@ -1,0 +1,324 @@
+"""Kronecker-factored curvatures from value derivatives: DDP-KFAC and DDP-EKFAC.
+
+For a dense or convolutional player with augmented inputs ``a`` (the layer
+input and a 1 for the bias; image patches for a convolution) and value
+derivatives ``g = V_h`` at its pre-activation (GT-DDP eq. 43), the curvature
+is the Kronecker product of two running averages (GT-DDP eq. 44, DDPNOpt
+eq. 15, with V_h in place of the loss gradient)::
+
+    C = A (x) G,   A = E_{i,p}[a_ip a_ip^T],   G = E_i[sum_p g~_ip g~_ip^T]
+
+where ``g~ = B g`` is the derivative of the per-sample value (``g`` itself
+belongs to the batch-mean value) and ``p`` runs over a convolution's output
+positions (Grosse & Martens' spatially uncorrelated approximation; one
+position for a dense layer). ``C`` approximates the empirical Fisher
+``E_i[Q_theta^(i) Q_theta^(i)T]`` of the per-sample Bellman objectives. With
+``A = U_A diag(lambda_A) U_A^T`` and ``G = U_G diag(lambda_G) U_G^T``, the
+damped solve is exact Tikhonov in the Kronecker eigenbasis::
+
+    (C + damping I)^-1 vec(V) = vec(U_A [(U_A^T V U_G) / (lambda_A lambda_G^T + damping)] U_G^T)
+
+for the player's params as the matrix ``V = [kernel; bias]`` (``Ka x O``).
+The eigendecompositions are refreshed every ``inverse_every`` steps; the
+statistics are updated every step.
+
+EKFAC (George et al. 2018) keeps the eigenbasis and replaces
+``lambda_A lambda_G^T`` by the running second moments of the per-sample
+gradients in that basis, ``s = E_i[(U_A^T Q_W^(i) U_G)^2]`` (restarted at
+every refresh of the basis).
+
+Players that are not a ready-made dense or conv layer get the diagonal of
+the same empirical Fisher, ``E_i[Q_theta^(i)^2]``, from per-sample gradients.
+
+Cooperative players (GR with ``cross_terms``): the players of a stage are
+stacked into one augmented layer ``h^ = w x^`` with ``x^ = [a_1; ...; a_N]``,
+``h^ = [h_1; ...; h_N]`` (GT-DDP eq. 49) and factored as
+``A_ww (x) G_ww`` with the cross blocks ``A_uv = E[a_u a_v^T]``,
+``G_uv = E[g_u g_v^T]`` (eq. 50). The cooperative gains are the players'
+diagonal blocks of the solve of that joint system with their vectors placed
+on the block diagonal::
+
+    [k_1 .. k_N] = blocks( (A_ww (x) G_ww + damping I)^-1 vec(blockdiag(d_1, ..., d_N)) )
+
+With ``damping -> 0`` these are GT-DDP eq. 18 / DGNOpt Prop. 5, whose
+preconditioners are the Schur complements ``A~_uu = A_uu - A_uv A_vv^+ A_uv^T``
+and ``G~_uu = G_uu - G_uv G_vv^+ G_uv^T`` (eq. 16-17; DGNOpt eq. 14-15, 31).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dgnopt_jax._src import layer_taps
+
+Params = Any
+
+
+def _safe_reciprocal(x: jax.Array) -> jax.Array:
+  tiny = jnp.finfo(x.dtype).tiny
+  return jnp.where(x > tiny, 1.0 / jnp.where(x > tiny, x, 1.0), 0.0)
+
+
+class KroneckerState(NamedTuple):
+  """Running Kronecker statistics of one player (or of a cooperative stage).
+
+  Attributes:
+    input_cov: running average of ``A`` (Ka x Ka).
+    output_cov: running average of ``G`` (O x O).
+    input_basis, input_eigenvalues: eigendecomposition of the debiased ``A``
+      at the last refresh.
+    output_basis, output_eigenvalues: likewise for ``G``.
+    eigenbasis_moments: EKFAC's running ``s`` (Ka x O) since the last refresh.
+    count: statistics updates so far.
+    moments_count: updates of ``eigenbasis_moments`` since the last refresh.
+  """
+
+  input_cov: jax.Array
+  output_cov: jax.Array
+  input_basis: jax.Array
+  input_eigenvalues: jax.Array
+  output_basis: jax.Array
+  output_eigenvalues: jax.Array
+  eigenbasis_moments: jax.Array
+  count: jax.Array
+  moments_count: jax.Array
+
+
+class KroneckerStep(NamedTuple):
+  """What a step's solves need: the eigenbasis and the curvature in it (Ka x O)."""
+
+  input_basis: jax.Array
+  output_basis: jax.Array
+  eigenvalues: jax.Array
+
+
+class DiagonalState(NamedTuple):
+  second_moment: Params
+  count: jax.Array
+
+
+def _debias(ema: Any, decay: float, count: jax.Array) -> Any:
+  return jax.tree.map(lambda m: m / (1 - jnp.asarray(decay, m.dtype) ** count), ema)
+
+
+def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+  w, u = jnp.linalg.eigh(0.5 * (matrix + matrix.T))
+  return u, jnp.maximum(w, 0.0)
+
+
+def _joint_statistics(stats: tuple) -> layer_taps.KroneckerStatistics:
+  return layer_taps.KroneckerStatistics(
+      jnp.concatenate([s.inputs for s in stats], axis=-1),
+      jnp.concatenate([s.output_grads for s in stats], axis=-1))
+
+
+def _block_diagonal(mats: list) -> jax.Array:
+  rows = sum(m.shape[0] for m in mats)
+  cols = sum(m.shape[1] for m in mats)
+  out = jnp.zeros((rows, cols), mats[0].dtype)
+  r = c = 0
+  for m in mats:
+    out = out.at[r:r + m.shape[0], c:c + m.shape[1]].set(m)
+    r, c = r + m.shape[0], c + m.shape[1]
+  return out
+
+
+def _diagonal_blocks(mat: jax.Array, shapes: list) -> list:
+  out, r, c = [], 0, 0
+  for rows, cols in shapes:
+    out.append(mat[r:r + rows, c:c + cols])
+    r, c = r + rows, c + cols
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Kronecker:
+  """KFAC / EKFAC curvature built from value derivatives (see module docstring).
+
+  Attributes:
+    decay: running-average decay of the statistics.
+    inverse_every: steps between eigendecompositions of the factors (the
+      first step always decomposes).
+    eigenbasis_rescaling: EKFAC's second moments in the eigenbasis instead of
+      the Kronecker eigenvalues.
+    max_factor_size: largest factor dimension accepted (each refresh costs an
+      eigendecomposition of that size).
+  """
+
+  decay: float = 0.95
+  inverse_every: int = 10
+  eigenbasis_rescaling: bool = False
+  max_factor_size: int = 4096
+  needs_value_hessian = False
+  needs_statistics = True
+  default_damping = 1e-3
+
+  @property
+  def name(self) -> str:
+    return "ekfac" if self.eigenbasis_rescaling else "kfac"
+
+  # -- players ---------------------------------------------------------------
+
+  def check(self, player, theta) -> None:
+    if not layer_taps.has_kronecker_structure(player, theta):
+      return
+    rows, cols = layer_taps.matrix_shape(theta)
+    if max(rows, cols) > self.max_factor_size:
+      raise ValueError(
+          f"curvature {self.name!r} cannot handle player {player.name!r}: its Kronecker "
+          f"factors are {rows}x{rows} and {cols}x{cols}, above max_factor_size="
+          f"{self.max_factor_size}; raise the limit or use a diagonal curvature")
+
+  def _kronecker_init(self, rows: int, cols: int, dtype) -> KroneckerState:
+    eye = lambda n: jnp.eye(n, dtype=dtype)
+    zero = jnp.zeros([], jnp.int32)
+    return KroneckerState(jnp.zeros((rows, rows), dtype), jnp.zeros((cols, cols), dtype),
+                          eye(rows), jnp.zeros((rows,), dtype), eye(cols),
+                          jnp.zeros((cols,), dtype), jnp.zeros((rows, cols), dtype), zero, zero)
+
+  def init(self, theta: Params, player: Any = None) -> KroneckerState | DiagonalState:
+    if layer_taps.has_kronecker_structure(player, theta):
+      rows, cols = layer_taps.matrix_shape(theta)
+      return self._kronecker_init(rows, cols, theta["kernel"].dtype)
+    return DiagonalState(jax.tree.map(jnp.zeros_like, theta), jnp.zeros([], jnp.int32))
+
+  def joint(self, players: tuple, thetas: tuple) -> bool:
+    """Whether the players can share one augmented layer (same output positions)."""
+    if len(players) < 2 or not all(layer_taps.has_kronecker_structure(p, t)
+                                   for p, t in zip(players, thetas)):
+      return False
+    layers = [p.layer for p in players]
+    if all(l.kind == "dense" for l in layers):
+      return True
+    return (all(l.kind == "conv" and l.padding == "SAME" for l in layers) and
+            len({tuple(l.strides) for l in layers}) == 1)
+
+  def init_joint(self, thetas: tuple, players: tuple) -> KroneckerState:
+    del players
+    shapes = [layer_taps.matrix_shape(t) for t in thetas]
+    return self._kronecker_init(sum(r for r, _ in shapes), sum(c for _, c in shapes),
+                                thetas[0]["kernel"].dtype)
+
+  # -- statistics --------------------------------------------------------------
+
+  def _update_kronecker(self, state: KroneckerState,
+                        stats: layer_taps.KroneckerStatistics) -> tuple:
+    a, g = stats.inputs, stats.output_grads
+    batch, positions = a.shape[0], a.shape[1]
+    input_cov = jnp.einsum("bpi,bpj->ij", a, a) / (batch * positions)
+    output_cov = batch * jnp.einsum("bpo,bpq->oq", g, g)
+    count = state.count + 1
+    ema = lambda old, new: self.decay * old + (1 - self.decay) * new
+    new_input, new_output = ema(state.input_cov, input_cov), ema(state.output_cov, output_cov)
+    refresh = (count - 1) % self.inverse_every == 0
+
+    def decompose(_):
+      ua, la = _eigh(_debias(new_input, self.decay, count))
+      ug, lg = _eigh(_debias(new_output, self.decay, count))
+      return ua, la, ug, lg
+
+    def keep(_):
+      return (state.input_basis, state.input_eigenvalues, state.output_basis,
+              state.output_eigenvalues)
+
+    ua, la, ug, lg = jax.lax.cond(refresh, decompose, keep, None)
+    moments, moments_count = state.eigenbasis_moments, state.moments_count
+    if self.eigenbasis_rescaling:
+      a_rot = a @ ua
+      g_rot = g @ ug
+      if positions == 1:
+        batch_moments = batch * jnp.einsum("bi,bo->io", a_rot[:, 0] ** 2, g_rot[:, 0] ** 2)
+      else:
+        per_sample = jnp.einsum("bpi,bpo->bio", a_rot, g_rot)
+        batch_moments = batch * jnp.sum(per_sample ** 2, axis=0)
+      moments = jnp.where(refresh, jnp.zeros_like(moments), moments)
+      moments_count = jnp.where(refresh, 0, moments_count) + 1
+      moments = ema(moments, batch_moments)
+      eigenvalues = _debias(moments, self.decay, moments_count)
+    else:
+      eigenvalues = jnp.outer(la, lg)
+    new_state = KroneckerState(new_input, new_output, ua, la, ug, lg, moments, count,
+                               moments_count)
+    return new_state, KroneckerStep(ua, ug, eigenvalues)
+
+  def update(self, state, q_theta, ggn_matvec=None, statistics=None):
+    """New statistics from this step's per-sample ``a``, ``g`` (or gradients)."""
+    del q_theta, ggn_matvec
+    if isinstance(state, DiagonalState):
+      leaves = jax.tree.leaves(statistics)
+      batch = leaves[0].shape[0]
+      count = state.count + 1
+      moment = jax.tree.map(
+          lambda m, q: self.decay * m + (1 - self.decay) * batch * jnp.sum(q * q, axis=0),
+          state.second_moment, statistics)
+      return DiagonalState(moment, count), _debias(moment, self.decay, count)
+    if not isinstance(statistics, layer_taps.KroneckerStatistics):  # a cooperative stage
+      statistics = _joint_statistics(statistics)
+    return self._update_kronecker(state, statistics)
+
+  # -- solves --------------------------------------------------------------------
+
+  def direction(self, step, q_theta: Params) -> Params:
+    del step
+    return q_theta
+
+  def _solve_matrix(self, step: KroneckerStep, mat: jax.Array, damping) -> jax.Array:
+    rotated = step.input_basis.T @ mat @ step.output_basis
+    rotated = rotated * _safe_reciprocal(step.eigenvalues + damping)
+    return step.input_basis @ rotated @ step.output_basis.T
+
+  def solve(self, step, v: Params, damping) -> Params:
+    """``(C + damping I)^-1 v``; for a cooperative stage ``v`` is a tuple per player."""
+    if not isinstance(step, KroneckerStep):
+      return jax.tree.map(lambda x, d: x * _safe_reciprocal(d + damping), v, step)
+    if isinstance(v, tuple):  # a cooperative stage: one vector per player
+      mats = [layer_taps.to_matrix(vn) for vn in v]
+      solved = self._solve_matrix(step, _block_diagonal(mats), damping)
+      blocks = _diagonal_blocks(solved, [m.shape for m in mats])
+      return tuple(layer_taps.from_matrix(b, vn) for b, vn in zip(blocks, v))
+    return layer_taps.from_matrix(self._solve_matrix(step, layer_taps.to_matrix(v), damping), v)
+
+  def inverse_diagonal(self, step, damping, like: Params) -> Params | None:
+    del like
+    if isinstance(step, KroneckerStep):
+      return None
+    return jax.tree.map(lambda d: _safe_reciprocal(d + damping), step)
+
+
+def kfac(decay: float = 0.95, inverse_every: int = 10, *,
+         max_factor_size: int = 4096) -> Kronecker:
+  """KFAC curvature from value derivatives (DDP-KFAC; GT-DDP eq. 44)."""
+  return Kronecker(decay, inverse_every, False, max_factor_size)
+
+
+def ekfac(decay: float = 0.95, inverse_every: int = 10, *,
+          max_factor_size: int = 4096) -> Kronecker:
+  """EKFAC curvature from value derivatives (DDP-EKFAC; DDPNOpt eq. 15)."""
+  return Kronecker(decay, inverse_every, True, max_factor_size)
+
+
+def gather_statistics(f: Any, players: tuple, indices: tuple[int, ...], v_next: Any) -> dict:
+  """Per-sample statistics the Kronecker curvature needs for the given players.
+
+  Args:
+    f: the stage linearised at ``(x, thetas)`` (:class:`linearise.Linearised`).
+    players: the stage's players.
+    indices: which players.
+    v_next: the value gradient ``V_x'`` those players see.
+
+  Returns:
+    ``{n: KroneckerStatistics}`` for ready-made dense/conv players and
+    ``{n: per-sample gradients (B, *theta.shape)}`` for the others.
+  """
+  kron = tuple(n for n in indices
+               if layer_taps.has_kronecker_structure(players[n], f.thetas[n]))
+  out = layer_taps.statistics(f.fn, f.x, f.thetas, v_next, kron) if kron else {}
+  column = jax.tree.map(lambda v: v[:, None], v_next)
+  for n in indices:
+    if n not in out:
+      out[n] = jax.tree.map(lambda q: q[:, 0], f.per_sample_vjp_theta(n, column))
+  return out

@@ -1,0 +1,185 @@
+"""Per-sample Kronecker statistics of dense and convolutional players.
+
+A dense or convolutional player's pre-activation is linear in its params,
+``h = a W`` with ``a`` the layer input augmented by a 1 for the bias (one row
+per output position for a convolution: the image patches). Its contribution
+to ``Q_theta = F_theta^T V_x'`` is therefore
+
+    Q_W = sum_i sum_p a_ip g_ip^T,   g_ip = dV/dh_ip          (GT-DDP eq. 43)
+
+the derivative of the value with respect to the pre-activation, ``V_h``.
+KFAC-style curvatures need ``a`` and ``g`` per sample (GT-DDP eq. 44,
+DDPNOpt eq. 15). Both come from *taps*: the ready-made layers pass their
+input and pre-activation through :func:`tap`, which, while
+:func:`statistics` evaluates a stage, records the input and adds a zero
+offset to ``h``; ``g`` is the VJP of the stage with respect to that offset.
+Outside :func:`statistics` a tap is the identity.
+
+A player is matched to its layer by the params object the stage function
+hands to the layer (``thetas[n]`` passed on unchanged, as every ready-made
+stage does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+State = Any
+Params = Any
+
+
+class KroneckerStatistics(NamedTuple):
+  """Per-sample factors of one player: ``a`` (B, P, Ka) and ``g`` (B, P, O).
+
+  ``P`` is the number of output positions (1 for a dense layer), ``Ka`` the
+  layer's input size (times the kernel window for a convolution) plus one for
+  the bias, ``O`` its number of outputs.
+  """
+
+  inputs: jax.Array
+  output_grads: jax.Array
+
+
+class _Recorder:
+
+  def __init__(self, thetas: tuple, offsets: tuple | None):
+    self.index = {id(t): n for n, t in enumerate(thetas)}
+    self.offsets = offsets
+    self.inputs: dict[int, jax.Array] = {}
+    self.shapes: dict[int, Any] = {}
+
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def _recording(thetas: tuple, offsets: tuple | None):
+  stack = getattr(_ACTIVE, "stack", None)
+  if stack is None:
+    stack = _ACTIVE.stack = []
+  rec = _Recorder(thetas, offsets)
+  stack.append(rec)
+  try:
+    yield rec
+  finally:
+    stack.pop()
+
+
+def tap(layer: Any, params: Params, x: jax.Array, h: jax.Array) -> jax.Array:
+  """Marks ``h = linear(params, x)`` of a ready-made layer (identity unless recording)."""
+  stack = getattr(_ACTIVE, "stack", None)
+  if not stack:
+    return h
+  rec = stack[-1]
+  n = rec.index.get(id(params))
+  if n is None:
+    return h
+  if n in rec.inputs:
+    raise ValueError(
+        f"the params of player {n} feed more than one layer of the stage; Kronecker "
+        "statistics need one layer per player (use a diagonal curvature)")
+  rec.inputs[n] = layer_inputs(layer, params, x)
+  rec.shapes[n] = jax.ShapeDtypeStruct(h.shape, h.dtype)
+  if rec.offsets is not None and rec.offsets[n] is not None:
+    h = h + rec.offsets[n]
+  return h
+
+
+def layer_inputs(layer: Any, params: Params, x: jax.Array) -> jax.Array:
+  """The augmented inputs ``a`` of a dense or conv layer, shape (B, P, Ka)."""
+  if layer.kind == "dense":
+    a = layer.linear_input(x)[:, None, :]
+  else:
+    kh, kw = layer.kernel_size
+    patches = jax.lax.conv_general_dilated_patches(
+        x, (kh, kw), layer.strides, layer.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    b, ho, wo, _ = patches.shape
+    channels = x.shape[-1]
+    # Features come channel-major; reorder to (kh, kw, C) like kernel.reshape(-1, O).
+    patches = patches.reshape(b, ho, wo, channels, kh, kw).transpose(0, 1, 2, 4, 5, 3)
+    a = patches.reshape(b, ho * wo, kh * kw * channels)
+  if "bias" in params:
+    a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+  return a
+
+
+def to_matrix(theta: Params) -> jax.Array:
+  """A dense/conv player's params as the (Ka, O) matrix ``[kernel; bias]``."""
+  kernel = theta["kernel"]
+  mat = kernel.reshape(-1, kernel.shape[-1])
+  if "bias" in theta:
+    mat = jnp.concatenate([mat, theta["bias"][None, :]], axis=0)
+  return mat
+
+
+def from_matrix(mat: jax.Array, like: Params) -> Params:
+  """Inverse of :func:`to_matrix`, shaped like ``like``."""
+  kernel = like["kernel"]
+  rows = kernel.size // kernel.shape[-1]
+  out = {"kernel": mat[:rows].reshape(kernel.shape)}
+  if "bias" in like:
+    out["bias"] = mat[rows]
+  return out
+
+
+def matrix_shape(theta: Params) -> tuple[int, int]:
+  """(Ka, O) of :func:`to_matrix`."""
+  kernel = theta["kernel"]
+  return (kernel.size // kernel.shape[-1] + ("bias" in theta), kernel.shape[-1])
+
+
+def has_kronecker_structure(player: Any, theta: Params) -> bool:
+  """Whether ``player`` is a ready-made dense/conv layer whose params it owns whole."""
+  layer = getattr(player, "layer", None)
+  if getattr(layer, "kind", None) not in ("dense", "conv"):
+    return False
+  return isinstance(theta, dict) and set(theta) == ({"kernel", "bias"} if layer.use_bias
+                                                     else {"kernel"})
+
+
+def statistics(fn: Any, x: State, thetas: tuple, v_next: State,
+               players: tuple[int, ...]) -> dict[int, KroneckerStatistics]:
+  """``a`` and ``g = V_h`` of the given players of stage ``fn`` at ``(x, thetas)``.
+
+  Args:
+    fn: the stage function.
+    x: the nominal state x_t.
+    thetas: the players' params (the objects ``fn`` receives).
+    v_next: the value gradient ``V_x'`` at x_{t+1} (a batched state pytree).
+    players: the indices of the players whose statistics are wanted.
+
+  Returns:
+    ``{n: KroneckerStatistics}``. ``g`` is ``dV/dh`` with ``V`` the batch-mean
+    value, so it carries the factor 1/B of the mean.
+
+  Raises:
+    ValueError: if a requested player's layer was not met while evaluating the stage.
+  """
+  with _recording(thetas, None) as rec:
+    fn(x, thetas)  # finds the players' layers (the unused forward is dead code to XLA)
+  missing = [n for n in players if n not in rec.shapes]
+  if missing:
+    raise ValueError(
+        f"players {missing} of this stage do not call their ready-made layer with their "
+        "params unchanged, so their Kronecker statistics cannot be found")
+  zeros = tuple(jnp.zeros(rec.shapes[n].shape, rec.shapes[n].dtype) if n in players else None
+                for n in range(len(thetas)))
+
+  def probed(offsets):
+    with _recording(thetas, offsets) as inner:
+      y = fn(x, thetas)
+    return y, {n: inner.inputs[n] for n in players}
+
+  _, pull, inputs = jax.vjp(probed, zeros, has_aux=True)
+  grads = pull(v_next)[0]
+  out = {}
+  for n in players:
+    g = grads[n]
+    out[n] = KroneckerStatistics(inputs[n], g.reshape(g.shape[0], -1, g.shape[-1]))
+  return out

@@ -1,0 +1,240 @@
+"""Kronecker curvatures: statistics, solves, cooperative factors, and the dense reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dgnopt_jax as dgnopt
+import helpers as h
+from dgnopt_jax._src import kronecker
+from dgnopt_jax._src import layer_taps
+from dgnopt_jax._src import linearise
+
+G = dgnopt.games
+
+
+def _per_sample_gradients(stage, x, thetas, v_next, n):
+  """Independent per-sample gradients of V_x'^(i) . F(x^(i), theta) by jax.grad per sample."""
+
+  def one(xi, vi):
+    def value(th):
+      out = stage.fn(jax.tree.map(lambda l: l[None], xi), thetas[:n] + (th,) + thetas[n + 1:])
+      return sum(jnp.vdot(o[0], v) for o, v in zip(jax.tree.leaves(out), jax.tree.leaves(vi)))
+    return jax.grad(value)(thetas[n])
+
+  return jax.vmap(one)(x, v_next)
+
+
+@pytest.mark.parametrize("which", ["dense", "conv", "conv_strided", "residual", "inception"])
+def test_statistics_rebuild_per_sample_gradients(which):
+  """sum_p a_ip g_ip^T is each player's per-sample gradient (GT-DDP eq. 43)."""
+  rng = np.random.default_rng(0)
+  shape = (5, 5, 2)
+  game = {
+      "dense": lambda: G.sequential([G.Flatten(), G.Dense(4, "tanh")], shape),
+      "conv": lambda: G.sequential([G.Conv2D(3, (3, 3), activation="tanh")], shape),
+      "conv_strided": lambda: G.sequential(
+          [G.Conv2D(3, (2, 2), (2, 2), "VALID", "tanh")], shape),
+      "residual": lambda: G.sequential(
+          [G.ResidualBlock(3, shortcut="projection", alignment="split"),
+           G.ResidualBlock(3, shortcut="projection")], shape),
+      "inception": lambda: G.sequential([G.InceptionBlock(2)], shape),
+  }[which]()
+  params = h.perturbed_params(game)
+  x = jnp.asarray(rng.normal(size=(3,) + shape))
+  checked = 0
+  for stage in game.stages:
+    thetas = tuple(G.get_path(params, p.path) for p in stage.players)
+    y = stage.fn(x, thetas)
+    if stage.num_players:
+      v_next = jax.tree.map(lambda l: jnp.asarray(rng.normal(size=l.shape)), y)
+      indices = tuple(range(stage.num_players))
+      stats = layer_taps.statistics(stage.fn, x, thetas, v_next, indices)
+      for n in indices:
+        want = _per_sample_gradients(stage, x, thetas, v_next, n)
+        mats = jnp.einsum("bpi,bpo->bio", stats[n].inputs, stats[n].output_grads)
+        got = jax.vmap(lambda m: layer_taps.from_matrix(m, thetas[n]))(mats)
+        h.assert_trees_close(got, want, 1e-12)
+        checked += 1
+    x = y
+  assert checked == {"dense": 1, "conv": 1, "conv_strided": 1, "residual": 6,
+                     "inception": 4}[which]
+
+
+def _random_statistics(rng, batch, positions, sizes):
+  return tuple(layer_taps.KroneckerStatistics(
+      jnp.asarray(rng.normal(size=(batch, positions, ka))),
+      jnp.asarray(rng.normal(size=(batch, positions, o)) / batch)) for ka, o in sizes)
+
+
+def _like(rows, cols, rng):
+  return {"kernel": jnp.asarray(rng.normal(size=(rows - 1, cols))),
+          "bias": jnp.asarray(rng.normal(size=(cols,)))}
+
+
+@pytest.mark.parametrize("rescaling", [False, True])
+def test_solve_equals_dense_kronecker_solve(rescaling):
+  """Three steps, the basis refreshed on the first and third: each solve is the dense one.
+
+  KFAC: ``(A (x) G + damping I)^-1 v`` with ``A``, ``G`` the debiased running
+  averages at the last refresh. EKFAC: ``(U diag(s) U^T + damping I)^-1 v``
+  with ``U = U_A (x) U_G`` from the last refresh and ``s`` the debiased running
+  second moments of the per-sample gradients in that basis since then.
+  """
+  rng = np.random.default_rng(1)
+  decay, damping = 0.7, 0.3
+  curv = kronecker.Kronecker(decay=decay, inverse_every=2, eigenbasis_rescaling=rescaling)
+  theta = _like(4, 3, rng)
+  state = curv.init(theta, G.Player(("p",), layer=G.Dense(3)))
+  covs = [np.zeros((4, 4)), np.zeros((3, 3))]
+  moments = np.zeros((4, 3))
+  for step in range(3):
+    (stats,) = _random_statistics(rng, 6, 2, [(4, 3)])
+    state, solve_step = curv.update(state, theta, None, stats)
+    a, g = np.asarray(stats.inputs), np.asarray(stats.output_grads)
+    batch_covs = [np.einsum("bpi,bpj->ij", a, a) / 12, 6 * np.einsum("bpo,bpq->oq", g, g)]
+    covs = [decay * c + (1 - decay) * n for c, n in zip(covs, batch_covs)]
+    if step % 2 == 0:  # refresh
+      factors = [c / (1 - decay ** (step + 1)) for c in covs]
+      ua, ug = (np.linalg.eigh(m)[1] for m in factors)
+      moments, since = np.zeros((4, 3)), 0
+    per_sample = np.einsum("bpi,bpo->bio", a, g)
+    rotated = np.einsum("ij,bjk,kl->bil", ua.T, per_sample, ug)
+    moments = decay * moments + (1 - decay) * 6 * np.sum(rotated ** 2, axis=0)
+    since += 1
+    if rescaling:
+      u = np.kron(ua, ug)
+      matrix = u @ np.diag((moments / (1 - decay ** since)).reshape(-1)) @ u.T
+    else:
+      matrix = np.kron(*factors)
+    v = _like(4, 3, rng)
+    got = layer_taps.to_matrix(curv.solve(solve_step, v, damping))
+    vec = np.asarray(layer_taps.to_matrix(v)).reshape(-1)
+    want = np.linalg.solve(matrix + damping * np.eye(12), vec).reshape(4, 3)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)
+
+
+def _joint_numpy(stats):
+  a = np.concatenate([np.asarray(s.inputs) for s in stats], axis=-1)
+  g = np.concatenate([np.asarray(s.output_grads) for s in stats], axis=-1)
+  b, p = a.shape[:2]
+  return np.einsum("bpi,bpj->ij", a, a) / (b * p), b * np.einsum("bpo,bpq->oq", g, g)
+
+
+@pytest.mark.parametrize("sizes", [[(4, 3), (3, 2)], [(3, 2), (2, 2), (4, 3)]])
+def test_cooperative_gains_solve_the_joint_kronecker_system(sizes):
+  """Blocks of (A_ww (x) G_ww + damping I)^-1 vec(blockdiag(v_1..v_N)) (GT-DDP eq. 49-52)."""
+  rng = np.random.default_rng(2)
+  curv = kronecker.kfac()
+  thetas = tuple(_like(ka, o, rng) for ka, o in sizes)
+  players = tuple(G.Player((f"p{i}",), layer=G.Dense(o)) for i, (_, o) in enumerate(sizes))
+  assert curv.joint(players, thetas)
+  stats = _random_statistics(rng, 7, 2, sizes)
+  _, step = curv.update(curv.init_joint(thetas, players), thetas, None, stats)
+  vs = tuple(_like(ka, o, rng) for ka, o in sizes)
+  damping = 0.05
+  got = curv.solve(step, vs, damping)
+  a_ww, g_ww = _joint_numpy(stats)
+  rows, cols = a_ww.shape[0], g_ww.shape[0]
+  embedded = np.zeros((rows, cols))
+  r = c = 0
+  for v, (ka, o) in zip(vs, sizes):
+    embedded[r:r + ka, c:c + o] = np.asarray(layer_taps.to_matrix(v))
+    r, c = r + ka, c + o
+  solved = np.linalg.solve(np.kron(a_ww, g_ww) + damping * np.eye(rows * cols),
+                           embedded.reshape(-1)).reshape(rows, cols)
+  r = c = 0
+  for out, (ka, o) in zip(got, sizes):
+    np.testing.assert_allclose(np.asarray(layer_taps.to_matrix(out)), solved[r:r + ka, c:c + o],
+                               rtol=1e-9, atol=1e-12)
+    r, c = r + ka, c + o
+
+
+def test_cooperative_gains_are_gt_ddp_theorem_3():
+  """Undamped, two players: k_u = A~_uu^-1 (v_u + A_uv A_vv^-1 v_v G_vv^-1 G_vu) G~_uu^-1.
+
+  GT-DDP eq. 16-18 (DGNOpt Prop. 5) in the (inputs x outputs) orientation, with
+  the Schur complements A~_uu = A_uu - A_uv A_vv^-1 A_vu and G~_uu likewise.
+  """
+  rng = np.random.default_rng(3)
+  sizes = [(4, 3), (3, 2)]
+  curv = kronecker.kfac()
+  thetas = tuple(_like(ka, o, rng) for ka, o in sizes)
+  players = tuple(G.Player((f"p{i}",), layer=G.Dense(o)) for i, (_, o) in enumerate(sizes))
+  stats = _random_statistics(rng, 20, 1, sizes)
+  _, step = curv.update(curv.init_joint(thetas, players), thetas, None, stats)
+  vs = tuple(_like(ka, o, rng) for ka, o in sizes)
+  got = curv.solve(step, vs, 0.0)
+  a_ww, g_ww = _joint_numpy(stats)
+  inv = np.linalg.inv
+  for u, w in [(0, 1), (1, 0)]:
+    ra = [slice(0, 4), slice(4, 7)]
+    rg = [slice(0, 3), slice(3, 5)]
+    a_uu, a_uv, a_vv = a_ww[ra[u], ra[u]], a_ww[ra[u], ra[w]], a_ww[ra[w], ra[w]]
+    g_uu, g_uv, g_vv = g_ww[rg[u], rg[u]], g_ww[rg[u], rg[w]], g_ww[rg[w], rg[w]]
+    a_tilde = a_uu - a_uv @ inv(a_vv) @ a_uv.T
+    g_tilde = g_uu - g_uv @ inv(g_vv) @ g_uv.T
+    v_u, v_v = (np.asarray(layer_taps.to_matrix(vs[i])) for i in (u, w))
+    want = inv(a_tilde) @ (v_u + a_uv @ inv(a_vv) @ v_v @ inv(g_vv) @ g_uv.T) @ inv(g_tilde)
+    np.testing.assert_allclose(np.asarray(layer_taps.to_matrix(got[u])), want, rtol=1e-7)
+
+
+def _inception_game():
+  return G.sequential([G.InceptionBlock(1), G.AvgPool((2, 2)), G.Flatten(), G.Dense(3)],
+                      (4, 4, 1))
+
+
+def _parallel_game():
+  return G.sequential([G.Dense(4, "tanh"), G.Parallel(G.Dense(3, "tanh"), G.Dense(3, "tanh")),
+                       G.Dense(3)], (4,))
+
+
+def _residual_game():
+  return G.sequential([G.Conv2D(3, (3, 3)), G.ResidualBlock(2, shortcut="projection"),
+                       G.Flatten(), G.Dense(3)], (3, 3, 1))
+
+
+GAMES = {
+    "mlp": (lambda: h.tanh_mlp(wd=0.01), (4,)),
+    "cnn": (h.relu_cnn, (4, 4, 1)),
+    "inception": (_inception_game, (4, 4, 1)),
+    "parallel": (_parallel_game, (4,)),
+    "residual": (_residual_game, (3, 3, 1)),
+    "custom_players": (h.two_player_game, (3,)),  # no layer: the diagonal fallback
+}
+
+
+@pytest.mark.parametrize("name,principle,curvature", [
+    pytest.param(n, p, c, marks=m) for n, p, c, m in [
+        ("mlp", "fne", "kfac", ()), ("mlp", "gr", "ekfac", pytest.mark.slow),
+        ("cnn", "fne", "ekfac", pytest.mark.slow), ("parallel", "gr", "kfac", ()),
+        ("inception", "gr", "ekfac", ()), ("custom_players", "fne", "kfac", ()),
+        ("residual", "gr", "kfac", ()),
+        ("cnn", "gr", "kfac", pytest.mark.slow), ("parallel", "fne", "ekfac", pytest.mark.slow),
+        ("inception", "fne", "kfac", pytest.mark.slow),
+        ("residual", "fne", "ekfac", pytest.mark.slow),
+        ("custom_players", "gr", "ekfac", pytest.mark.slow)]])
+def test_fast_path_equals_dense_reference(name, principle, curvature):
+  """Three steps (statistics carried, basis refreshed every 2) equal the reference to 1e-8."""
+  make, shape = GAMES[name]
+  game = make()
+  params = (h.two_player_params() if name == "custom_players" else h.perturbed_params(game))
+  params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
+  # EKFAC's second moments in a stale basis depend on the basis chosen inside a
+  # degenerate eigenspace; a batch larger than the factors keeps them distinct.
+  batch = h.classification_batch(shape, 20 if curvature == "ekfac" else 4)
+  curv = kronecker.Kronecker(inverse_every=2, eigenbasis_rescaling=curvature == "ekfac")
+  lr, damping = 0.05, 0.5
+  make_tx = dgnopt.gr if principle == "gr" else dgnopt.fne
+  tx = make_tx(game, lr, curv, damping=damping, vxx_reg=1e-2)
+  state, ref_state = tx.init(params), None
+  for _ in range(3):
+    updates, state = h.step(tx, params, batch, state)
+    ref, ref_state = h.reference_step(game, params, batch, ref_state, learning_rate=lr,
+                                      curvature=curv, damping=damping, vxx_reg=1e-2,
+                                      principle=principle)
+    h.assert_trees_close(updates, ref, 1e-8)
+    params = jax.tree.map(jnp.add, params, updates)
+  if principle == "gr" and name in ("parallel", "inception", "residual"):
+    assert any("+" in key for key in state.curvature)  # the cooperative factors were used
