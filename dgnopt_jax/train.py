@@ -6,8 +6,10 @@
 Optimizer names: ``sgd``, ``rmsprop``, ``adam`` are optax's own (gradients by
 ``jax.grad``); ``olne-<c>``, ``fne-<c>`` and ``gr-<c>`` are this library's
 open-loop, feedback-Nash and group-rational solvers with curvature ``<c>`` in
-identity (alias sgd), rmsprop, adam, dense. Prints progress, a markdown result table, and writes a JSON
-record and a PNG of the curves to ``--out``.
+identity (alias sgd), rmsprop, adam, kfac, ekfac, dense (``olne-kfac`` is KFAC
+with the empirical Fisher). ``name@lr`` sets one optimizer's learning rate.
+Prints progress, a markdown result table, and writes a JSON record and a PNG of
+the curves to ``--out``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from dgnopt_jax import datasets
 
 G = dgnopt.games
 
-DEFAULT_LR = {"identity": 0.1, "sgd": 0.1, "rmsprop": 1e-3, "adam": 1e-3, "dense": 0.3}
+DEFAULT_LR = {"identity": 0.1, "sgd": 0.1, "rmsprop": 1e-3, "adam": 1e-3, "kfac": 0.03,
+              "ekfac": 0.03, "dense": 0.3}
 
 
 MODELS = ("mlp", "cnn", "resnet", "inception")
@@ -68,9 +71,12 @@ def make_model(name: str, data: datasets.Dataset, alignment: str = "merge") -> G
   raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
-def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float
-              ) -> tuple[Callable, Callable, float]:
-  """(init, jitted step, learning rate) for an optimizer name."""
+def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
+              damping: float | None = None) -> tuple[Callable, Callable, float]:
+  """(init, jitted step, learning rate) for an optimizer name (``name@lr`` sets lr)."""
+  if "@" in name:
+    name, lr = name.split("@", 1)
+    lr = float(lr)
   if "-" in name:
     kind, curvature = name.split("-", 1)
     makers = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}
@@ -79,7 +85,7 @@ def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float
     curvature = "identity" if curvature == "sgd" else curvature
     lr = DEFAULT_LR[curvature] if lr is None else lr
     make = makers[kind]
-    tx = make(game, lr, curvature, vxx_reg=vxx_reg)
+    tx = make(game, lr, curvature, vxx_reg=vxx_reg, damping=damping)
 
     @jax.jit
     def step(params, state, x, y):
@@ -110,7 +116,7 @@ def accuracy(game: G.Game, params: Any, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def run_one(name: str, game: G.Game, data: datasets.Dataset, seed: int, args) -> dict:
-  init, step, lr = make_step(name, game, args.lr, args.vxx_reg)
+  init, step, lr = make_step(name, game, args.lr, args.vxx_reg, args.damping)
   params = game.init(jax.random.PRNGKey(seed))
   state = init(params)
   stream = datasets.batches(data.x_train, data.y_train, args.batch_size, seed=seed)
@@ -192,6 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="comma-separated; the first is the step-time baseline")
   p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default per curvature)")
   p.add_argument("--vxx-reg", type=float, default=0.0, help="Tikhonov term on V_xx for fne/gr")
+  p.add_argument("--damping", type=float, default=None,
+                 help="Tikhonov term on the curvature (default per curvature)")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--steps", type=int, default=1500)
   p.add_argument("--eval-every", type=int, default=250)

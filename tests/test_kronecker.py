@@ -129,9 +129,10 @@ def test_cooperative_gains_solve_the_joint_kronecker_system(sizes):
   curv = kronecker.kfac()
   thetas = tuple(_like(ka, o, rng) for ka, o in sizes)
   players = tuple(G.Player((f"p{i}",), layer=G.Dense(o)) for i, (_, o) in enumerate(sizes))
-  assert curv.joint(players, thetas)
+  stage = G.Stage(None, players)
+  assert curv.joint(stage, thetas)
   stats = _random_statistics(rng, 7, 2, sizes)
-  _, step = curv.update(curv.init_joint(thetas, players), thetas, None, stats)
+  _, step = curv.update(curv.init_joint(stage, thetas), thetas, None, stats)
   vs = tuple(_like(ka, o, rng) for ka, o in sizes)
   damping = 0.05
   got = curv.solve(step, vs, damping)
@@ -162,8 +163,9 @@ def test_cooperative_gains_are_gt_ddp_theorem_3():
   curv = kronecker.kfac()
   thetas = tuple(_like(ka, o, rng) for ka, o in sizes)
   players = tuple(G.Player((f"p{i}",), layer=G.Dense(o)) for i, (_, o) in enumerate(sizes))
+  stage = G.Stage(None, players)
   stats = _random_statistics(rng, 20, 1, sizes)
-  _, step = curv.update(curv.init_joint(thetas, players), thetas, None, stats)
+  _, step = curv.update(curv.init_joint(stage, thetas), thetas, None, stats)
   vs = tuple(_like(ka, o, rng) for ka, o in sizes)
   got = curv.solve(step, vs, 0.0)
   a_ww, g_ww = _joint_numpy(stats)
@@ -210,7 +212,7 @@ GAMES = {
         ("mlp", "fne", "kfac", ()), ("mlp", "gr", "ekfac", pytest.mark.slow),
         ("cnn", "fne", "ekfac", pytest.mark.slow), ("parallel", "gr", "kfac", ()),
         ("inception", "gr", "ekfac", ()), ("custom_players", "fne", "kfac", ()),
-        ("residual", "gr", "kfac", ()),
+        ("residual", "gr", "kfac", pytest.mark.slow),
         ("cnn", "gr", "kfac", pytest.mark.slow), ("parallel", "fne", "ekfac", pytest.mark.slow),
         ("inception", "fne", "kfac", pytest.mark.slow),
         ("residual", "fne", "ekfac", pytest.mark.slow),
@@ -238,3 +240,84 @@ def test_fast_path_equals_dense_reference(name, principle, curvature):
     params = jax.tree.map(jnp.add, params, updates)
   if principle == "gr" and name in ("parallel", "inception", "residual"):
     assert any("+" in key for key in state.curvature)  # the cooperative factors were used
+
+
+def test_player_whose_layer_is_not_called_gets_a_clear_error():
+  layer = G.Dense(3)
+  fn = lambda x, th: jnp.tanh(x @ th[0]["kernel"] + th[0]["bias"])  # bypasses the layer
+  game = G.Game((G.Stage(fn, (G.Player(("p",), layer=layer),)),), "softmax_cross_entropy")
+  params = {"p": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+  tx = dgnopt.fne(game, 0.1, "kfac")
+  with pytest.raises(ValueError, match="do not call their ready-made layer"):
+    tx.update(None, tx.init(params), params, batch=h.classification_batch((4,), 2))
+
+
+def test_factor_size_limit_names_the_player():
+  game = G.sequential([G.Dense(8)], (30,))
+  params = game.init(jax.random.PRNGKey(0))
+  tx = dgnopt.fne(game, 0.1, kronecker.kfac(max_factor_size=16))
+  with pytest.raises(ValueError, match="dense_0.*31x31"):
+    tx.init(params)
+
+
+@pytest.mark.parametrize("rescaling", [False, True])
+def test_shared_statistics_give_gt_ddp_corollary_7(rescaling):
+  """Two identical linear layers added (GT-DDP Fig. 7a): the cooperative gain is
+  Q~_uu^-1 (d_u - Q_uv Q_vv^-1 d_v) with Q~_uu = U diag(g e/(g + e) + g) U^T (eq. 24)."""
+  rng = np.random.default_rng(4)
+  curv = kronecker.Kronecker(eigenbasis_rescaling=rescaling)
+  game = G.sequential([G.Parallel(G.Dense(3), G.Dense(3))], (4,))
+  (stage,) = game.stages
+  assert stage.shared_statistics
+  thetas = tuple(_like(5, 3, rng) for _ in range(2))
+  (stats,) = _random_statistics(rng, 9, 1, [(5, 3)])
+  state = curv.init_joint(stage, thetas)
+  _, step = curv.update(state, thetas, None, (stats, stats))
+  vs = tuple(_like(5, 3, rng) for _ in range(2))
+  gamma = 0.2
+  got = curv.solve(step, vs, gamma)
+  a, g = np.asarray(stats.inputs), np.asarray(stats.output_grads)
+  if rescaling:
+    ua, ug = np.linalg.eigh(np.einsum("bpi,bpj->ij", a, a) / 9)[1], \
+        np.linalg.eigh(9 * np.einsum("bpo,bpq->oq", g, g))[1]
+    rotated = np.einsum("ij,bjk,kl->bil", ua.T, np.einsum("bpi,bpo->bio", a, g), ug)
+    u = np.kron(ua, ug)
+    e = (9 * np.sum(rotated ** 2, axis=0)).reshape(-1)
+  else:
+    k = np.kron(np.einsum("bpi,bpj->ij", a, a) / 9, 9 * np.einsum("bpo,bpq->oq", g, g))
+    e, u = np.linalg.eigh(k)
+  k_uu = u @ np.diag(e) @ u.T
+  coop = u @ np.diag(gamma * e / (gamma + e) + gamma) @ u.T  # eq. 24
+  d = [np.asarray(layer_taps.to_matrix(v)).reshape(-1) for v in vs]
+  for n, m in [(0, 1), (1, 0)]:
+    rhs = d[n] - k_uu @ np.linalg.solve(k_uu + gamma * np.eye(15), d[m])
+    want = np.linalg.solve(coop, rhs).reshape(5, 3)
+    np.testing.assert_allclose(np.asarray(layer_taps.to_matrix(got[n])), want, rtol=1e-8,
+                               atol=1e-10)
+
+
+def _shared_parallel_game():
+  return G.sequential([G.Dense(4, "tanh"), G.Parallel(G.Dense(3), G.Dense(3)),
+                       G.Dense(3, "tanh"), G.Dense(3)], (4,))
+
+
+GAMES["shared_parallel"] = (_shared_parallel_game, (4,))
+
+
+@pytest.mark.parametrize("curvature", ["kfac", pytest.param("ekfac", marks=pytest.mark.slow)])
+def test_shared_statistics_fast_path_equals_dense_reference(curvature):
+  make, shape = GAMES["shared_parallel"]
+  game = make()
+  params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), h.perturbed_params(game))
+  batch = h.classification_batch(shape, 20 if curvature == "ekfac" else 4)
+  curv = kronecker.Kronecker(inverse_every=2, eigenbasis_rescaling=curvature == "ekfac")
+  tx = dgnopt.gr(game, 0.05, curv, damping=0.5, vxx_reg=1e-2)
+  state, ref_state = tx.init(params), None
+  for _ in range(3):
+    updates, state = h.step(tx, params, batch, state)
+    ref, ref_state = h.reference_step(game, params, batch, ref_state, learning_rate=0.05,
+                                      curvature=curv, damping=0.5, vxx_reg=1e-2,
+                                      principle="gr")
+    h.assert_trees_close(updates, ref, 1e-8)
+    params = jax.tree.map(jnp.add, params, updates)
+  assert any(isinstance(s, kronecker.SharedKroneckerState) for s in state.curvature.values())

@@ -21,7 +21,7 @@ Each curvature is a small object with
 * ``inverse_diagonal(step, damping, like)``: ``diag((C + damping I)^-1)`` as a
   pytree shaped like ``like`` when C is diagonal, else ``None``;
 * ``check(player, theta)``: raises a clear error for a player it cannot handle;
-* optionally ``joint(players, thetas)`` and ``init_joint(thetas, players)``:
+* optionally ``joint(stage, thetas)`` and ``init_joint(stage, thetas)``:
   whether a GR stage's players are solved as one system with cross terms, and
   that system's state.
 """
@@ -223,13 +223,13 @@ class DenseExact:
     del theta, player
     return ()
 
-  def joint(self, players: tuple, thetas: tuple) -> bool:
+  def joint(self, stage, thetas: tuple) -> bool:
     """A stage's players are solved jointly, cross blocks kept (GR)."""
     del thetas
-    return len(players) > 1
+    return stage.num_players > 1
 
-  def init_joint(self, thetas: tuple, players: tuple) -> tuple:
-    del thetas, players
+  def init_joint(self, stage, thetas: tuple) -> tuple:
+    del stage, thetas
     return ()
 
   def update(self, state, q_theta, ggn_matvec: Callable[[Params], Params], statistics=None):

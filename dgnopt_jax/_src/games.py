@@ -204,11 +204,16 @@ class Stage:
   ``fn`` maps a batched state pytree and a tuple with one params subtree per
   player to the next batched state. Consecutive stages with the same ``fn``
   object, the same player kinds and equal shapes are solved with ``lax.scan``.
+  ``shared_statistics`` says that every player's layer sees the same input and
+  the same value derivative at its pre-activation (identical linear layers
+  whose outputs are added, GT-DDP Fig. 7a), so that their Kronecker factors
+  coincide (GT-DDP Cor. 7).
   """
 
   fn: Callable[[State, tuple], State]
   players: tuple[Player, ...] = ()
   name: str = ""
+  shared_statistics: bool = False
 
   @property
   def num_players(self) -> int:
@@ -216,7 +221,8 @@ class Stage:
 
   def signature(self) -> tuple:
     """What must agree for two stages to share one scanned body."""
-    return (self.fn,) + tuple((p.weight_decay, p.layer) for p in self.players)
+    return ((self.fn, self.shared_statistics) +
+            tuple((p.weight_decay, p.layer) for p in self.players))
 
 
 @functools.lru_cache(maxsize=None)
@@ -446,7 +452,8 @@ class Parallel:
   """Two layers sharing input and output, ``x' = a(x) + b(x)``: a two-player stage.
 
   The cooperative block of DGNOpt Fig. 3a / GT-DDP Fig. 7a; params
-  ``{"a": ..., "b": ...}``.
+  ``{"a": ..., "b": ...}``. Two identical linear layers without activation
+  share their Kronecker statistics (``Stage.shared_statistics``).
   """
 
   a: Any
@@ -466,9 +473,12 @@ class Parallel:
 
   def to_stages(self, path: Path, weight_decay: float) -> list[Stage]:
     fn = _parallel_fn(self)
-    return [Stage(fn, (Player(path + ("a",), weight_decay, _linear_layer(self.a)),
+    linear = _linear_layer(self.a)
+    shared = (linear is not None and self.a == self.b and
+              self.a.activation in (None, "identity", "linear"))
+    return [Stage(fn, (Player(path + ("a",), weight_decay, linear),
                        Player(path + ("b",), weight_decay, _linear_layer(self.b))),
-                  name="/".join(map(str, path)))]
+                  name="/".join(map(str, path)), shared_statistics=shared)]
 
 
 @functools.lru_cache(maxsize=None)

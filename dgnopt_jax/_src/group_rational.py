@@ -46,7 +46,7 @@ def is_joint(stage: games_lib.Stage, cfg: Any, thetas: tuple) -> bool:
   """Whether the stage's players are solved as one system with cross curvature."""
   joint = getattr(cfg.curvature, "joint", None)
   return bool(cfg.cross_terms and stage.num_players > 1 and joint is not None and
-              joint(stage.players, thetas))
+              joint(stage, thetas))
 
 
 def _joint_player(stage: games_lib.Stage) -> games_lib.Player:
@@ -62,7 +62,7 @@ def state_keys(stage: games_lib.Stage, cfg: Any, thetas: tuple) -> tuple[str, ..
 
 def init_curvature_state(stage: games_lib.Stage, cfg: Any, thetas: tuple) -> dict:
   if is_joint(stage, cfg, thetas):
-    return {_joint_player(stage).name: cfg.curvature.init_joint(thetas, stage.players)}
+    return {_joint_player(stage).name: cfg.curvature.init_joint(stage, thetas)}
   return {p.name: cfg.curvature.init(t, p) for p, t in zip(stage.players, thetas)}
 
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import kronecker
+from dgnopt_jax._src import layer_taps
 from dgnopt_jax._src import linearise as lin
 
 State = Any
@@ -44,10 +46,46 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   return jnp.einsum("bro,bo,bso->brs", g, jnp.broadcast_to(w, h.shape), g)
 
 
+def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: State,
+                      step: kronecker.KroneckerStep, damping: jax.Array) -> jax.Array:
+  """S for dense/conv players under a Kronecker curvature, from the factor's taps.
+
+  Per sample and factor column the players' gradients are ``sum_p a_ip g_irp^T``
+  (placed block-diagonally when several players share one stacked layer);
+  in the eigenbasis, ``S_rs = sum_jk Q~_rjk Q~_sjk / (e_jk + damping)`` with
+  ``Q~_r = U_A^T Q_r U_G``. For one dense player (one position) ``Q~_r`` is
+  rank one and never formed: ``S_rs = sum_jk a~_j^2 g~_rk g~_sk / (e_jk + damping)``.
+  """
+  copies = 1
+  if isinstance(step, kronecker.SharedKroneckerStep):
+    # N players with one gradient q each: S = N q^T (N K + damping)^-1 q.
+    players, copies = players[:1], len(players)
+  stats = jax.vmap(lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, players),
+                   in_axes=1, out_axes=1)(factor_next)  # leaves (B, r, P, .)
+  inverse = copies * kronecker.safe_reciprocal(copies * step.eigenvalues + damping)
+  rows = cols = 0
+  rotated = []
+  for n in players:
+    a, g = stats[n].inputs[:, 0], stats[n].output_grads  # a does not depend on the column
+    ka, o = a.shape[-1], g.shape[-1]
+    a_rot = a @ step.input_basis[rows:rows + ka]
+    g_rot = g @ step.output_basis[cols:cols + o]
+    rotated.append((a_rot, g_rot))
+    rows, cols = rows + ka, cols + o
+  if len(players) == 1 and rotated[0][0].shape[1] == 1:
+    a_rot, g_rot = rotated[0]
+    return jnp.einsum("bj,jk,brk,bsk->brs", a_rot[:, 0] ** 2, inverse, g_rot[:, :, 0],
+                      g_rot[:, :, 0])
+  q = sum(jnp.einsum("bpj,brpk->brjk", a_rot, g_rot) for a_rot, g_rot in rotated)
+  return jnp.einsum("brjk,jk,bsjk->brs", q, inverse, q)
+
+
 def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
            factor_next: State, step: Any, damping: jax.Array) -> jax.Array:
   """S for one player of stage ``f`` (the Kronecker route when it applies)."""
   theta = f.thetas[n]
+  if isinstance(step, kronecker.KroneckerStep):
+    return kronecker_players(f, (n,), factor_next, step, damping)
   inv_diag = curvature.inverse_diagonal(step, damping, theta)
   if (inv_diag is not None and isinstance(player_.layer, games_lib.Dense) and
       f.fn is games_lib.layer_stage_fn(player_.layer)):
@@ -62,6 +100,8 @@ def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
 def joint(curvature: Any, f: lin.Linearised, factor_next: State, step: Any,
           damping: jax.Array) -> jax.Array:
   """S for all players of a stage with one joint (non block-diagonal) curvature."""
+  if isinstance(step, kronecker.KroneckerStep):
+    return kronecker_players(f, tuple(range(len(f.thetas))), factor_next, step, damping)
   q = f.per_sample_vjp_thetas(factor_next)
   solved = jax.vmap(jax.vmap(lambda v: curvature.solve(step, v, damping)))(q)
   return _contract(q, solved)

@@ -100,7 +100,7 @@ def _reference_curvature(curvature, state, q_theta, ggn_matrix):
 
 
 def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples: list,
-                         damping: float):
+                         damping: float, copies: int = 1):
   """``(C + damping I)^-1`` of the Kronecker curvature for a group of players.
 
   The group's players are stacked into one augmented layer (one player: its
@@ -109,6 +109,10 @@ def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples:
   diagonal blocks. Players without Kronecker structure (diagonal fallback,
   one player per group) get ``diag(B sum_i q_i^2)`` from the explicit
   per-sample gradients ``q_samples``.
+
+  With ``copies = N > 1`` (a stage with shared statistics) ``stats`` and
+  ``thetas`` hold the first player only, and the inverse is that of the N
+  players' joint system ``kron(ones(N, N), C) + damping I``.
 
   Returns:
     ``(inverse in flat param coordinates, new state)``.
@@ -154,6 +158,7 @@ def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples:
   basis = np.kron(ua, ug)  # vec is row-major over the (Ka, O) matrix
   denom = eigenvalues.reshape(-1) + damping
   inv = (basis * np.where(denom > 0, 1.0 / np.maximum(denom, 1e-300), 0.0)) @ basis.T
+  curvature_matrix = (basis * eigenvalues.reshape(-1)) @ basis.T
   # Flat coordinates of each player's block of the stacked matrix.
   index = np.arange(a.shape[-1] * g.shape[-1]).reshape(a.shape[-1], g.shape[-1])
   coords, row, col = [], 0, 0
@@ -163,9 +168,13 @@ def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples:
     coords.append(np.asarray(ravel_pytree(layer_taps.from_matrix(block, theta))[0]).astype(int))
     row, col = row + rows, col + cols
   coords = np.concatenate(coords)
-  new = kronecker.KroneckerState(*(jnp.asarray(v) for v in (
+  new = type(state)(*(jnp.asarray(v) for v in (
       input_cov, output_cov, ua, la, ug, lg, moments)), jnp.asarray(count, jnp.int32),
       jnp.asarray(moments_count, jnp.int32))
+  if copies > 1:
+    single = curvature_matrix[np.ix_(coords, coords)]
+    joint = np.kron(np.ones((copies, copies)), single) + damping * np.eye(copies * coords.size)
+    return _pinv_sym(joint), new
   return inv[np.ix_(coords, coords)], new
 
 
@@ -204,15 +213,14 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
 
   def is_joint(stage, thetas):
     return (principle == "gr" and cross_terms and stage.num_players > 1 and
-            hasattr(curvature, "joint") and curvature.joint(stage.players, tuple(thetas)))
+            hasattr(curvature, "joint") and curvature.joint(stage, tuple(thetas)))
 
   if curvature_state is None:
     curvature_state = {}
     for stage in game.stages:
       thetas = [games_lib.get_path(params, p.path) for p in stage.players]
       if is_joint(stage, thetas):
-        curvature_state[joint_name(stage.players)] = curvature.init_joint(tuple(thetas),
-                                                                          stage.players)
+        curvature_state[joint_name(stage.players)] = curvature.init_joint(stage, tuple(thetas))
       else:
         curvature_state.update({p.name: curvature.init(t, p)
                                 for p, t in zip(stage.players, thetas)})
@@ -290,9 +298,11 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
                                         for i in range(batch)])
         if is_joint(stage, thetas):
           name = joint_name(stage.players)
+          shared = stage.shared_statistics
           inv, new_state[name] = _reference_kronecker(
-              curvature, curvature_state[name], [stats[n] for n in group],
-              [thetas[n] for n in group], [], damping)
+              curvature, curvature_state[name], [stats[n] for n in group[:1 if shared else None]],
+              [thetas[n] for n in group[:1 if shared else None]], [], damping,
+              len(group) if shared else 1)
         else:
           inv = np.zeros((theta.size, theta.size))
           for n, lo, hi in zip(group, bounds[:-1], bounds[1:]):
