@@ -9,7 +9,6 @@ import dgnopt_jax as dgnopt
 import helpers as h
 from dgnopt_jax._src import kronecker
 from dgnopt_jax._src import layer_taps
-from dgnopt_jax._src import linearise
 
 G = dgnopt.games
 

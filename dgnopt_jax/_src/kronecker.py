@@ -211,10 +211,17 @@ class Kronecker:
     return DiagonalState(jax.tree.map(jnp.zeros_like, theta), jnp.zeros([], jnp.int32))
 
   def joint(self, stage: Any, thetas: tuple) -> bool:
-    """Whether the players can share one augmented layer (same output positions)."""
+    """Whether the players can share one augmented layer (same output positions).
+
+    Stacked factors larger than ``max_factor_size`` fall back to per-player factors.
+    """
     players = stage.players
     if len(players) < 2 or not all(layer_taps.has_kronecker_structure(p, t)
                                    for p, t in zip(players, thetas)):
+      return False
+    shapes = [layer_taps.matrix_shape(t) for t in thetas]
+    if not stage.shared_statistics and max(sum(r for r, _ in shapes),
+                                           sum(c for _, c in shapes)) > self.max_factor_size:
       return False
     layers = [p.layer for p in players]
     if all(l.kind == "dense" for l in layers):

@@ -33,7 +33,6 @@ from dgnopt_jax._src import curvature as curvature_lib
 from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import kronecker
 from dgnopt_jax._src import layer_taps
-from dgnopt_jax._src import linearise
 
 
 def _flat_stage(stage, x_unravel, theta_unravels):
@@ -288,7 +287,6 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
       thetas = [games_lib.get_path(params, p.path) for p in stage.players]
       if isinstance(curvature, kronecker.Kronecker):
         v_next = ravel_pytree(next_states[t])[1](jnp.asarray(vx_next))
-        f = linearise.Linearised(stage.fn, xs[t][0], tuple(thetas))
         kron = [n for n in group
                 if layer_taps.has_kronecker_structure(stage.players[n], thetas[n])]
         stats = layer_taps.statistics(stage.fn, xs[t][0], tuple(thetas), v_next, tuple(kron))
