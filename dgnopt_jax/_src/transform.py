@@ -193,9 +193,11 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
     game: the network as a :class:`dgnopt_jax.games.Game`.
     learning_rate: eta, a float or an optax schedule of the step count.
     curvature: C ~ Q_theta_theta: a name (``"identity"``, ``"rmsprop"``,
-      ``"adam"``, ``"dense"``) or an object from :mod:`dgnopt_jax.curvature`.
+      ``"adam"``, ``"kfac"``, ``"ekfac"``, ``"dense"``) or an object from
+      :mod:`dgnopt_jax.curvature`.
     damping: Tikhonov term on Q_theta_theta (float or schedule); default: the
-      curvature's (0 for identity/rmsprop/adam, 1e-3 for dense).
+      curvature's (0 for identity/rmsprop/adam, 0.1 for kfac/ekfac, 1e-3 for
+      dense).
     vxx_reg: Tikhonov term eps on the value Hessian, ``V~_xx = Z Z^T + eps I``
       (DDPNOpt §4.2; a state cost at every stage, not propagated).
     vxx_rank: ``"outer"`` (rank-1 Gauss-Newton factor, GT-DDP Prop. 5) or
@@ -247,16 +249,17 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
 
   (block inversion, eq. 23), and ``W_x = P_x - P_{x\theta} k``,
   ``W_xx = P_xx - P_{x\theta} M^{-1} P_{\theta x}`` (eq. 25). The cross
-  curvature ``P_uv`` is kept by the ``dense`` curvature (``cross_terms=True``);
-  identity, RMSprop and Adam have none (GT-DDP §4.1). On stages with one
-  player GR and :func:`fne` coincide.
+  curvature ``P_uv`` is kept by the ``dense`` curvature and, as the cooperative
+  Kronecker factors of GT-DDP Thm 3 / Cor. 7 (DGNOpt Prop. 5), by ``kfac`` and
+  ``ekfac`` (``cross_terms=True``); identity, RMSprop and Adam have none
+  (GT-DDP §4.1). On stages with one player GR and :func:`fne` coincide.
 
   Args:
     game, learning_rate, curvature, damping, vxx_reg, vxx_rank,
       coupling_iterations: as :func:`fne` (the safeguard uses the joint G).
     feedback: False gives the cooperative open-loop update (with the identity
       curvature, exactly SGD).
-    cross_terms: keep ``P_uv`` for the dense curvature; False sets it to zero
+    cross_terms: keep ``P_uv`` (dense, kfac, ekfac); False sets it to zero
       (DGNOpt Theorem 6).
 
   Returns:
