@@ -10,6 +10,7 @@ DDPNOpt, GT-DDP and DGNOpt as optax transformations::
   updates, state = tx.update(None, state, params, batch=(x, y))
 """
 
+from dgnopt_jax import checkpoint
 from dgnopt_jax import curvature
 from dgnopt_jax import games
 from dgnopt_jax import losses
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DGNOptState",
+    "checkpoint",
     "curvature",
     "fne",
     "games",

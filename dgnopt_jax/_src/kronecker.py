@@ -198,6 +198,8 @@ class Kronecker:
           f"{self.max_factor_size}; raise the limit or use a diagonal curvature")
 
   def _kronecker_init(self, rows: int, cols: int, dtype) -> KroneckerState:
+    # Factors of half-precision players are kept (and decomposed) in float32.
+    dtype = jnp.promote_types(dtype, jnp.float32)
     eye = lambda n: jnp.eye(n, dtype=dtype)
     zero = jnp.zeros([], jnp.int32)
     return KroneckerState(jnp.zeros((rows, rows), dtype), jnp.zeros((cols, cols), dtype),
@@ -241,7 +243,8 @@ class Kronecker:
 
   def _update_kronecker(self, state: KroneckerState,
                         stats: layer_taps.KroneckerStatistics) -> tuple:
-    a, g = stats.inputs, stats.output_grads
+    a = stats.inputs.astype(state.input_cov.dtype)
+    g = stats.output_grads.astype(state.input_cov.dtype)
     batch, positions = a.shape[0], a.shape[1]
     input_cov = jnp.einsum("bpi,bpj->ij", a, a) / (batch * positions)
     output_cov = batch * jnp.einsum("bpo,bpq->oq", g, g)
@@ -304,9 +307,9 @@ class Kronecker:
     return q_theta
 
   def _solve_matrix(self, step: KroneckerStep, mat: jax.Array, damping) -> jax.Array:
-    rotated = step.input_basis.T @ mat @ step.output_basis
+    rotated = step.input_basis.T @ mat.astype(step.input_basis.dtype) @ step.output_basis
     rotated = rotated * safe_reciprocal(step.eigenvalues + damping)
-    return step.input_basis @ rotated @ step.output_basis.T
+    return (step.input_basis @ rotated @ step.output_basis.T).astype(mat.dtype)
 
   def solve(self, step, v: Params, damping) -> Params:
     """``(C + damping I)^-1 v``; for a cooperative stage ``v`` is a tuple per player."""
@@ -323,13 +326,16 @@ class Kronecker:
 
   def _solve_shared(self, step: SharedKroneckerStep, v: tuple, damping) -> tuple:
     """``(J_N (x) K + damping I)^-1`` on the players' vectors, in K's eigenbasis."""
-    rotated = [step.input_basis.T @ layer_taps.to_matrix(vn) @ step.output_basis for vn in v]
+    dtype = step.input_basis.dtype
+    rotated = [step.input_basis.T @ layer_taps.to_matrix(vn).astype(dtype) @ step.output_basis
+               for vn in v]
     mean = sum(rotated) / len(rotated)
     common = mean * safe_reciprocal(len(rotated) * step.eigenvalues + damping)
     out = []
     for r, vn in zip(rotated, v):
       solved = common + (r - mean) * safe_reciprocal(jnp.asarray(damping, r.dtype))
-      out.append(layer_taps.from_matrix(step.input_basis @ solved @ step.output_basis.T, vn))
+      solved = step.input_basis @ solved @ step.output_basis.T
+      out.append(layer_taps.from_matrix(solved.astype(vn["kernel"].dtype), vn))
     return tuple(out)
 
   def inverse_diagonal(self, step, damping, like: Params) -> Params | None:

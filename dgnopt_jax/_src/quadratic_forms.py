@@ -72,12 +72,13 @@ def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: 
     g_rot = g @ step.output_basis[cols:cols + o]
     rotated.append((a_rot, g_rot))
     rows, cols = rows + ka, cols + o
+  dtype = jax.tree.leaves(factor_next)[0].dtype
   if len(players) == 1 and rotated[0][0].shape[1] == 1:
     a_rot, g_rot = rotated[0]
     return jnp.einsum("bj,jk,brk,bsk->brs", a_rot[:, 0] ** 2, inverse, g_rot[:, :, 0],
-                      g_rot[:, :, 0])
+                      g_rot[:, :, 0]).astype(dtype)
   q = sum(jnp.einsum("bpj,brpk->brjk", a_rot, g_rot) for a_rot, g_rot in rotated)
-  return jnp.einsum("brjk,jk,bsjk->brs", q, inverse, q)
+  return jnp.einsum("brjk,jk,bsjk->brs", q, inverse, q).astype(dtype)
 
 
 def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,

@@ -22,7 +22,8 @@ class DGNOptState(NamedTuple):
   Attributes:
     count: steps applied so far (skipped steps not counted); drives schedules.
     curvature: ``{player name: curvature statistics}``.
-    skipped: steps skipped because the loss or the update was not finite.
+    skipped: steps skipped because the loss, the update or the updated params
+      were not finite (``nonfinite="skip"``).
     loss: the batch-mean terminal loss of the last step (NaN before the first).
   """
 
@@ -114,10 +115,23 @@ def validate(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array,
                                                          jnp.result_type(targets)))
 
 
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+def _raise_if_not_finite(finite: jax.Array, loss: jax.Array) -> None:
+  if not bool(finite):
+    raise FloatingPointError(
+        f"DGNOpt step is not finite (batch loss {float(loss)!r}, or a gain, an update or "
+        "the updated params); nonfinite='skip' skips such steps instead")
+
+
 def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
           damping: ScalarOrSchedule | None, vxx_reg: float, vxx_rank: str,
           feedback: bool, principle: str = "fne", cross_terms: bool = True,
-          coupling_iterations: int = 8) -> optax.GradientTransformationExtraArgs:
+          coupling_iterations: int = 8,
+          nonfinite: str = "skip") -> optax.GradientTransformationExtraArgs:
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
   if not isinstance(game, games_lib.Game):
     raise TypeError(f"game must be a dgnopt_jax.games.Game, got {type(game).__name__}")
   curvature = curvature_lib.get_curvature(curvature)
@@ -148,8 +162,12 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
     hyper = solver.Hyper(_value(learning_rate, state.count), _value(damping, state.count),
                          vxx_reg)
     result = solver.solve_step(game, cfg, hyper, params, state.curvature, inputs, targets)
+    new_params = jax.tree.map(lambda p, u: p + u.astype(jnp.result_type(p)), params,
+                              result.updates)
     finite = jnp.isfinite(result.loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(result.updates)]))
+        [jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves((result.updates, new_params))]))
+    if nonfinite == "raise":
+      jax.debug.callback(_raise_if_not_finite, finite, result.loss)
     new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
                                result.updates)
     new_updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), new_updates, params)
@@ -168,7 +186,8 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
 def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
         curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
         vxx_reg: float = 0.0, vxx_rank: str = "outer",
-        coupling_iterations: int = 8) -> optax.GradientTransformationExtraArgs:
+        coupling_iterations: int = 8,
+        nonfinite: str = "skip") -> optax.GradientTransformationExtraArgs:
   r"""DGNOpt for the feedback Nash equilibrium (Isaacs-Bellman, DGNOpt eq. 6, 9, 10).
 
   Each player n at stage t solves its own second-order expansion of
@@ -203,21 +222,27 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
     vxx_rank: ``"outer"`` (rank-1 Gauss-Newton factor, GT-DDP Prop. 5) or
       ``"exact"`` (the loss's exact Hessian factor, rank C for softmax CE).
     coupling_iterations: power iterations estimating ``lambda_max(G)``.
+    nonfinite: what a step whose loss, update or updated params are not
+      finite does: ``"skip"`` (zero updates, statistics unchanged,
+      ``state.skipped`` incremented, ``state.count`` not) or ``"raise"`` (a
+      ``FloatingPointError`` from the compiled step, surfaced by JAX as a
+      runtime error when the result is read).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``update(updates, state,
     params, *, batch)`` ignores ``updates`` (pass ``None`` or the gradients),
     needs ``params`` and ``batch=(inputs, targets)``, and returns exactly the
-    change the rollout applied. A step whose loss or update is not finite is
-    skipped: zero updates, unchanged statistics, ``state.skipped`` incremented.
+    change the rollout applied. A step whose loss, update or updated params
+    are not finite is skipped or raises (``nonfinite``).
   """
   return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, True,
-               coupling_iterations=coupling_iterations)
+               coupling_iterations=coupling_iterations, nonfinite=nonfinite)
 
 
 def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
          curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
-         vxx_reg: float = 0.0, vxx_rank: str = "outer") -> optax.GradientTransformationExtraArgs:
+         vxx_reg: float = 0.0, vxx_rank: str = "outer",
+         nonfinite: str = "skip") -> optax.GradientTransformationExtraArgs:
   r"""The open-loop Nash baseline (DGNOpt eq. 5, Prop. 2): the same machinery with no feedback.
 
   ``Q_theta_x := 0``, so ``V_x`` is the back-propagated co-state and the update
@@ -226,14 +251,15 @@ def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
   with ``dense`` a layer-wise Gauss-Newton step. Arguments as :func:`fne`
   (``vxx_reg`` and ``vxx_rank`` only matter for the dense curvature).
   """
-  return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, False)
+  return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, False,
+               nonfinite=nonfinite)
 
 
 def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
        curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
        vxx_reg: float = 0.0, vxx_rank: str = "outer", feedback: bool = True,
-       cross_terms: bool = True,
-       coupling_iterations: int = 8) -> optax.GradientTransformationExtraArgs:
+       cross_terms: bool = True, coupling_iterations: int = 8,
+       nonfinite: str = "skip") -> optax.GradientTransformationExtraArgs:
   r"""DGNOpt for the cooperative game: group rationality (group Bellman, DGNOpt eq. 7, 11, 22-25).
 
   The players of each stage minimise the group objective
@@ -256,7 +282,8 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
 
   Args:
     game, learning_rate, curvature, damping, vxx_reg, vxx_rank,
-      coupling_iterations: as :func:`fne` (the safeguard uses the joint G).
+      coupling_iterations, nonfinite: as :func:`fne` (the safeguard uses the
+      joint G).
     feedback: False gives the cooperative open-loop update (with the identity
       curvature, exactly SGD).
     cross_terms: keep ``P_uv`` (dense, kfac, ekfac); False sets it to zero
@@ -266,4 +293,4 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
     An ``optax.GradientTransformationExtraArgs`` with the surface of :func:`fne`.
   """
   return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, feedback,
-               "gr", cross_terms, coupling_iterations)
+               "gr", cross_terms, coupling_iterations, nonfinite)
