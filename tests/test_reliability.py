@@ -33,7 +33,7 @@ def _train(tx, params, state, batches):
   return params, state
 
 
-@pytest.mark.parametrize("curvature", ["ekfac", "adam"])
+@pytest.mark.parametrize("curvature", ["ekfac", pytest.param("adam", marks=pytest.mark.slow)])
 def test_restored_run_continues_bit_for_bit(tmp_path, curvature):
   game = _game()
   params = game.init(jax.random.PRNGKey(0))
@@ -108,8 +108,10 @@ def test_step_that_would_overflow_the_params_is_skipped(monkeypatch):
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float64])
-@pytest.mark.parametrize("curvature", ["identity", "kfac"])
+@pytest.mark.parametrize("dtype,curvature", [
+    pytest.param(d, c, marks=() if (d, c) in {(jnp.bfloat16, "kfac"), (jnp.float32, "identity"),
+                                              (jnp.float64, "kfac")} else pytest.mark.slow)
+    for d in (jnp.bfloat16, jnp.float32, jnp.float64) for c in ("identity", "kfac")])
 def test_params_keep_their_dtype(dtype, curvature):
   game = h.tanh_mlp()
   params = jax.tree.map(lambda p: p.astype(dtype), game.init(jax.random.PRNGKey(0)))
