@@ -124,3 +124,14 @@ def test_params_keep_their_dtype(dtype, curvature):
   assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
   assert all(p.dtype == dtype for p in jax.tree.leaves(params))
   assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("label", [7, -1])
+def test_labels_out_of_range_are_a_nonfinite_step(label):
+  game = h.tanh_mlp()
+  params = game.init(jax.random.PRNGKey(0))
+  x, y = h.classification_batch((4,), 4)
+  tx = dgnopt.fne(game, 0.1)
+  updates, state = tx.update(None, tx.init(params), params, batch=(x, y.at[1].set(label)))
+  assert int(state.skipped) == 1
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))

@@ -48,9 +48,13 @@ def _is_label(output: Array, target: Array) -> bool:
 
 
 def _softmax_ce(output: Array, target: Array) -> Array:
+  """Cross-entropy; a label outside [0, classes) gives NaN (the step is then skipped or raises)."""
   logp = jax.nn.log_softmax(output)
   if _is_label(output, target):
-    return -jnp.take_along_axis(logp, target[..., None].astype(jnp.int32), -1).sum()
+    label = target.astype(jnp.int32)
+    valid = (label >= 0) & (label < output.shape[-1])
+    picked = jnp.take_along_axis(logp, jnp.clip(label, 0, output.shape[-1] - 1)[..., None], -1)
+    return jnp.where(valid, -picked.sum(), jnp.nan)
   return -(target * logp).sum()
 
 
