@@ -208,9 +208,9 @@ GAMES = {
 
 @pytest.mark.parametrize("name,principle,curvature", [
     pytest.param(n, p, c, marks=m) for n, p, c, m in [
-        ("mlp", "fne", "kfac", ()), ("mlp", "gr", "ekfac", pytest.mark.slow),
+        ("mlp", "fne", "kfac", ()), ("mlp", "gr", "ekfac", ()),
         ("cnn", "fne", "ekfac", pytest.mark.slow), ("parallel", "gr", "kfac", ()),
-        ("inception", "gr", "ekfac", ()), ("custom_players", "fne", "kfac", ()),
+        ("inception", "gr", "ekfac", pytest.mark.slow), ("custom_players", "fne", "kfac", ()),
         ("residual", "gr", "kfac", pytest.mark.slow),
         ("cnn", "gr", "kfac", pytest.mark.slow), ("parallel", "fne", "ekfac", pytest.mark.slow),
         ("inception", "fne", "kfac", pytest.mark.slow),
