@@ -140,9 +140,9 @@ def raise_policy():
 def bad_batch_shape():
   game, params, batches = _setup()
   x, y = batches[0]
+  tx = dgnopt.fne(game, 0.1)
   try:
-    dgnopt.fne(game, 0.1).update(None, dgnopt.fne(game, 0.1).init(params), params,
-                                 batch=(x[:, :60], y))
+    tx.update(None, tx.init(params), params, batch=(x[:, :60], y))
     outcome = "no error (unexpected)"
   except ValueError as e:
     outcome = f"ValueError: {e}"

@@ -40,16 +40,6 @@ from dgnopt_jax._src import kronecker
 Params = Any
 
 
-def _safe_reciprocal(x: jax.Array) -> jax.Array:
-  """1/x where x > 0, else 0 (a pseudo-inverse of a non-negative diagonal).
-
-  With ``eps = 0`` a coordinate whose statistics are zero (a dead unit) gets
-  no step instead of 0/0.
-  """
-  tiny = jnp.finfo(x.dtype).tiny
-  return jnp.where(x > tiny, 1.0 / jnp.where(x > tiny, x, 1.0), 0.0)
-
-
 @dataclasses.dataclass(frozen=True)
 class Identity:
   """C = I: DDP-SGD (DDPNOpt Table 2); with no feedback, plain SGD (Theorem 6)."""
@@ -137,7 +127,7 @@ class RMSProp:
 
   def inverse_diagonal(self, step, damping, like: Params) -> Params:
     del like
-    return jax.tree.map(lambda c: _safe_reciprocal(c + damping), self._diag(step))
+    return jax.tree.map(lambda c: kronecker.safe_reciprocal(c + damping), self._diag(step))
 
 
 class AdamState(NamedTuple):
@@ -191,7 +181,7 @@ class Adam:
 
   def inverse_diagonal(self, step, damping, like: Params) -> Params:
     del like
-    return jax.tree.map(lambda c: _safe_reciprocal(c + damping), self._diag(step))
+    return jax.tree.map(lambda c: kronecker.safe_reciprocal(c + damping), self._diag(step))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,9 +227,8 @@ class DenseExact:
     flat, unravel = ravel_pytree(q_theta)
     basis = jnp.eye(flat.size, dtype=flat.dtype)
     cols = jax.vmap(lambda e: ravel_pytree(ggn_matvec(unravel(e)))[0])(basis)
-    matrix = 0.5 * (cols + cols.T)
-    w, u = jnp.linalg.eigh(matrix)
-    return state, (u, jnp.maximum(w, 0.0))
+    u, w = kronecker.psd_eigh(cols)
+    return state, (u, w)
 
   def direction(self, step, q_theta: Params) -> Params:
     del step
@@ -248,7 +237,7 @@ class DenseExact:
   def solve(self, step, v: Params, damping) -> Params:
     u, w = step
     flat, unravel = ravel_pytree(v)
-    return unravel(u @ (_safe_reciprocal(w + damping) * (u.T @ flat)))
+    return unravel(u @ (kronecker.safe_reciprocal(w + damping) * (u.T @ flat)))
 
   def inverse_diagonal(self, step, damping, like: Params) -> None:
     del step, damping, like

@@ -127,7 +127,8 @@ def _debias(ema: Any, decay: float, count: jax.Array) -> Any:
   return jax.tree.map(lambda m: m / (1 - jnp.asarray(decay, m.dtype) ** count), ema)
 
 
-def _eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+def psd_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(U, max(lambda, 0)) of the symmetric part of ``matrix``: its PSD projection."""
   w, u = jnp.linalg.eigh(0.5 * (matrix + matrix.T))
   return u, jnp.maximum(w, 0.0)
 
@@ -254,8 +255,8 @@ class Kronecker:
     refresh = (count - 1) % self.inverse_every == 0
 
     def decompose(_):
-      ua, la = _eigh(_debias(new_input, self.decay, count))
-      ug, lg = _eigh(_debias(new_output, self.decay, count))
+      ua, la = psd_eigh(_debias(new_input, self.decay, count))
+      ug, lg = psd_eigh(_debias(new_output, self.decay, count))
       return ua, la, ug, lg
 
     def keep(_):

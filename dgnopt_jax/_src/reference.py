@@ -155,9 +155,6 @@ def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples:
   else:
     eigenvalues = np.outer(la, lg)
   basis = np.kron(ua, ug)  # vec is row-major over the (Ka, O) matrix
-  denom = eigenvalues.reshape(-1) + damping
-  inv = (basis * np.where(denom > 0, 1.0 / np.maximum(denom, 1e-300), 0.0)) @ basis.T
-  curvature_matrix = (basis * eigenvalues.reshape(-1)) @ basis.T
   # Flat coordinates of each player's block of the stacked matrix.
   index = np.arange(a.shape[-1] * g.shape[-1]).reshape(a.shape[-1], g.shape[-1])
   coords, row, col = [], 0, 0
@@ -171,9 +168,11 @@ def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples:
       input_cov, output_cov, ua, la, ug, lg, moments)), jnp.asarray(count, jnp.int32),
       jnp.asarray(moments_count, jnp.int32))
   if copies > 1:
-    single = curvature_matrix[np.ix_(coords, coords)]
+    single = ((basis * eigenvalues.reshape(-1)) @ basis.T)[np.ix_(coords, coords)]
     joint = np.kron(np.ones((copies, copies)), single) + damping * np.eye(copies * coords.size)
     return _pinv_sym(joint), new
+  denom = eigenvalues.reshape(-1) + damping
+  inv = (basis * np.where(denom > 0, 1.0 / np.maximum(denom, 1e-300), 0.0)) @ basis.T
   return inv[np.ix_(coords, coords)], new
 
 

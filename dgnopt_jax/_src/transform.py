@@ -162,15 +162,13 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
     hyper = solver.Hyper(_value(learning_rate, state.count), _value(damping, state.count),
                          vxx_reg)
     result = solver.solve_step(game, cfg, hyper, params, state.curvature, inputs, targets)
-    new_params = jax.tree.map(lambda p, u: p + u.astype(jnp.result_type(p)), params,
-                              result.updates)
+    updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), result.updates, params)
+    new_params = jax.tree.map(jnp.add, params, updates)
     finite = jnp.isfinite(result.loss) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves((result.updates, new_params))]))
+        [jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves((updates, new_params))]))
     if nonfinite == "raise":
       jax.debug.callback(_raise_if_not_finite, finite, result.loss)
-    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)),
-                               result.updates)
-    new_updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), new_updates, params)
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
     new_cstate = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
                               result.curvature_state, state.curvature)
     new_state = DGNOptState(
