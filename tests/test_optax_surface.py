@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import dgnopt_jax as dgnopt
 import helpers as h
@@ -69,20 +70,54 @@ def test_unknown_extra_arguments_are_ignored_without_recompiling():
   h.assert_trees_close(a[0], b[0], 1e-15)
 
 
-def test_dtype_and_state_structure_are_stable():
+@pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam", "kfac", "ekfac", "dense"])
+@pytest.mark.parametrize("make", [dgnopt.fne, dgnopt.gr], ids=["fne", "gr"])
+def test_state_structure_shapes_and_dtypes_are_stable(make, curvature):
+  # float32 params under jax_enable_x64 (where a stray float64 would show):
+  # three steps, the middle one skipped, through one compiled step; a state
+  # whose structure, shape or dtype changed would retrace it.
   _, game, params, x, y = flax_setup(jnp.float32)
-  tx = dgnopt.fne(game, 0.1, "rmsprop")
+  kwargs = {"inverse_every": 2} if curvature in ("kfac", "ekfac") else {}
+  curv = getattr(dgnopt.curvature, curvature)(**kwargs)
+  tx = make(game, 0.05, curv)
   state = tx.init(params)
   structure = jax.tree.structure(state)
-  shapes = [(l.shape, l.dtype) for l in jax.tree.leaves(state)]
-  step = jax.jit(lambda p, s: tx.update(None, s, p, batch=(x, y)))
-  for _ in range(3):
-    updates, state = step(params, state)
-    params = optax.apply_updates(params, updates)
+  avals = [(l.shape, l.dtype) for l in jax.tree.leaves(state)]
+  traces = []
+
+  @jax.jit
+  def step(params, state, batch):
+    traces.append(1)
+    updates, state = tx.update(None, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  bad_x = x.at[0, 0].set(jnp.nan)
+  for batch in [(x, y), (bad_x, y), (x, y)]:
+    params, state = step(params, state, batch)
+  assert len(traces) == 1
   assert jax.tree.structure(state) == structure
-  assert [(l.shape, l.dtype) for l in jax.tree.leaves(state)] == shapes
+  assert [(l.shape, l.dtype) for l in jax.tree.leaves(state)] == avals
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(params))
-  assert int(state.count) == 3 and int(state.skipped) == 0
+  assert int(state.count) == 2 and int(state.skipped) == 1
+
+
+def test_learning_rate_and_damping_schedules_inside_jit():
+  # A scheduled step k equals a step of a transformation built with the
+  # schedule's value at k as a constant, from the same params and state.
+  game = h.tanh_mlp()
+  params = h.perturbed_params(game)
+  batch = h.classification_batch((4,), 5)
+  lr = optax.piecewise_constant_schedule(0.1, {1: 0.5})
+  damping = optax.linear_schedule(1.0, 0.2, transition_steps=1)
+  scheduled = dgnopt.fne(game, lr, "kfac", damping=damping)
+  constant = [dgnopt.fne(game, 0.1, "kfac", damping=1.0),
+              dgnopt.fne(game, 0.05, "kfac", damping=0.2)]
+  state = scheduled.init(params)
+  for k in range(2):
+    expected, _ = h.step(constant[k], params, batch, state)
+    updates, new_state = h.step(scheduled, params, batch, state)
+    h.assert_trees_close(updates, expected, 1e-7)  # optax schedules evaluate in float32
+    params, state = optax.apply_updates(params, updates), new_state
 
 
 def test_state_init_on_shape_structs():

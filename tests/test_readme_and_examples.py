@@ -8,6 +8,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,3 +39,36 @@ def test_example_runs():
       [sys.executable, "examples/digits_fne_vs_sgd.py", "--steps", "100", "--seeds", "1"],
       capture_output=True, text=True, check=True, cwd=ROOT)
   assert "DDP-SGD (fne)" in out.stdout and "SGD" in out.stdout
+
+
+def _fault_script():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("reliability_faults",
+                                                ROOT / "examples" / "reliability_faults.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_fault_script_scenarios_nan_batch_and_bad_shape():
+  faults = _fault_script()
+  _, _, outcome = faults.nan_in_batch()
+  assert "params finite: True; steps applied 19, skipped 1" in outcome
+  _, _, outcome = faults.bad_batch_shape()
+  assert outcome.startswith("ValueError: batch inputs have per-sample shape (60,)")
+
+
+@pytest.mark.slow
+def test_fault_script_writes_the_reliability_table(tmp_path):
+  out = tmp_path / "RELIABILITY.md"
+  subprocess.run([sys.executable, "examples/reliability_faults.py", "--write", str(out)],
+                 capture_output=True, text=True, check=True, cwd=ROOT)
+  rows = [r for r in out.read_text().splitlines() if r.startswith("| ") and "---" not in r][1:]
+  assert len(rows) == len(_fault_script().SCENARIOS)
+  text = "\n".join(rows)
+  for fault in ("NaN in one input", "inf inputs", "label 10 for 10 classes"):
+    assert any(fault in r and "skipped 1" in r and "params finite: True" in r for r in rows)
+  assert all("params finite: False" not in r for r in rows)
+  assert "params dtype after 20 steps: bfloat16" in text
+  assert "bit for bit to the uninterrupted run: True" in text
+  assert "raised JaxRuntimeError" in text

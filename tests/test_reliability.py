@@ -128,11 +128,17 @@ def test_params_keep_their_dtype(dtype, curvature):
 
 
 @pytest.mark.parametrize("label", [7, -1])
-def test_labels_out_of_range_are_a_nonfinite_step(label):
+def test_labels_out_of_range(label):
   game = h.tanh_mlp()
   params = game.init(jax.random.PRNGKey(0))
   x, y = h.classification_batch((4,), 4)
+  batch = (x, y.at[1].set(label))
   tx = dgnopt.fne(game, 0.1)
-  updates, state = tx.update(None, tx.init(params), params, batch=(x, y.at[1].set(label)))
+  # Concrete labels: a clear error before any work.
+  with pytest.raises(ValueError, match=f"class label {label} is outside \\[0, 3\\)"):
+    tx.update(None, tx.init(params), params, batch=batch)
+  # Inside jit the labels are not known: the loss is NaN and the step skipped.
+  updates, state = jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b))(
+      params, tx.init(params), batch)
   assert int(state.skipped) == 1
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))

@@ -235,9 +235,10 @@ class DenseExact:
     return q_theta
 
   def solve(self, step, v: Params, damping) -> Params:
-    u, w = step
+    u, w = step  # float32 or wider, also for half-precision players
     flat, unravel = ravel_pytree(v)
-    return unravel(u @ (kronecker.safe_reciprocal(w + damping) * (u.T @ flat)))
+    solved = u @ (kronecker.safe_reciprocal(w + damping) * (u.T @ flat.astype(u.dtype)))
+    return unravel(solved.astype(flat.dtype))
 
   def inverse_diagonal(self, step, damping, like: Params) -> None:
     del step, damping, like

@@ -128,7 +128,13 @@ def _debias(ema: Any, decay: float, count: jax.Array) -> Any:
 
 
 def psd_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(U, max(lambda, 0)) of the symmetric part of ``matrix``: its PSD projection."""
+  """(U, max(lambda, 0)) of the symmetric part of ``matrix``: its PSD projection.
+
+  Half-precision matrices are decomposed in float32 (no backend has a
+  bfloat16/float16 eigensolver, and their rounding would swamp small
+  eigenvalues); the result is float32 then.
+  """
+  matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
   w, u = jnp.linalg.eigh(0.5 * (matrix + matrix.T))
   return u, jnp.maximum(w, 0.0)
 

@@ -35,12 +35,16 @@ class TerminalLoss(NamedTuple):
       respect to ``output`` equals ``sum_r F[r] F[r]^T``.
     check_target: optional ``(outputs, targets) -> None`` raising a clear
       ``ValueError`` for targets of the wrong shape or dtype (batched).
+    check_target_values: optional ``(outputs, targets) -> None`` raising a
+      clear ``ValueError`` for target values the loss cannot take (class
+      labels out of range); called only on concrete targets, outside ``jit``.
   """
 
   name: str
   per_sample: Callable[[Array, Array], Array]
   hessian_factor: Callable[[Array, Array], Array]
   check_target: Callable[[Array, Array], None] | None = None
+  check_target_values: Callable[[Array, Array], None] | None = None
 
 
 def _is_label(output: Array, target: Array) -> bool:
@@ -81,6 +85,18 @@ def _check_ce_target(outputs: Array, targets: Array) -> None:
         "softmax_cross_entropy expects integer labels of shape "
         f"({outputs.shape[0]},) or one-hot targets of shape {outputs.shape}; "
         f"got targets of shape {targets.shape}")
+
+
+def _check_ce_labels(outputs: Array, targets: Array) -> None:
+  if targets.ndim != 1:
+    return
+  classes = outputs.shape[-1]
+  low, high = int(jnp.min(targets)), int(jnp.max(targets))
+  if low < 0 or high >= classes:
+    bad = low if low < 0 else high
+    raise ValueError(
+        f"softmax_cross_entropy: class label {bad} is outside [0, {classes}) "
+        f"for a network with {classes} outputs")
 
 
 def _squared_error(output: Array, target: Array) -> Array:
@@ -132,7 +148,8 @@ def _generic_factor(per_sample: Callable[[Array, Array], Array]) -> Callable:
 
 
 softmax_cross_entropy = TerminalLoss(
-    "softmax_cross_entropy", _softmax_ce, _softmax_ce_factor, _check_ce_target)
+    "softmax_cross_entropy", _softmax_ce, _softmax_ce_factor, _check_ce_target,
+    _check_ce_labels)
 squared_error = TerminalLoss(
     "squared_error", _squared_error, _squared_error_factor,
     _check_same_shape("squared_error"))

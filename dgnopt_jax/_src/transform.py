@@ -113,6 +113,11 @@ def validate(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array,
   if game.loss.check_target is not None:
     game.loss.check_target(outputs, jax.ShapeDtypeStruct(jnp.shape(targets),
                                                          jnp.result_type(targets)))
+  # Label values can only be read outside jit; inside, a label out of range
+  # makes the loss NaN and the non-finite policy applies.
+  if (game.loss.check_target_values is not None and jnp.size(targets)
+      and not isinstance(targets, jax.core.Tracer)):
+    game.loss.check_target_values(outputs, targets)
 
 
 NONFINITE_POLICIES = ("skip", "raise")
