@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -91,7 +92,8 @@ def _check_ce_labels(outputs: Array, targets: Array) -> None:
   if targets.ndim != 1:
     return
   classes = outputs.shape[-1]
-  low, high = int(jnp.min(targets)), int(jnp.max(targets))
+  labels = np.asarray(targets)  # concrete: read on the host, never staged
+  low, high = int(labels.min()), int(labels.max())
   if low < 0 or high >= classes:
     bad = low if low < 0 else high
     raise ValueError(

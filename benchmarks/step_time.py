@@ -1,0 +1,150 @@
+"""Per-step time, compile time and memory of DGNOpt beside optax, one process, one run.
+
+    python benchmarks/step_time.py                       # DIGITS MLP and residual CNN
+    python benchmarks/step_time.py --models mlp --batch 128 --rounds 15
+    python benchmarks/step_time.py --device gpu          # the same on a GPU
+
+For every model and optimizer the jit-compiled train step of the main job
+(:func:`dgnopt_jax.train.make_step`: optax baselines differentiate the same
+network's loss) is compiled ahead of time (compile time measured), then timed
+in interleaved rounds: each round runs ``--steps`` steps of every optimizer in
+turn (``block_until_ready`` after each step) so that machine noise hits all of
+them alike; the reported time is the median over rounds of the mean step time.
+Memory is XLA's compiled memory analysis: arguments + outputs + temporaries
+(less aliased buffers), i.e. the peak live bytes of one step.
+
+Prints, per model, a table of step time, ratio to optax.sgd and optax.adam,
+compile time and memory relative to optax.sgd; writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from dgnopt_jax import datasets
+from dgnopt_jax import train
+
+DEFAULT_OPTIMIZERS = ("sgd,adam,olne-sgd,fne-sgd,gr-sgd,olne-adam,fne-adam,gr-adam,"
+                      "fne-kfac,gr-kfac,fne-ekfac,gr-ekfac")
+
+
+def compiled_step(name: str, game, params, x, y):
+  """(compiled step, state, compile seconds, peak bytes) of one optimizer."""
+  init, step, _ = train.make_step(name, game, None, 0.0)
+  state = init(params)
+  start = time.perf_counter()
+  compiled = step.lower(params, state, x, y).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  peak = None
+  if memory is not None:
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+            memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return compiled, state, compile_s, peak
+
+
+def time_rounds(steps: dict, params, x, y, rounds: int, per_round: int) -> dict:
+  """Median over interleaved rounds of each step's mean time (seconds).
+
+  Every round restarts each optimizer from the same params and fresh state,
+  so all of them time the same numerical regime (and ``per_round`` steps of
+  a Kronecker curvature include its refreshes at the default period).
+  """
+  for fn, state in steps.values():  # warm-up
+    jax.block_until_ready(fn(params, state, x, y))
+  samples = {name: [] for name in steps}
+  for _ in range(rounds):
+    for name, (fn, state) in steps.items():
+      p, s = params, state
+      start = time.perf_counter()
+      for _ in range(per_round):
+        p, s, loss = fn(p, s, x, y)
+        jax.block_until_ready(loss)
+      samples[name].append((time.perf_counter() - start) / per_round)
+  return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def run_model(model: str, optimizers: list[str], batch: int, rounds: int, per_round: int,
+              device) -> list[dict]:
+  data = datasets.load("digits", images=model in train.IMAGE_MODELS)
+  game = train.make_model(model, data)
+  params = jax.device_put(game.init(jax.random.PRNGKey(0)), device)
+  rng = np.random.default_rng(0)
+  idx = rng.choice(len(data.x_train), batch, replace=batch > len(data.x_train))
+  x = jax.device_put(np.asarray(data.x_train[idx], np.float32), device)
+  y = jax.device_put(np.asarray(data.y_train[idx]), device)
+  steps, rows = {}, {}
+  for name in optimizers:
+    compiled, state, compile_s, peak = compiled_step(name, game, params, x, y)
+    steps[name] = (compiled, state)
+    rows[name] = {"model": model, "optimizer": name, "batch": batch,
+                  "compile_s": compile_s, "peak_bytes": peak}
+    print(f"  compiled {model}/{name} in {compile_s:.1f} s", flush=True)
+  times = time_rounds(steps, params, x, y, rounds, per_round)
+  base = {b: times.get(b) for b in ("sgd", "adam")}
+  mem_sgd = rows.get("sgd", {}).get("peak_bytes")
+  for name in optimizers:
+    r = rows[name]
+    r["step_s"] = times[name]
+    r["vs_sgd"] = times[name] / base["sgd"] if base["sgd"] else None
+    r["vs_adam"] = times[name] / base["adam"] if base["adam"] else None
+    r["memory_vs_sgd"] = (r["peak_bytes"] / mem_sgd if mem_sgd and r["peak_bytes"]
+                          else None)
+  return [rows[name] for name in optimizers]
+
+
+def table(rows: list[dict]) -> str:
+  fmt = lambda v, spec: "–" if v is None else format(v, spec)
+  lines = ["| model | optimizer | step (ms) | / optax.sgd | / optax.adam | compile (s) "
+           "| memory / sgd |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['optimizer']} | {r['step_s'] * 1e3:.2f} | "
+                 f"{fmt(r['vs_sgd'], '.2f')} | {fmt(r['vs_adam'], '.2f')} | "
+                 f"{r['compile_s']:.1f} | {fmt(r['memory_vs_sgd'], '.2f')} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--models", default="mlp,resnet",
+                 help=f"comma-separated, from {train.MODELS}")
+  p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS)
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--rounds", type=int, default=11)
+  p.add_argument("--steps", type=int, default=10, help="steps per round")
+  p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+  p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+  args = p.parse_args(argv)
+  try:
+    device = jax.devices(args.device)[0]
+  except RuntimeError as e:
+    raise SystemExit(f"--device {args.device}: no such device here ({e})")
+  optimizers = [o for o in args.optimizers.split(",") if o]
+  rows = []
+  for model in args.models.split(","):
+    print(f"{model}: batch {args.batch}, {args.rounds} rounds of {args.steps} steps", flush=True)
+    with jax.default_device(device):
+      rows += run_model(model, optimizers, args.batch, args.rounds, args.steps, device)
+  machine = (f"{device.device_kind} ({args.device}), {os.cpu_count()} host cores, "
+             f"{platform.machine()}, jax {jax.__version__}")
+  print(f"\n{machine}\n\n{table(rows)}")
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                 f"step_time_{args.device}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+  print(f"\nwrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
