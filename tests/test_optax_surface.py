@@ -70,8 +70,9 @@ def test_unknown_extra_arguments_are_ignored_without_recompiling():
   h.assert_trees_close(a[0], b[0], 1e-15)
 
 
-@pytest.mark.parametrize("curvature", ["identity", "rmsprop", "adam", "kfac", "ekfac", "dense"])
-@pytest.mark.parametrize("make", [dgnopt.fne, dgnopt.gr], ids=["fne", "gr"])
+@pytest.mark.parametrize("make,curvature", [
+    (dgnopt.fne, c) for c in ("identity", "rmsprop", "adam", "kfac", "ekfac", "dense")] + [
+    (dgnopt.gr, "kfac")])
 def test_state_structure_shapes_and_dtypes_are_stable(make, curvature):
   # float32 params under jax_enable_x64 (where a stray float64 would show):
   # three steps, the middle one skipped, through one compiled step; a state
@@ -109,9 +110,8 @@ def test_learning_rate_and_damping_schedules_inside_jit():
   batch = h.classification_batch((4,), 5)
   lr = optax.piecewise_constant_schedule(0.1, {1: 0.5})
   damping = optax.linear_schedule(1.0, 0.2, transition_steps=1)
-  scheduled = dgnopt.fne(game, lr, "kfac", damping=damping)
-  constant = [dgnopt.fne(game, 0.1, "kfac", damping=1.0),
-              dgnopt.fne(game, 0.05, "kfac", damping=0.2)]
+  scheduled = dgnopt.fne(game, lr, damping=damping)  # M = (1 + damping) I / lr
+  constant = [dgnopt.fne(game, 0.1, damping=1.0), dgnopt.fne(game, 0.05, damping=0.2)]
   state = scheduled.init(params)
   for k in range(2):
     expected, _ = h.step(constant[k], params, batch, state)

@@ -29,7 +29,7 @@ import dgnopt_jax as dgnopt
 
 G = dgnopt.games
 
-EXAMPLES = int(os.environ.get("DGNOPT_PROPERTY_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("DGNOPT_PROPERTY_EXAMPLES", "6"))
 CURVATURES = ("identity", "rmsprop", "adam", "kfac", "ekfac", "dense")
 PRINCIPLES = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64, "bfloat16": jnp.bfloat16}

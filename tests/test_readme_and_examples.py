@@ -50,6 +50,7 @@ def _fault_script():
   return module
 
 
+@pytest.mark.slow
 def test_fault_script_scenarios_nan_batch_and_bad_shape():
   faults = _fault_script()
   _, _, outcome = faults.nan_in_batch()

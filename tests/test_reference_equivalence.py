@@ -68,7 +68,8 @@ def test_two_players_per_stage(curvature, lr):
   compare(game, h.two_player_params(), batch, curvature, lr, "outer", vxx_reg=1e-2)
 
 
-@pytest.mark.parametrize("loss", ["squared_error", "sigmoid_binary_cross_entropy"])
+@pytest.mark.parametrize("loss", ["squared_error", pytest.param(
+    "sigmoid_binary_cross_entropy", marks=pytest.mark.slow)])
 def test_other_losses_and_weight_decay(loss):
   game = h.tanh_mlp(loss=loss, wd=1e-2)
   params = h.perturbed_params(game)
