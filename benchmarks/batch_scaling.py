@@ -11,6 +11,7 @@ growth ratios close to sgd's.
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -42,7 +43,7 @@ def main():
   p.add_argument("--batches", default="32,64,128,256,512")
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--repeats", type=int, default=50)
-  p.add_argument("--out", default="batch_scaling.json")
+  p.add_argument("--out", default="runs/benchmarks/batch_scaling.json")
   args = p.parse_args()
   sizes = [int(b) for b in args.batches.split(",")]
   game = G.sequential([G.Dense(args.width, "tanh") for _ in range(4)] + [G.Dense(10)], (64,))
@@ -85,6 +86,7 @@ def main():
     print(f"| {name} | " + " | ".join(f"{1e3 * r[b]:.3f}" for b in sizes) +
           f" | {growth:.2f} | {growth / sgd_growth:.2f} | "
           f"{r[sizes[-1]] / results['optax.sgd'][sizes[-1]]:.2f} |")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"machine": platform.platform(), "backend": jax.default_backend(),
                "width": args.width, "seconds": results}, f, indent=1)

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=11)
   p.add_argument("--steps", type=int, default=10, help="steps per round")
   p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-  p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+  p.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/...)")
   args = p.parse_args(argv)
   try:
     device = jax.devices(args.device)[0]
@@ -137,8 +137,7 @@ def main(argv=None) -> int:
   machine = (f"{device.device_kind} ({args.device}), {os.cpu_count()} host cores, "
              f"{platform.machine()}, jax {jax.__version__}")
   print(f"\n{machine}\n\n{table(rows)}")
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"step_time_{args.device}.json")
+  out = args.out or os.path.join("runs", "benchmarks", f"step_time_{args.device}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)

@@ -161,3 +161,32 @@ def test_feedback_does_not_amplify_deviations_at_large_steps():
     worst = max(worst, float(game.loss_value(params, *batch)))
   assert int(state.skipped) == 0
   assert worst < 3 * first
+
+
+@pytest.mark.parametrize("make,curvature,lr", [(dgnopt.fne, "identity", 0.3),
+                                               (dgnopt.gr, "kfac", 0.1)])
+def test_scanned_residual_blocks_match_unrolled(make, curvature, lr):
+  # Three equal residual blocks (two stages each, a projection in the merge
+  # stage) are one scanned segment of period 2; the same network with
+  # distinct stage functions is unrolled. Both must agree, over two steps.
+  from dgnopt_jax._src import solver
+  G = dgnopt.games
+  game = G.sequential([G.Conv2D(3, (3, 3), activation="relu")] +
+                      [G.ResidualBlock(3, shortcut="projection") for _ in range(3)] +
+                      [G.AvgPool((2, 2)), G.Dense(3)], (4, 4, 1))
+  params = h.perturbed_params(game)
+  x, y = h.classification_batch((4, 4, 1), 4)
+  segments = solver.plan_segments(game, params, x)
+  assert [(s.period, s.repeats) for s in segments][:2] == [(1, 1), (2, 3)]
+  unrolled = G.Game(tuple(G.Stage(lambda x, th, s=s: s.fn(x, th), s.players, s.name,
+                                  s.shared_statistics) for s in game.stages), game.loss)
+  assert all(s.repeats == 1 for s in solver.plan_segments(unrolled, params, x))
+  tx_a, tx_b = make(game, lr, curvature), make(unrolled, lr, curvature)
+  state_a, state_b = tx_a.init(params), tx_b.init(params)
+  for _ in range(2):
+    up_a, state_a = h.step(tx_a, params, (x, y), state_a)
+    up_b, state_b = h.step(tx_b, params, (x, y), state_b)
+    h.assert_trees_close(up_a, up_b, 1e-10)
+    params = jax.tree.map(jnp.add, params, up_a)
+  if jax.tree.leaves(state_a.curvature):
+    h.assert_trees_close(state_a.curvature, state_b.curvature, 1e-10)

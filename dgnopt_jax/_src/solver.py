@@ -23,8 +23,10 @@ co-state and the rollout is skipped.
 value gradient and the dense curvature) and is not propagated through ``Z``:
 it is a state cost ``vxx_reg/2 |dx_{t+1}|^2`` added to every stage's model.
 
-Runs of identical stages (same stage function, players and shapes) are solved
-with ``lax.scan`` over stacked parameters.
+Repeated blocks of identical stages (same stage functions, players and
+shapes; a run of equal layers, or the two stages of equal residual blocks)
+are solved with ``lax.scan`` over stacked parameters, so the compiled program
+does not grow with the number of repeats.
 """
 
 from __future__ import annotations
@@ -83,8 +85,18 @@ class SolverConfig:
 
 
 class Segment(NamedTuple):
+  """Stages ``start .. start + period * repeats - 1``: a block of ``period`` stages repeated."""
+
   start: int
-  length: int
+  period: int
+  repeats: int
+
+  @property
+  def length(self) -> int:
+    return self.period * self.repeats
+
+  def stage(self, repeat: int, position: int) -> int:
+    return self.start + repeat * self.period + position
 
 
 class StepResult(NamedTuple):
@@ -120,22 +132,50 @@ def init_curvature_state(game: games_lib.Game, cfg: SolverConfig, params: Params
   return state
 
 
+MAX_PERIOD = 4
+
+
 def plan_segments(game: games_lib.Game, params: Params, inputs: State) -> list[Segment]:
-  """Groups consecutive identical stages (same fn, players, shapes; x_{t+1} like x_t)."""
-  segments: list[Segment] = []
+  """Groups repeated blocks of identical stages, to be solved with ``lax.scan``.
+
+  A block of ``period`` consecutive stages (e.g. the two stages of a residual
+  block) repeats when the next ``period`` stages have the same stage
+  functions, players, params shapes and input shapes, and every repetition
+  maps the block's input state to a state of the same shape. At each stage
+  the longest run (most stages covered, shortest period on ties) is taken.
+  """
   x = _shapes(inputs)
-  prev = None  # (signature, thetas, x) of the previous stage if it maps x to its own shape
-  for t, stage in enumerate(game.stages):
+  xs, keys = [], []
+  for stage in game.stages:
     thetas = _shapes(stage_thetas(stage, params))
-    y = jax.eval_shape(stage.fn, x, thetas)
-    repeats_shape = _same_shapes(x, y)
-    if (prev is not None and repeats_shape and prev[0] == stage.signature() and
-        _same_shapes(prev[1], thetas) and _same_shapes(prev[2], x)):
-      segments[-1] = Segment(segments[-1].start, segments[-1].length + 1)
-    else:
-      segments.append(Segment(t, 1))
-    prev = (stage.signature(), thetas, x) if repeats_shape else None
-    x = y
+    xs.append(x)
+    keys.append((stage.signature(), thetas, x))
+    x = jax.eval_shape(stage.fn, x, thetas)
+  xs.append(x)
+
+  def same(t, u):
+    return (keys[t][0] == keys[u][0] and _same_shapes(keys[t][1], keys[u][1]) and
+            _same_shapes(keys[t][2], keys[u][2]))
+
+  def repeats(t, period):
+    """How many times stages t .. t+period-1 repeat back to back."""
+    count = 0
+    while (t + (count + 1) * period <= len(game.stages) and
+           all(same(t + j, t + count * period + j) for j in range(period)) and
+           _same_shapes(xs[t], xs[t + (count + 1) * period])):
+      count += 1
+    return count
+
+  segments: list[Segment] = []
+  t = 0
+  while t < len(game.stages):
+    best = Segment(t, 1, 1)
+    for period in range(1, MAX_PERIOD + 1):
+      r = repeats(t, period)
+      if r >= 2 and period * r > best.length:
+        best = Segment(t, period, r)
+    segments.append(best)
+    t += best.length
   return segments
 
 
@@ -178,18 +218,37 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
     the new curvature states and the batch-mean terminal loss.
   """
   segments = plan_segments(game, params, inputs)
-  seg_thetas = [_stack([stage_thetas(game.stages[s.start + i], params) for i in range(s.length)])
-                for s in segments]
   keys = [cfg.stage_solver.state_keys(stage, cfg, stage_thetas(stage, params))
           for stage in game.stages]
-  seg_cstates = [_stack([tuple(curvature_state[k] for k in keys[s.start + i])
-                         for i in range(s.length)]) for s in segments]
+
+  def per_block(s: Segment, leaf_of_stage) -> Any:
+    """Stacked over the repeats: a tuple over the block's positions."""
+    return _stack([tuple(leaf_of_stage(s.stage(k, i)) for i in range(s.period))
+                   for k in range(s.repeats)])
+
+  def for_each_stage(s: Segment, stacked: Any):
+    """(stage index, per-stage value) from a result stacked over repeats."""
+    for k, block in enumerate(_unstack(stacked, s.repeats)):
+      for i in range(s.period):
+        yield s.stage(k, i), block[i]
+
+  seg_thetas = [per_block(s, lambda t: stage_thetas(game.stages[t], params)) for s in segments]
+  seg_cstates = [per_block(s, lambda t: tuple(curvature_state[k] for k in keys[t]))
+                 for s in segments]
 
   # 1. Forward: keep x_t for every stage.
   x, seg_xs = inputs, []
   for s, thetas in zip(segments, seg_thetas):
-    fn = game.stages[s.start].fn
-    x, xs = _scan(lambda c, th, fn=fn: (fn(c, th), c), x, thetas, s.length)
+    stages = game.stages[s.start:s.start + s.period]
+
+    def forward(x, block_thetas, stages=stages):
+      xs = []
+      for stage, th in zip(stages, block_thetas):
+        xs.append(x)
+        x = stage.fn(x, th)
+      return x, tuple(xs)
+
+    x, xs = _scan(forward, x, thetas, s.repeats)
     seg_xs.append(xs)
 
   # 2. Backward: value streams from the terminal loss.
@@ -199,35 +258,43 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
   stage_solver = cfg.stage_solver
   seg_saved, new_cstates = [None] * len(segments), {}
   for j in reversed(range(len(segments))):
-    s, stage = segments[j], game.stages[segments[j].start]
+    s = segments[j]
+    stages = game.stages[s.start:s.start + s.period]
 
-    def backward(carry, xs, stage=stage):
-      x_t, thetas, cstates = xs
-      carry, cstates, saved = stage_solver.stage_backward(stage, cfg, hyper, x_t, thetas,
-                                                          carry, cstates)
-      return carry, (cstates, saved)
+    def backward(streams, block, stages=stages):
+      block_xs, block_thetas, block_cstates = block
+      cstates, saved = [None] * len(stages), [None] * len(stages)
+      for i in reversed(range(len(stages))):
+        streams, cstates[i], saved[i] = stage_solver.stage_backward(
+            stages[i], cfg, hyper, block_xs[i], block_thetas[i], streams, block_cstates[i])
+      return streams, (tuple(cstates), tuple(saved))
 
     streams, (cstates, saved) = _scan(backward, streams, (seg_xs[j], seg_thetas[j],
-                                                          seg_cstates[j]), s.length, True)
+                                                          seg_cstates[j]), s.repeats, True)
     seg_saved[j] = saved
-    for i, per_stage in enumerate(_unstack(cstates, s.length)):
-      new_cstates.update(zip(keys[s.start + i], per_stage))
+    for t, per_stage in for_each_stage(s, cstates):
+      new_cstates.update(zip(keys[t], per_stage))
 
   # 3. Rollout with the feedback policies (skipped for OLNE: updates = -k).
   deltas = {}
   x_new = inputs
   for j, s in enumerate(segments):
-    stage = game.stages[s.start]
+    stages = game.stages[s.start:s.start + s.period]
     if cfg.feedback:
-      def rollout(carry, xs, stage=stage):
-        x_t, thetas, saved = xs
-        return stage_solver.stage_rollout(stage, cfg, hyper, x_t, carry, thetas, saved)
+      def rollout(x_new, block, stages=stages):
+        block_xs, block_thetas, block_saved = block
+        block_deltas = []
+        for i, stage in enumerate(stages):
+          x_new, d = stage_solver.stage_rollout(stage, cfg, hyper, block_xs[i], x_new,
+                                                block_thetas[i], block_saved[i])
+          block_deltas.append(d)
+        return x_new, tuple(block_deltas)
       x_new, seg_deltas = _scan(rollout, x_new, (seg_xs[j], seg_thetas[j], seg_saved[j]),
-                                s.length)
+                                s.repeats)
     else:
-      seg_deltas = stage_solver.open_loop_deltas(seg_saved[j])
-    for i, per_stage in enumerate(_unstack(seg_deltas, s.length)):
-      for p, d in zip(game.stages[s.start + i].players, per_stage):
+      seg_deltas = tuple(stage_solver.open_loop_deltas(saved) for saved in seg_saved[j])
+    for t, per_stage in for_each_stage(s, seg_deltas):
+      for p, d in zip(game.stages[t].players, per_stage):
         deltas[p.path] = d
 
   updates = games_lib.scatter_players(params, deltas, jnp.zeros_like)

@@ -1,0 +1,80 @@
+"""Compile time of one train step against depth: residual networks of 4 .. 32 identical blocks.
+
+    python benchmarks/compile_depth.py [--depths 4,8,16,32] [--optimizers sgd,fne-sgd,gr-sgd,fne-kfac]
+
+The network is the main job's residual CNN on 8x8 DIGITS images (a conv stem,
+N identity-shortcut residual blocks of 12 maps, pooling, a dense head). Runs
+of identical stages are solved with ``lax.scan`` over stacked parameters, so
+the compiled program, and its compile time, should not grow with N. For every
+optimizer the script lowers and compiles the jit-compiled step (one process,
+one run; fresh jit objects so nothing is cached), prints compile seconds per
+depth and the ratio to the shallowest, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from dgnopt_jax import datasets
+from dgnopt_jax import games as G
+from dgnopt_jax import train
+
+
+def resnet(blocks: int, classes: int) -> G.Game:
+  layers = [G.Conv2D(12, (3, 3), activation="relu")]
+  layers += [G.ResidualBlock(12) for _ in range(blocks)]
+  layers += [G.AvgPool((2, 2)), G.Dense(classes)]
+  return G.sequential(layers, (8, 8, 1))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--depths", default="4,8,16,32")
+  p.add_argument("--optimizers", default="sgd,fne-sgd,gr-sgd,fne-kfac")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--out", default=None)
+  args = p.parse_args(argv)
+  depths = [int(d) for d in args.depths.split(",")]
+  data = datasets.load("digits", images=True)
+  x = np.asarray(data.x_train[:args.batch], np.float32)
+  y = np.asarray(data.y_train[:args.batch])
+  rows = []
+  for name in args.optimizers.split(","):
+    seconds = {}
+    for depth in depths:
+      game = resnet(depth, data.num_classes)
+      params = game.init(jax.random.PRNGKey(0))
+      init, step, _ = train.make_step(name, game, None, 0.0)
+      state = init(params)
+      start = time.perf_counter()
+      step.lower(params, state, x, y).compile()
+      seconds[depth] = time.perf_counter() - start
+      print(f"  {name}, {depth} blocks: {seconds[depth]:.1f} s", flush=True)
+    rows.append({"optimizer": name, "compile_s": seconds,
+                 "deepest_vs_shallowest": seconds[depths[-1]] / seconds[depths[0]]})
+  head = ("| optimizer | " + " | ".join(f"{d} blocks (s)" for d in depths) +
+          f" | {depths[-1]} / {depths[0]} |")
+  lines = [head, "|" + "---|" * (len(depths) + 2)]
+  for r in rows:
+    lines.append(f"| {r['optimizer']} | " +
+                 " | ".join(f"{r['compile_s'][d]:.1f}" for d in depths) +
+                 f" | {r['deepest_vs_shallowest']:.2f} |")
+  print(f"\njax {jax.__version__}, {jax.default_backend()}, batch {args.batch}\n")
+  print("\n".join(lines))
+  out = args.out or os.path.join("runs", "benchmarks", f"compile_depth_{jax.default_backend()}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+  print(f"\nwrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
