@@ -165,11 +165,13 @@ def test_feedback_does_not_amplify_deviations_at_large_steps():
 
 @pytest.mark.parametrize("make,curvature,lr", [(dgnopt.fne, "identity", 0.3),
                                                (dgnopt.gr, "kfac", 0.1)])
-def test_scanned_residual_blocks_match_unrolled(make, curvature, lr):
+def test_scanned_residual_blocks_match_unrolled(make, curvature, lr, monkeypatch):
   # Three equal residual blocks (two stages each, a projection in the merge
-  # stage) are one scanned segment of period 2; the same network with
-  # distinct stage functions is unrolled. Both must agree, over two steps.
+  # stage) are one scanned segment of period 2 (scanned from 3 repeats here);
+  # the same network with distinct stage functions is unrolled. Both must
+  # agree, over two steps.
   from dgnopt_jax._src import solver
+  monkeypatch.setattr(solver, "MIN_BLOCK_REPEATS", 3)
   G = dgnopt.games
   game = G.sequential([G.Conv2D(3, (3, 3), activation="relu")] +
                       [G.ResidualBlock(3, shortcut="projection") for _ in range(3)] +
