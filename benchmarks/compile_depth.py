@@ -23,15 +23,7 @@ import jax
 import numpy as np
 
 from dgnopt_jax import datasets
-from dgnopt_jax import games as G
 from dgnopt_jax import train
-
-
-def resnet(blocks: int, classes: int) -> G.Game:
-  layers = [G.Conv2D(12, (3, 3), activation="relu")]
-  layers += [G.ResidualBlock(12) for _ in range(blocks)]
-  layers += [G.AvgPool((2, 2)), G.Dense(classes)]
-  return G.sequential(layers, (8, 8, 1))
 
 
 def main(argv=None) -> int:
@@ -49,7 +41,7 @@ def main(argv=None) -> int:
   for name in args.optimizers.split(","):
     seconds = {}
     for depth in depths:
-      game = resnet(depth, data.num_classes)
+      game = train.make_model("resnet", data, residual_blocks=depth)
       params = game.init(jax.random.PRNGKey(0))
       init, step, _ = train.make_step(name, game, None, 0.0)
       state = init(params)

@@ -41,13 +41,15 @@ MODELS = ("mlp", "cnn", "resnet", "inception")
 IMAGE_MODELS = ("cnn", "resnet", "inception")
 
 
-def make_model(name: str, data: datasets.Dataset, alignment: str = "merge") -> G.Game:
+def make_model(name: str, data: datasets.Dataset, alignment: str = "merge",
+               residual_blocks: int = 3) -> G.Game:
   """The networks.
 
   * ``mlp``: DDPNOpt Appendix D.1 (4 tanh layers of width 32, linear head);
   * ``cnn``: 4 conv + 2 dense (DGNOpt Appendix E's fictitious-player net, narrower);
-  * ``resnet``: a conv stem and 3 residual blocks with identity shortcuts, 12
-    feature maps, no normalisation (DGNOpt Appendix E, MNIST);
+  * ``resnet``: a conv stem and ``residual_blocks`` (3) residual blocks with
+    identity shortcuts, 12 feature maps, no normalisation (DGNOpt Appendix E,
+    MNIST);
   * ``inception``: conv, an inception block (a 4-player stage), conv, two dense
     layers (DGNOpt Appendix E).
   """
@@ -60,7 +62,7 @@ def make_model(name: str, data: datasets.Dataset, alignment: str = "merge") -> G
     return G.sequential(layers, data.x_train.shape[1:])
   if name == "resnet":
     layers = [G.Conv2D(12, (3, 3), activation="relu")]
-    layers += [G.ResidualBlock(12, alignment=alignment) for _ in range(3)]
+    layers += [G.ResidualBlock(12, alignment=alignment) for _ in range(residual_blocks)]
     layers += [G.AvgPool((2, 2)), G.Dense(data.num_classes)]
     return G.sequential(layers, data.x_train.shape[1:])
   if name == "inception":

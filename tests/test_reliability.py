@@ -25,16 +25,9 @@ def _batches(n):
           for _ in range(n)]
 
 
-_STEPS = {}
-
-
 def _train(tx, params, state, batches):
-  # One compiled step per transformation, shared by the runs that compare.
-  if id(tx) not in _STEPS:
-    _STEPS[id(tx)] = (tx, jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b)))
-  step = _STEPS[id(tx)][1]
   for b in batches:
-    updates, state = step(params, state, b)
+    updates, state = h.step(tx, params, b, state)  # compiled once per transformation
     params = optax.apply_updates(params, updates)
   return params, state
 

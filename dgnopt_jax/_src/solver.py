@@ -151,18 +151,14 @@ def plan_segments(game: games_lib.Game, params: Params, inputs: State) -> list[S
   ``MIN_BLOCK_REPEATS``. At each stage the longest run (most stages covered,
   shortest period on ties) is taken.
   """
-  x = _shapes(inputs)
-  xs, keys = [], []
-  for stage in game.stages:
-    thetas = _shapes(stage_thetas(stage, params))
-    xs.append(x)
-    keys.append((stage.signature(), thetas, x))
-    x = jax.eval_shape(stage.fn, x, thetas)
-  xs.append(x)
+  xs = [_shapes(inputs)]  # the state shapes x_0 .. x_T
+  thetas = [_shapes(stage_thetas(stage, params)) for stage in game.stages]
+  for stage, th in zip(game.stages, thetas):
+    xs.append(jax.eval_shape(stage.fn, xs[-1], th))
 
   def same(t, u):
-    return (keys[t][0] == keys[u][0] and _same_shapes(keys[t][1], keys[u][1]) and
-            _same_shapes(keys[t][2], keys[u][2]))
+    return (game.stages[t].signature() == game.stages[u].signature() and
+            _same_shapes(thetas[t], thetas[u]) and _same_shapes(xs[t], xs[u]))
 
   def repeats(t, period):
     """How many times stages t .. t+period-1 repeat back to back."""
