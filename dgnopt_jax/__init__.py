@@ -15,6 +15,7 @@ from dgnopt_jax import curvature
 from dgnopt_jax import games
 from dgnopt_jax import losses
 from dgnopt_jax import reference
+from dgnopt_jax import sharding
 from dgnopt_jax._src.transform import DGNOptState
 from dgnopt_jax._src.transform import fne
 from dgnopt_jax._src.transform import gr
@@ -32,4 +33,5 @@ __all__ = [
     "losses",
     "olne",
     "reference",
+    "sharding",
 ]

@@ -52,6 +52,7 @@ class _Recorder:
     self.offsets = offsets
     self.inputs: dict[int, jax.Array] = {}
     self.shapes: dict[int, Any] = {}
+    self.layers: dict[int, tuple[Any, jax.Array]] = {}
 
 
 _ACTIVE = threading.local()
@@ -84,6 +85,7 @@ def tap(layer: Any, params: Params, x: jax.Array, h: jax.Array) -> jax.Array:
         f"the params of player {n} feed more than one layer of the stage; Kronecker "
         "statistics need one layer per player (use a diagonal curvature)")
   rec.inputs[n] = layer_inputs(layer, params, x)
+  rec.layers[n] = (layer, x)
   rec.shapes[n] = jax.ShapeDtypeStruct(h.shape, h.dtype)
   if rec.offsets is not None and rec.offsets[n] is not None:
     h = h + rec.offsets[n]
@@ -107,6 +109,43 @@ def layer_inputs(layer: Any, params: Params, x: jax.Array) -> jax.Array:
   if "bias" in params:
     a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
   return a
+
+
+def kernel_rows(layer: Any, x: jax.Array, kernel_like: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """The layer's inputs without the bias column, and a kernel-shaped array to match.
+
+  Returns ``(a, k)`` with ``a`` of shape (B, P, K) (image patches of a
+  convolution in the channel-major order XLA makes them, no reordering
+  copy) and ``k`` the (K, O) matrix of ``kernel_like`` in the same row order,
+  so that ``h_p = a_p k`` for ``kernel_like`` the kernel.
+  """
+  if layer.kind == "dense":
+    return layer.linear_input(x)[:, None, :], kernel_like.reshape(-1, kernel_like.shape[-1])
+  kh, kw = layer.kernel_size
+  patches = jax.lax.conv_general_dilated_patches(
+      x, (kh, kw), layer.strides, layer.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  b, ho, wo, k = patches.shape
+  rows = jnp.transpose(kernel_like, (2, 0, 1, 3)).reshape(k, kernel_like.shape[-1])
+  return patches.reshape(b, ho * wo, k), rows
+
+
+def tapped_layers(fn: Any, x: State, thetas: tuple, players: tuple[int, ...]
+                  ) -> dict[int, tuple[Any, jax.Array]]:
+  """``{n: (layer, layer input)}``: the ready-made layer each player feeds and what it sees."""
+  rec = _find_layers(fn, x, thetas, players)
+  return {n: rec.layers[n] for n in players}
+
+
+def _find_layers(fn: Any, x: State, thetas: tuple, players: tuple[int, ...]) -> _Recorder:
+  with _recording(thetas, None) as rec:
+    fn(x, thetas)  # the unused forward is dead code to XLA
+  missing = [n for n in players if n not in rec.layers]
+  if missing:
+    raise ValueError(
+        f"players {missing} of this stage do not call their ready-made layer with their "
+        "params unchanged, so their Kronecker statistics cannot be found")
+  return rec
 
 
 def to_matrix(theta: Params) -> jax.Array:
@@ -161,13 +200,7 @@ def statistics(fn: Any, x: State, thetas: tuple, v_next: State,
   Raises:
     ValueError: if a requested player's layer was not met while evaluating the stage.
   """
-  with _recording(thetas, None) as rec:
-    fn(x, thetas)  # finds the players' layers (the unused forward is dead code to XLA)
-  missing = [n for n in players if n not in rec.shapes]
-  if missing:
-    raise ValueError(
-        f"players {missing} of this stage do not call their ready-made layer with their "
-        "params unchanged, so their Kronecker statistics cannot be found")
+  rec = _find_layers(fn, x, thetas, players)
   zeros = tuple(jnp.zeros(rec.shapes[n].shape, rec.shapes[n].dtype) if n in players else None
                 for n in range(len(thetas)))
 

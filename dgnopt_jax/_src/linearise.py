@@ -34,6 +34,21 @@ def tree_scale(s, a):
   return jax.tree.map(lambda x: s * x, a)
 
 
+def partition_safe() -> bool:
+  """Whether per-sample terms must take the forms XLA partitions correctly.
+
+  With more than one device a jit-compiled step may be partitioned over a
+  batch-sharded mesh. XLA (jax 0.10, CPU) partitioned a ``vmap`` over the
+  samples of a convolution's VJP in its kernel (a grouped convolution over
+  the batch) into wrong per-sample gradients, so with several devices the
+  per-sample terms are formed from layer taps or per-sample params copies
+  (:meth:`Linearised.per_sample_vjp_theta`,
+  :func:`quadratic_forms.layer_from_taps`); on one device nothing can be
+  partitioned and the faster, leaner ``vmap`` forms are used.
+  """
+  return jax.device_count() > 1
+
+
 class Linearised:
   """``F_t`` linearised at ``(x, thetas)``: JVPs and VJPs in x and in one player's theta."""
 
@@ -84,28 +99,69 @@ class Linearised:
 
   def per_sample_vjp_thetas(self, factor: State) -> tuple:
     """Per-sample F_theta^(i)T Z^(i) for all players jointly (leaves (B, r, ...))."""
-
-    def one(xi, zi):
-      f = lambda ths: self.fn(jax.tree.map(lambda a: a[None], xi), ths)
-      pull = jax.vjp(f, self.thetas)[1]
-      return jax.vmap(lambda c: pull(jax.tree.map(lambda a: a[None], c))[0])(zi)
-
-    return jax.vmap(one)(self.x, factor)
+    players = tuple(range(len(self.thetas)))
+    if partition_safe():
+      return self._per_sample_pullback(players, factor)
+    return self._per_sample_vmap(players, factor)
 
   def per_sample_vjp_theta(self, n: int, factor: State) -> Params:
     """Per-sample F_theta_n^(i)T Z^(i): leaves of shape (B, r, *theta.shape).
 
-    The generic route for players without a known structure: one VJP of the
-    single-sample stage per sample and column, memory linear in B.
+    The generic route for players without a known structure, memory linear
+    in B.
     """
+    if partition_safe():
+      return self._per_sample_pullback((n,), factor)[0]
+    return self._per_sample_vmap((n,), factor)[0]
+
+  def _per_sample_vmap(self, players: tuple[int, ...], factor: State) -> tuple:
+    """One VJP of the single-sample stage per sample and column (``vmap``)."""
 
     def one(xi, zi):
-      f = lambda th: self.fn(jax.tree.map(lambda a: a[None], xi),
-                             _replace(self.thetas, n, th))
-      pull = jax.vjp(f, self.thetas[n])[1]
+      def single(own):
+        thetas = self.thetas
+        for n, theta in zip(players, own):
+          thetas = _replace(thetas, n, theta)
+        return self.fn(jax.tree.map(lambda a: a[None], xi), thetas)
+
+      pull = jax.vjp(single, tuple(self.thetas[n] for n in players))[1]
       return jax.vmap(lambda c: pull(jax.tree.map(lambda a: a[None], c))[0])(zi)
 
     return jax.vmap(one)(self.x, factor)
+
+  def _per_sample_pullback(self, players: tuple[int, ...], factor: State) -> tuple:
+    """Per-sample VJPs in the given players' params, one pullback for all columns.
+
+    Every sample gets its own copy of the params (leaves ``(B, *theta.shape)``)
+    and the stage is evaluated sample by sample on its copy; the VJP in the
+    copies is the per-sample parameter derivative. Written this way rather
+    than as a ``vmap`` over samples of the single-sample VJP: for
+    convolutions that form (a grouped convolution in the batch) came out
+    wrong when XLA partitioned a batch-sharded step over several devices,
+    while this one partitions correctly (``tests/multidevice``). On one
+    device the ``vmap`` form is used: it is several times faster for
+    convolutions on CPU.
+    """
+    batch = jax.tree.leaves(self.x)[0].shape[0]
+    copies = tuple(jax.tree.map(lambda t: jnp.broadcast_to(t, (batch,) + jnp.shape(t)),
+                                self.thetas[n]) for n in players)
+
+    def one_sample(xi, own):
+      thetas = self.thetas
+      for n, theta in zip(players, own):
+        thetas = _replace(thetas, n, theta)
+      out = self.fn(jax.tree.map(lambda a: a[None], xi), thetas)
+      return jax.tree.map(lambda a: a[0], out)
+
+    pull = jax.vjp(lambda own: jax.vmap(one_sample)(self.x, own), copies)[1]
+    # Columns one after the other: JAX cannot vmap the transpose of a
+    # convolution in per-sample kernels (a conv with batch_group_count).
+    columns = jax.tree.map(lambda z: jnp.moveaxis(z, 1, 0), factor)
+    if jax.tree.leaves(factor)[0].shape[1] == 1:
+      out = jax.tree.map(lambda q: q[None], pull(jax.tree.map(lambda c: c[0], columns))[0])
+    else:
+      out = jax.lax.map(lambda c: pull(c)[0], columns)
+    return jax.tree.map(lambda q: jnp.moveaxis(q, 0, 1), out)
 
 
 def factor_transpose_apply(factor: State, u: State) -> jax.Array:

@@ -46,6 +46,34 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   return jnp.einsum("bro,bo,bso->brs", g, jnp.broadcast_to(w, h.shape), g)
 
 
+def layer_from_taps(f: lin.Linearised, n: int, factor_next: State, theta: Params,
+                    inv_diag: Params) -> jax.Array:
+  """S for a dense/conv player with a diagonal curvature, from the layer's taps.
+
+  Per sample and column the player's gradient is ``q_r = sum_p a_p g_rp^T``
+  (``a``: the layer's input at output position p, the image patch of a
+  convolution; ``g_r``: the column's derivative at the pre-activation,
+  :mod:`layer_taps`), so ``S_rs = sum_ko q_rko D_ko q_sko + sum_o
+  qb_ro Db_o qb_so`` with ``D``, ``Db`` the inverse diagonal of the kernel
+  and the bias and ``qb_r = sum_p g_rp``. Batched contractions only: the form
+  XLA partitions correctly when the batch is split over devices, used where
+  :func:`linearise.partition_safe` says so (on one device the per-sample
+  ``vmap`` route is leaner).
+  """
+  stats = jax.vmap(lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, (n,))[n],
+                   in_axes=1, out_axes=1)(factor_next)
+  g = stats.output_grads  # (B, r, P, O); its recorded inputs are unused (dead code)
+  layer, layer_x = layer_taps.tapped_layers(f.fn, f.x, f.thetas, (n,))[n]
+  inv = jax.tree.map(lambda d, t: jnp.broadcast_to(d, t.shape), inv_diag, theta)
+  a, inv_kernel = layer_taps.kernel_rows(layer, layer_x, inv["kernel"])
+  q = jnp.einsum("bpk,brpo->brko", a, g)
+  out = jnp.einsum("brko,ko,bsko->brs", q, inv_kernel, q)
+  if "bias" in inv:
+    qb = jnp.sum(g, axis=2)
+    out = out + jnp.einsum("bro,o,bso->brs", qb, inv["bias"], qb)
+  return out.astype(jax.tree.leaves(factor_next)[0].dtype)
+
+
 def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: State,
                       step: kronecker.KroneckerStep, damping: jax.Array) -> jax.Array:
   """S for dense/conv players under a Kronecker curvature, from the factor's taps.
@@ -91,6 +119,9 @@ def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
   if (inv_diag is not None and isinstance(player_.layer, games_lib.Dense) and
       f.fn is games_lib.layer_stage_fn(player_.layer)):
     return dense_layer(player_.layer, theta, f.x, factor_next, inv_diag)
+  if (inv_diag is not None and lin.partition_safe() and
+      layer_taps.has_kronecker_structure(player_, theta)):
+    return layer_from_taps(f, n, factor_next, theta, inv_diag)
   q = f.per_sample_vjp_theta(n, factor_next)
   if inv_diag is not None:
     return _contract(q, jax.tree.map(lambda a, d: a * d, q, inv_diag))
