@@ -15,7 +15,10 @@ from dgnopt_jax._src.games import get_activation
 from dgnopt_jax._src.games import get_path
 from dgnopt_jax._src.games import sequential
 from dgnopt_jax._src.games import stage
+from dgnopt_jax._src.fictitious import collapse_params
+from dgnopt_jax._src.fictitious import fictitious
+from dgnopt_jax._src.fictitious import split_params
 
 __all__ = ["AvgPool", "Conv2D", "Dense", "Flatten", "Game", "InceptionBlock", "Parallel",
            "Player", "RESIDUAL_ALIGNMENTS", "ResidualBlock", "Stage", "get_activation",
-           "get_path", "sequential", "stage"]
+           "get_path", "sequential", "stage", "collapse_params", "fictitious", "split_params"]

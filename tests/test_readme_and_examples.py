@@ -6,11 +6,15 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dgnopt_jax as dgnopt
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+G_get = dgnopt.games.get_path
 
 
 def test_readme_snippet_trains():
@@ -21,6 +25,29 @@ def test_readme_snippet_trains():
   game, params, data = scope["game"], scope["params"], scope["data"]
   logits = game.apply(params, jnp.asarray(data.x_test, jnp.float32))
   assert float(np.mean(np.argmax(logits, -1) == data.y_test)) > 0.9
+
+
+def test_readme_fictitious_players_snippet():
+  # Runs after the first snippet, in its scope, as a reader would.
+  text = (ROOT / "README.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+  scope = {}
+  exec(compile(blocks[0].replace("range(1000)", "range(300)"), "README.md", "exec"), scope)
+  before = scope["params"]
+  fictitious = [b for b in blocks if "G.fictitious(" in b]
+  assert len(fictitious) == 1
+  exec(compile(fictitious[0], "README.md", "exec"), scope)
+  game, split, params, data = scope["game"], scope["split"], scope["params"], scope["data"]
+  for player in game.players:  # collapsed = the sum of the four players
+    parts = G_get(split, player.path)
+    assert len(parts) == 4
+    for leaf, *leaves in zip(*map(jax.tree.leaves, [G_get(params, player.path)] + list(parts))):
+      np.testing.assert_array_equal(leaf, sum(leaves[1:], leaves[0]))
+  x = jnp.asarray(data.x_test, jnp.float32)
+  def accuracy(p):
+    return float(np.mean(np.argmax(game.apply(p, x), -1) == data.y_test))
+  assert accuracy(params) >= accuracy(before) - 0.01
+  assert game.loss_value(params, x, data.y_test) < game.loss_value(before, x, data.y_test)
 
 
 def test_main_job_writes_table_record_and_plot(tmp_path):
@@ -73,3 +100,13 @@ def test_fault_script_writes_the_reliability_table(tmp_path):
   assert "params dtype after 20 steps: bfloat16" in text
   assert "bit for bit to the uninterrupted run: True" in text
   assert "raised JaxRuntimeError" in text
+
+
+def test_fictitious_players_example_runs():
+  out = subprocess.run(
+      [sys.executable, "examples/fictitious_players_digits.py", "--steps", "10",
+       "--eval-every", "5", "--players", "2", "--target", "0.5"],
+      capture_output=True, text=True, check=True, cwd=ROOT)
+  rows = [r for r in out.stdout.splitlines() if r.startswith("| ") and "---" not in r]
+  assert rows[0].startswith("| N | steps to 50% test acc")
+  assert [r.split("|")[1].strip() for r in rows[1:]] == ["2"]

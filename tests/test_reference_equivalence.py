@@ -126,7 +126,8 @@ def test_feedback_changes_the_update():
   assert h.max_relative_error(with_fb, without) > 1e-3
 
 
-@pytest.mark.parametrize("make,principle", [(dgnopt.fne, "fne"), (dgnopt.gr, "gr")])
+@pytest.mark.parametrize("make,principle", [
+    (dgnopt.fne, "fne"), pytest.param(dgnopt.gr, "gr", marks=pytest.mark.slow)])
 def test_convexity_safeguard_matches_reference(make, principle):
   # At large steps the identity curvature leaves the model non-convex
   # (lambda_max(G) > 1) and the coupling is scaled by 1/lambda_max(G): the
@@ -163,8 +164,8 @@ def test_feedback_does_not_amplify_deviations_at_large_steps():
   assert worst < 3 * first
 
 
-@pytest.mark.parametrize("make,curvature,lr", [(dgnopt.fne, "identity", 0.3),
-                                               (dgnopt.gr, "kfac", 0.1)])
+@pytest.mark.parametrize("make,curvature,lr", [
+    (dgnopt.fne, "identity", 0.3), pytest.param(dgnopt.gr, "kfac", 0.1, marks=pytest.mark.slow)])
 def test_scanned_residual_blocks_match_unrolled(make, curvature, lr, monkeypatch):
   # Three equal residual blocks (two stages each, a projection in the merge
   # stage) are one scanned segment of period 2 (scanned from 3 repeats here);
