@@ -10,7 +10,10 @@ the other players' actions being unobservable to it (DGNOpt eq. 6, 9, 10,
     V_x     = F_x^T (V_x' - w V~_xx' F_theta k)         (eq. 10)
     Z       = (F_x^T Z') (I - w^2 S)_+^{1/2},  S = (F_theta^T Z')^T M^-1 (F_theta^T Z')
 
-and its feedback policy in the rollout is
+where ``F_x^T V~_xx' u = (F_x^T Z')(Z'^T u) + eps F_x^T u`` reuses the columns
+``F_x^T Z'`` pulled back for Z (and, for conv players whose per-sample
+gradients ``q = F_theta^T Z'`` are formed, ``Z'^T F_theta k = q^T k``), and
+its feedback policy in the rollout is
 ``theta <- theta - (k + w M^-1 F_theta^T V~_xx' F_x dx)``, where
 ``w = 1 / max(1, lambda_max(G))`` shrinks the state-parameter coupling where a
 surrogate curvature leaves the stage's model non-convex
@@ -58,8 +61,10 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     cstates: the players' curvature states.
 
   Returns:
-    ``(streams_t, new_cstates, saved)`` where ``saved[n] = (k, step, Z', w)``
-    is what the rollout needs for player n (``w`` None without feedback).
+    ``(streams_t, new_cstates, saved)`` where ``saved[n] = (k, step, Z', F_x^T Z',
+    q, w)`` is what the rollout needs for player n (``q`` the per-sample
+    gradients where formed and ``vxx_reg = 0``, else None; ``w`` None without
+    feedback).
   """
   f = lin.Linearised(stage.fn, x, thetas)
   eta, damping, eps = hyper
@@ -89,23 +94,30 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
                                     stats)
     open_gain = lin.tree_scale(eta, curvature.solve(step, curvature.direction(step, q_theta),
                                                     damping))
-    z, scale = None, None
+    z, scale, pulled, grads = None, None, None, None
     if z_next is not None:
-      z = f.vjp_x_columns(z_next)
+      z = pulled = f.vjp_x_columns(z_next)
       if cfg.feedback:
-        s = eta * quadratic_forms.player(curvature, player, f, n, z_next, step, damping)
+        form = quadratic_forms.player(curvature, player, f, n, z_next, step, damping)
+        grads = form.gradients if lin.is_zero(eps) else None
         scale, z = lin.guarded_factor_update(
-            z_next, z, s, pull=lambda c, n=n: f.vjp_theta(n, c),
+            z_next, z, eta * form.s, pull=lambda c, n=n: f.vjp_theta(n, c),
             solve=lambda g, step=step: lin.tree_scale(eta, curvature.solve(step, g, damping)),
-            push=lambda d, n=n: f.jvp_theta(n, d), iterations=cfg.coupling_iterations)
+            push=lambda d, n=n: f.jvp_theta(n, d), iterations=cfg.coupling_iterations,
+            gram=quadratic_forms.scaled_gram(form, eta))
     if cfg.feedback:
-      correction = lin.value_hessian_apply(z_next, f.jvp_theta(n, open_gain), eps)
-      v_x = f.vjp_x(lin.tree_sub(v_next, lin.tree_scale(scale, correction)))
+      if grads is not None:  # Z'^T F_theta k from the per-sample gradients
+        correction = lin.factor_apply(pulled, quadratic_forms.gradient_coefficients(grads,
+                                                                                    open_gain))
+      else:
+        correction = lin.pulled_value_hessian_apply(z_next, pulled, f.jvp_theta(n, open_gain),
+                                                    eps, f.vjp_x)
+      v_x = lin.tree_sub(q_x, lin.tree_scale(scale, correction))
     else:
       v_x = q_x
     out_streams.append((v_x, z))
     out_cstates.append(cstate)
-    saved.append((open_gain, step, z_next, scale))
+    saved.append((open_gain, step, z_next, pulled, grads, scale))
   return tuple(out_streams), tuple(out_cstates), tuple(saved)
 
 
@@ -121,9 +133,13 @@ def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
   if stage.num_players:
     f = lin.Linearised(stage.fn, x, thetas)
     dx = lin.tree_sub(x_new, x)
-    f_x_dx = f.jvp_x(dx)
-    for n, (open_gain, step, z_next, scale) in enumerate(saved):
-      feedback = f.vjp_theta(n, lin.value_hessian_apply(z_next, f_x_dx, eps))
+    for n, (open_gain, step, z_next, pulled, grads, scale) in enumerate(saved):
+      if grads is not None:  # F_theta^T Z' (Z'^T F_x dx), Z'^T F_x dx = (F_x^T Z')^T dx
+        feedback = quadratic_forms.gradient_pullback(
+            grads, lin.factor_transpose_apply(pulled, dx), thetas[n])
+      else:
+        feedback = f.vjp_theta(n, lin.pushed_value_hessian_apply(z_next, pulled, dx, eps,
+                                                                 f.jvp_x))
       feedback = lin.tree_scale(scale * eta, cfg.curvature.solve(step, feedback, damping))
       deltas.append(jax.tree.map(lambda k, fb: -(k + fb), open_gain, feedback))
   new_thetas = tuple(lin.tree_add(t, d) for t, d in zip(thetas, deltas))

@@ -81,7 +81,9 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     streams: a one-element tuple ``((W_x', Z'),)``.
 
   Returns:
-    ``(((W_x, Z),), new_cstates, saved)`` with ``saved = (gains, steps, Z', w)``.
+    ``(((W_x, Z),), new_cstates, saved)`` with ``saved = (gains, steps, Z', F_x^T Z',
+    q, w)`` (``q``: the players' per-sample gradients where all are formed and
+    ``vxx_reg = 0``, else None).
   """
   f = lin.Linearised(stage.fn, x, thetas)
   eta, damping, eps = hyper
@@ -129,26 +131,33 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     new_cstates, steps, directions = tuple(new_cstates), tuple(steps), tuple(directions)
   gains = lin.tree_scale(eta, _solve(cfg, joint, steps, directions, damping))
 
-  z, scale = None, None
+  z, scale, pulled, grads = None, None, None, None
   if z_next is not None:
-    z = f.vjp_x_columns(z_next)
+    z = pulled = f.vjp_x_columns(z_next)
     if cfg.feedback:
       if joint:
-        s = quadratic_forms.joint(curvature, f, z_next, steps, damping)
+        form = quadratic_forms.joint(curvature, f, z_next, steps, damping)
       else:
-        parts = [quadratic_forms.player(curvature, p, f, n, z_next, steps[n], damping)
-                 for n, p in enumerate(stage.players)]
-        s = sum(parts[1:], parts[0])
+        form = quadratic_forms.sum_forms(
+            [quadratic_forms.player(curvature, p, f, n, z_next, steps[n], damping)
+             for n, p in enumerate(stage.players)])
       scale, z = lin.guarded_factor_update(
-          z_next, z, eta * s, pull=f.vjp_thetas,
+          z_next, z, eta * form.s, pull=f.vjp_thetas,
           solve=lambda g: lin.tree_scale(eta, _solve(cfg, joint, steps, g, damping)),
-          push=f.jvp_thetas, iterations=cfg.coupling_iterations)
+          push=f.jvp_thetas, iterations=cfg.coupling_iterations,
+          gram=quadratic_forms.scaled_gram(form, eta))
+      grads = form.gradients if lin.is_zero(eps) else None
   if cfg.feedback:
-    correction = lin.value_hessian_apply(z_next, f.jvp_thetas(gains), eps)
-    w_x = f.vjp_x(lin.tree_sub(w_next, lin.tree_scale(scale, correction)))
+    if grads is not None:  # Z'^T sum_n F_theta_n k_n from the per-sample gradients
+      coeffs = [quadratic_forms.gradient_coefficients(q, k) for q, k in zip(grads, gains)]
+      correction = lin.factor_apply(pulled, sum(coeffs[1:], coeffs[0]))
+    else:
+      correction = lin.pulled_value_hessian_apply(z_next, pulled, f.jvp_thetas(gains), eps,
+                                                  f.vjp_x)
+    w_x = lin.tree_sub(q_x, lin.tree_scale(scale, correction))
   else:
     w_x = q_x
-  return ((w_x, z),), new_cstates, (gains, steps, z_next, scale)
+  return ((w_x, z),), new_cstates, (gains, steps, z_next, pulled, grads, scale)
 
 
 def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State, x_new: State,
@@ -157,9 +166,15 @@ def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State, x_new:
   eta, damping, eps = hyper
   deltas = ()
   if stage.num_players:
-    gains, steps, z_next, scale = saved
+    gains, steps, z_next, pulled, grads, scale = saved
     f = lin.Linearised(stage.fn, x, thetas)
-    feedback = f.vjp_thetas(lin.value_hessian_apply(z_next, f.jvp_x(lin.tree_sub(x_new, x)), eps))
+    dx = lin.tree_sub(x_new, x)
+    if grads is not None:  # F_theta_n^T Z' (Z'^T F_x dx), Z'^T F_x dx = (F_x^T Z')^T dx
+      coeffs = lin.factor_transpose_apply(pulled, dx)
+      feedback = tuple(quadratic_forms.gradient_pullback(q, coeffs, t)
+                       for q, t in zip(grads, thetas))
+    else:
+      feedback = f.vjp_thetas(lin.pushed_value_hessian_apply(z_next, pulled, dx, eps, f.jvp_x))
     feedback = lin.tree_scale(scale * eta, _solve(cfg, is_joint(stage, cfg, thetas), steps,
                                                   feedback, damping))
     deltas = jax.tree.map(lambda k, fb: -(k + fb), gains, feedback)

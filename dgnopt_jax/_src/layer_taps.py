@@ -92,42 +92,44 @@ def tap(layer: Any, params: Params, x: jax.Array, h: jax.Array) -> jax.Array:
   return h
 
 
+def image_patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int],
+                  padding: Any) -> jax.Array:
+  """The convolution's input windows, shape (B, P, kh * kw * C) in ``kernel.reshape(-1, O)`` order.
+
+  ``conv(x, kernel)[b, p] = patches[b, p] @ kernel.reshape(-1, O)``. Built
+  from ``kh * kw`` strided slices of the padded input (copies only):
+  ``lax.conv_general_dilated_patches`` computes the same as a convolution
+  with a one-hot kernel, ``kh * kw * C`` times more arithmetic (14 ms
+  against well under 1 ms for a 3x3 layer of 12 maps, batch 128, on CPU).
+  """
+  kh, kw = kernel_size
+  sh, sw = strides
+  if isinstance(padding, str):
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (sh, sw), padding)
+  else:
+    pads = padding
+  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  ho = (xp.shape[1] - kh) // sh + 1
+  wo = (xp.shape[2] - kw) // sw + 1
+  windows = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+             for i in range(kh) for j in range(kw)]
+  patches = jnp.stack(windows, axis=3)  # (B, ho, wo, kh * kw, C)
+  return patches.reshape(x.shape[0], ho * wo, kh * kw * x.shape[-1])
+
+
+def kernel_rows(layer: Any, x: jax.Array) -> jax.Array:
+  """The layer's inputs without the bias column, (B, P, K): ``h_p = a_p kernel.reshape(K, O)``."""
+  if layer.kind == "dense":
+    return layer.linear_input(x)[:, None, :]
+  return image_patches(x, layer.kernel_size, layer.strides, layer.padding)
+
+
 def layer_inputs(layer: Any, params: Params, x: jax.Array) -> jax.Array:
   """The augmented inputs ``a`` of a dense or conv layer, shape (B, P, Ka)."""
-  if layer.kind == "dense":
-    a = layer.linear_input(x)[:, None, :]
-  else:
-    kh, kw = layer.kernel_size
-    patches = jax.lax.conv_general_dilated_patches(
-        x, (kh, kw), layer.strides, layer.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    b, ho, wo, _ = patches.shape
-    channels = x.shape[-1]
-    # Features come channel-major; reorder to (kh, kw, C) like kernel.reshape(-1, O).
-    patches = patches.reshape(b, ho, wo, channels, kh, kw).transpose(0, 1, 2, 4, 5, 3)
-    a = patches.reshape(b, ho * wo, kh * kw * channels)
+  a = kernel_rows(layer, x)
   if "bias" in params:
     a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
   return a
-
-
-def kernel_rows(layer: Any, x: jax.Array, kernel_like: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
-  """The layer's inputs without the bias column, and a kernel-shaped array to match.
-
-  Returns ``(a, k)`` with ``a`` of shape (B, P, K) (image patches of a
-  convolution in the channel-major order XLA makes them, no reordering
-  copy) and ``k`` the (K, O) matrix of ``kernel_like`` in the same row order,
-  so that ``h_p = a_p k`` for ``kernel_like`` the kernel.
-  """
-  if layer.kind == "dense":
-    return layer.linear_input(x)[:, None, :], kernel_like.reshape(-1, kernel_like.shape[-1])
-  kh, kw = layer.kernel_size
-  patches = jax.lax.conv_general_dilated_patches(
-      x, (kh, kw), layer.strides, layer.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  b, ho, wo, k = patches.shape
-  rows = jnp.transpose(kernel_like, (2, 0, 1, 3)).reshape(k, kernel_like.shape[-1])
-  return patches.reshape(b, ho * wo, k), rows
 
 
 def tapped_layers(fn: Any, x: State, thetas: tuple, players: tuple[int, ...]

@@ -177,12 +177,44 @@ def factor_apply(factor: State, coeffs: jax.Array) -> State:
                       factor)
 
 
+def is_zero(value: Any) -> bool:
+  """Whether ``value`` is a Python number equal to zero (a term that can be dropped statically)."""
+  return isinstance(value, (int, float)) and value == 0
+
+
 def value_hessian_apply(factor: State, u: State, vxx_reg) -> State:
   """V~_xx u = Z (Z^T u) + eps u, per sample: the regularised value Hessian."""
   out = factor_apply(factor, factor_transpose_apply(factor, u))
-  if isinstance(vxx_reg, (int, float)) and vxx_reg == 0:
+  if is_zero(vxx_reg):
     return out
   return jax.tree.map(lambda o, v: o + vxx_reg * v, out, u)
+
+
+def pulled_value_hessian_apply(factor: State, pulled: State, u: State, vxx_reg,
+                               vjp_x: Callable[[State], State]) -> State:
+  """``F_x^T V~_xx u`` from the pulled-back factor ``pulled = F_x^T Z`` (DGNOpt eq. 10, 25).
+
+  ``F_x^T (Z Z^T u + eps u) = (F_x^T Z)(Z^T u) + eps F_x^T u``: the value
+  gradient's correction reuses the columns the factor update pulled back, and
+  needs a VJP of the stage only for the Tikhonov term.
+  """
+  out = factor_apply(pulled, factor_transpose_apply(factor, u))
+  if is_zero(vxx_reg):
+    return out
+  return tree_add(out, tree_scale(vxx_reg, vjp_x(u)))
+
+
+def pushed_value_hessian_apply(factor: State, pulled: State, dx: State, vxx_reg,
+                               jvp_x: Callable[[State], State]) -> State:
+  """``V~_xx F_x dx`` with ``pulled = F_x^T Z``: ``Z (pulled^T dx) + eps F_x dx``.
+
+  The feedback's cotangent in the rollout (Alg. 1 line 10) without a JVP of
+  the stage, except for the Tikhonov term.
+  """
+  out = factor_apply(factor, factor_transpose_apply(pulled, dx))
+  if is_zero(vxx_reg):
+    return out
+  return tree_add(out, tree_scale(vxx_reg, jvp_x(dx)))
 
 
 def coupling_scale(gram: Callable[[jax.Array], jax.Array], s: jax.Array,
@@ -237,7 +269,8 @@ def coupling_scale(gram: Callable[[jax.Array], jax.Array], s: jax.Array,
 
 def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
                           pull: Callable[[State], Any], solve: Callable[[Any], Any],
-                          push: Callable[[Any], State], iterations: int
+                          push: Callable[[Any], State], iterations: int,
+                          gram: Callable[[jax.Array], jax.Array] | None = None
                           ) -> tuple[jax.Array, State]:
   """The coupling scale w and the new factor ``Z = q_x (I - w^2 S)_+^{1/2}``.
 
@@ -249,13 +282,16 @@ def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
     solve: ``g -> M^-1 g``.
     push: ``d -> F_theta d`` (the players' JVP).
     iterations: power iterations of :func:`coupling_scale`.
+    gram: ``v -> G v`` where the caller has a cheaper form of it (from
+      per-sample gradients, :class:`quadratic_forms.Form`); by default
+      ``Z'^T push(solve(pull(Z' v)))``.
 
   Returns:
     ``(w, Z)``.
   """
-
-  def gram(v):
-    return factor_transpose_apply(factor_next, push(solve(pull(factor_apply(factor_next, v)))))
+  if gram is None:
+    def gram(v):
+      return factor_transpose_apply(factor_next, push(solve(pull(factor_apply(factor_next, v)))))
 
   scale = coupling_scale(gram, s, iterations)
   return scale, mix_columns(q_x, psd_sqrt_of_identity_minus(scale * scale * s))

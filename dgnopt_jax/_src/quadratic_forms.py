@@ -2,12 +2,19 @@
 
 They enter the value-Hessian factor update ``Z <- (F_x^T Z') (I - w^2 eta S)_+^{1/2}``
 (GT-DDP Prop. 5-6; DESIGN §4; ``w`` from :func:`linearise.coupling_scale`) and
-are needed per sample, shape (B, r, r).
+are needed per sample, shape (B, r, r). They are the diagonal blocks of the
+stage's coupling matrix ``G_ij = q_i^T (C + damping)^-1 q_j`` over samples and
+columns (``q_i = F_theta^(i)T Z'^(i)``), whose largest eigenvalue the
+convexity safeguard estimates by power iteration. Where the per-sample
+gradients ``q`` of a player are formed anyway (convolutions with a diagonal or
+Kronecker curvature), :class:`Form` also carries ``v -> G v`` computed from
+them: two contractions of size B r K O instead of a VJP and a JVP of the stage
+(for a convolution, P = output positions times fewer multiplications).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +26,75 @@ from dgnopt_jax._src import linearise as lin
 
 State = Any
 Params = Any
+
+
+class LayerGradients(NamedTuple):
+  """Per-sample, per-column gradients ``q_ir = F_theta^(i)T Z'_ir`` of a dense/conv player.
+
+  Attributes:
+    kernel: (B, r, K, O), rows in ``kernel.reshape(K, O)`` order.
+    bias: (B, r, O), or None for a layer without bias.
+  """
+
+  kernel: jax.Array
+  bias: Optional[jax.Array]
+
+
+def gradient_coefficients(grads: LayerGradients, dtheta: Params) -> jax.Array:
+  """``Z'^(i)T F_theta^(i) dtheta = q_i . dtheta`` for every sample and column: (B, r)."""
+  kernel = dtheta["kernel"].reshape(-1, dtheta["kernel"].shape[-1])
+  out = jnp.einsum("brko,ko->br", grads.kernel, kernel.astype(grads.kernel.dtype))
+  if grads.bias is not None:
+    out = out + jnp.einsum("bro,o->br", grads.bias, dtheta["bias"].astype(grads.bias.dtype))
+  return out
+
+
+def gradient_pullback(grads: LayerGradients, coeffs: jax.Array, like: Params) -> Params:
+  """``F_theta^T (Z' c) = sum_ir q_ir c_ir``, shaped like ``like``."""
+  kernel = jnp.einsum("brko,br->ko", grads.kernel, coeffs.astype(grads.kernel.dtype))
+  out = {"kernel": kernel.reshape(like["kernel"].shape).astype(like["kernel"].dtype)}
+  if grads.bias is not None:
+    out["bias"] = jnp.einsum("bro,br->o", grads.bias,
+                             coeffs.astype(grads.bias.dtype)).astype(like["bias"].dtype)
+  return out
+
+
+class Form(NamedTuple):
+  """A stage's (or one player's) per-sample forms and, where cheap, its coupling matvec.
+
+  Attributes:
+    s: ``S^(i) = q_i^T (C + damping)^-1 q_i``, shape (B, r, r).
+    gram: ``v -> G v`` on (B, r) arrays with ``G_ij = q_i^T (C + damping)^-1 q_j``,
+      or None where the solver applies ``G`` through the stage's VJP and JVP.
+    gradients: the players' :class:`LayerGradients` where formed (a tuple over
+      the players of a stage), else None. With them ``Z'^T F_theta d`` and
+      ``F_theta^T Z' c`` are contractions instead of a JVP and a VJP.
+  """
+
+  s: jax.Array
+  gram: Optional[Callable[[jax.Array], jax.Array]] = None
+  gradients: Any = None
+
+
+def scaled_gram(form: Form, scale: Any) -> Optional[Callable[[jax.Array], jax.Array]]:
+  """``v -> scale * G v`` (``scale`` the learning rate: ``M^-1 = eta (C + damping)^-1``), or None."""
+  if form.gram is None:
+    return None
+  return lambda v: scale * form.gram(v)
+
+
+def sum_forms(forms: list) -> Form:
+  """The forms of players with a block-diagonal curvature: ``S`` and ``G`` add up."""
+  s = forms[0].s
+  for f in forms[1:]:
+    s = s + f.s
+  gram = None
+  if all(f.gram is not None for f in forms):
+    gram = lambda v: sum(f.gram(v) for f in forms)
+  gradients = None
+  if all(f.gradients is not None for f in forms):
+    gradients = tuple(f.gradients for f in forms)
+  return Form(s, gram, gradients)
 
 
 def _contract(q: Any, solved: Any) -> jax.Array:
@@ -46,43 +122,74 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   return jnp.einsum("bro,bo,bso->brs", g, jnp.broadcast_to(w, h.shape), g)
 
 
-def layer_from_taps(f: lin.Linearised, n: int, factor_next: State, theta: Params,
-                    inv_diag: Params) -> jax.Array:
-  """S for a dense/conv player with a diagonal curvature, from the layer's taps.
+def _column_grads(f: lin.Linearised, n: int, factor_next: State) -> jax.Array:
+  """``g_r = dZ'_r/dh`` at the player's pre-activation, per column: (B, r, P, O)."""
+  return jax.vmap(lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, (n,))[n].output_grads,
+                  in_axes=1, out_axes=1)(factor_next)
+
+
+def explicit_gradients_pay(f: lin.Linearised, n: int, factor_next: State) -> bool:
+  """Whether forming player n's per-sample gradients is the cheaper route.
+
+  For a convolution with P output positions and O output maps, the gradients
+  ``q`` (B, r, K, O) are no larger than the image patches (B, P, K) they are
+  made from when ``r O <= P``; a coupling matvec from them then costs
+  ``2 B r K O`` multiplications against ``~2 B P K O`` through the stage's
+  VJP and JVP.
+  """
+  layer, layer_x = layer_taps.tapped_layers(f.fn, f.x, f.thetas, (n,))[n]
+  if layer.kind != "conv":
+    return False
+  positions = jax.eval_shape(lambda x: layer_taps.kernel_rows(layer, x), layer_x).shape[1]
+  return jax.tree.leaves(factor_next)[0].shape[1] * layer.features <= positions
+
+
+def diagonal_layer(f: lin.Linearised, n: int, factor_next: State, theta: Params,
+                   inv_diag: Params) -> Form:
+  """S and ``v -> G v`` of a dense/conv player with a diagonal curvature ``D^-1``.
 
   Per sample and column the player's gradient is ``q_r = sum_p a_p g_rp^T``
   (``a``: the layer's input at output position p, the image patch of a
   convolution; ``g_r``: the column's derivative at the pre-activation,
   :mod:`layer_taps`), so ``S_rs = sum_ko q_rko D_ko q_sko + sum_o
   qb_ro Db_o qb_so`` with ``D``, ``Db`` the inverse diagonal of the kernel
-  and the bias and ``qb_r = sum_p g_rp``. Batched contractions only: the form
-  XLA partitions correctly when the batch is split over devices, used where
-  :func:`linearise.partition_safe` says so (on one device the per-sample
-  ``vmap`` route is leaner).
+  and the bias and ``qb_r = sum_p g_rp``; ``(G v)_ir = q_ir^T D u`` with
+  ``u = sum_js q_js v_js``. Batched contractions only: also the form XLA
+  partitions correctly when the batch is split over devices
+  (:func:`linearise.partition_safe`).
   """
-  stats = jax.vmap(lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, (n,))[n],
-                   in_axes=1, out_axes=1)(factor_next)
-  g = stats.output_grads  # (B, r, P, O); its recorded inputs are unused (dead code)
+  g = _column_grads(f, n, factor_next)  # (B, r, P, O)
   layer, layer_x = layer_taps.tapped_layers(f.fn, f.x, f.thetas, (n,))[n]
   inv = jax.tree.map(lambda d, t: jnp.broadcast_to(d, t.shape), inv_diag, theta)
-  a, inv_kernel = layer_taps.kernel_rows(layer, layer_x, inv["kernel"])
+  a = layer_taps.kernel_rows(layer, layer_x)
+  inv_kernel = inv["kernel"].reshape(-1, inv["kernel"].shape[-1])
   q = jnp.einsum("bpk,brpo->brko", a, g)
-  out = jnp.einsum("brko,ko,bsko->brs", q, inv_kernel, q)
-  if "bias" in inv:
-    qb = jnp.sum(g, axis=2)
-    out = out + jnp.einsum("bro,o,bso->brs", qb, inv["bias"], qb)
-  return out.astype(jax.tree.leaves(factor_next)[0].dtype)
+  qb = jnp.sum(g, axis=2) if "bias" in inv else None
+  dtype = jax.tree.leaves(factor_next)[0].dtype
+  s = jnp.einsum("brko,ko,bsko->brs", q, inv_kernel, q)
+  if qb is not None:
+    s = s + jnp.einsum("bro,o,bso->brs", qb, inv["bias"], qb)
+
+  def gram(v: jax.Array) -> jax.Array:
+    out = jnp.einsum("brko,ko,ko->br", q, inv_kernel, jnp.einsum("bsko,bs->ko", q, v))
+    if qb is not None:
+      out = out + jnp.einsum("bro,o,o->br", qb, inv["bias"], jnp.einsum("bso,bs->o", qb, v))
+    return out.astype(v.dtype)
+
+  return Form(s.astype(dtype), gram, LayerGradients(q, qb))
 
 
 def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: State,
-                      step: kronecker.KroneckerStep, damping: jax.Array) -> jax.Array:
-  """S for dense/conv players under a Kronecker curvature, from the factor's taps.
+                      step: kronecker.KroneckerStep, damping: jax.Array) -> Form:
+  """The forms of dense/conv players under a Kronecker curvature, from the factor's taps.
 
   Per sample and factor column the players' gradients are ``sum_p a_ip g_irp^T``
   (placed block-diagonally when several players share one stacked layer);
   in the eigenbasis, ``S_rs = sum_jk Q~_rjk Q~_sjk / (e_jk + damping)`` with
   ``Q~_r = U_A^T Q_r U_G``. For one dense player (one position) ``Q~_r`` is
-  rank one and never formed: ``S_rs = sum_jk a~_j^2 g~_rk g~_sk / (e_jk + damping)``.
+  rank one and never formed: ``S_rs = sum_jk a~_j^2 g~_rk g~_sk / (e_jk + damping)``
+  (and ``G`` is applied through the stage); otherwise ``(G v)_ir = sum_jk
+  Q~_irjk u_jk / (e_jk + damping)`` with ``u = sum_js Q~_js v_js``.
   """
   copies = 1
   if isinstance(step, kronecker.SharedKroneckerStep):
@@ -103,37 +210,51 @@ def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: 
   dtype = jax.tree.leaves(factor_next)[0].dtype
   if len(players) == 1 and rotated[0][0].shape[1] == 1:
     a_rot, g_rot = rotated[0]
-    return jnp.einsum("bj,jk,brk,bsk->brs", a_rot[:, 0] ** 2, inverse, g_rot[:, :, 0],
-                      g_rot[:, :, 0]).astype(dtype)
+    return Form(jnp.einsum("bj,jk,brk,bsk->brs", a_rot[:, 0] ** 2, inverse, g_rot[:, :, 0],
+                           g_rot[:, :, 0]).astype(dtype))
   q = sum(jnp.einsum("bpj,brpk->brjk", a_rot, g_rot) for a_rot, g_rot in rotated)
-  return jnp.einsum("brjk,jk,bsjk->brs", q, inverse, q).astype(dtype)
+
+  def gram(v: jax.Array) -> jax.Array:
+    u = jnp.einsum("bsjk,bs->jk", q, v)
+    return jnp.einsum("brjk,jk,jk->br", q, inverse, u).astype(v.dtype)
+
+  gradients = None
+  if len(players) == 1 and copies == 1:
+    # The same gradients in the params' own basis, [kernel; bias] rows.
+    (n,) = players
+    plain = jnp.einsum("bpk,brpo->brko", stats[n].inputs[:, 0], stats[n].output_grads)
+    if "bias" in f.thetas[n]:
+      gradients = LayerGradients(plain[:, :, :-1], plain[:, :, -1])
+    else:
+      gradients = LayerGradients(plain, None)
+  return Form(jnp.einsum("brjk,jk,bsjk->brs", q, inverse, q).astype(dtype), gram, gradients)
 
 
 def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
-           factor_next: State, step: Any, damping: jax.Array) -> jax.Array:
-  """S for one player of stage ``f`` (the Kronecker route when it applies)."""
+           factor_next: State, step: Any, damping: jax.Array) -> Form:
+  """The forms of one player of stage ``f`` (the Kronecker routes where they apply)."""
   theta = f.thetas[n]
   if isinstance(step, kronecker.KroneckerStep):
     return kronecker_players(f, (n,), factor_next, step, damping)
   inv_diag = curvature.inverse_diagonal(step, damping, theta)
   if (inv_diag is not None and isinstance(player_.layer, games_lib.Dense) and
       f.fn is games_lib.layer_stage_fn(player_.layer)):
-    return dense_layer(player_.layer, theta, f.x, factor_next, inv_diag)
-  if (inv_diag is not None and lin.partition_safe() and
-      layer_taps.has_kronecker_structure(player_, theta)):
-    return layer_from_taps(f, n, factor_next, theta, inv_diag)
+    return Form(dense_layer(player_.layer, theta, f.x, factor_next, inv_diag))
+  if (inv_diag is not None and layer_taps.has_kronecker_structure(player_, theta) and
+      (lin.partition_safe() or explicit_gradients_pay(f, n, factor_next))):
+    return diagonal_layer(f, n, factor_next, theta, inv_diag)
   q = f.per_sample_vjp_theta(n, factor_next)
   if inv_diag is not None:
-    return _contract(q, jax.tree.map(lambda a, d: a * d, q, inv_diag))
+    return Form(_contract(q, jax.tree.map(lambda a, d: a * d, q, inv_diag)))
   solved = jax.vmap(jax.vmap(lambda v: curvature.solve(step, v, damping)))(q)
-  return _contract(q, solved)
+  return Form(_contract(q, solved))
 
 
 def joint(curvature: Any, f: lin.Linearised, factor_next: State, step: Any,
-          damping: jax.Array) -> jax.Array:
-  """S for all players of a stage with one joint (non block-diagonal) curvature."""
+          damping: jax.Array) -> Form:
+  """The forms of all players of a stage with one joint (non block-diagonal) curvature."""
   if isinstance(step, kronecker.KroneckerStep):
     return kronecker_players(f, tuple(range(len(f.thetas))), factor_next, step, damping)
   q = f.per_sample_vjp_thetas(factor_next)
   solved = jax.vmap(jax.vmap(lambda v: curvature.solve(step, v, damping)))(q)
-  return _contract(q, solved)
+  return Form(_contract(q, solved))

@@ -74,7 +74,12 @@ def relative_errors(a, b, skip=("basis", "eigen")):
   return errors
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+# Each principle and each curvature by default; all six with -m slow.
+DEFAULT_RUN = ("fne-sgd", "gr-adam", "gr-kfac")
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT_RUN else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(OPTIMIZERS)])
 def test_eight_devices_equal_one(problem, name):
   game, params, batches = problem
   tx = OPTIMIZERS[name](game)

@@ -1,0 +1,168 @@
+"""The coupling matvec formed from per-sample gradients, and the image patches behind it.
+
+Where a conv player's per-sample gradients ``q_i`` are formed anyway (diagonal
+curvatures when they are no larger than the image patches; Kronecker
+curvatures), the convexity safeguard's ``v -> G v`` with
+``G_ij = q_i^T M^-1 q_j`` is computed from them instead of a VJP and a JVP
+of the stage. The independent computations: the stage's own VJP/JVP products
+(the generic route), the dense reference solver, and ``lax.conv_general_dilated``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dgnopt_jax as dgnopt
+from dgnopt_jax._src import layer_taps
+from dgnopt_jax._src import linearise as lin
+from dgnopt_jax._src import quadratic_forms
+import helpers as h
+
+G = dgnopt.games
+
+
+@pytest.mark.parametrize("kernel_size,strides,padding,hw", [
+    pytest.param((3, 3), (1, 1), "SAME", (8, 8), marks=pytest.mark.slow),
+    ((3, 3), (2, 2), "SAME", (8, 8)),
+    pytest.param((1, 1), (2, 2), "SAME", (7, 7), marks=pytest.mark.slow),
+    pytest.param((3, 2), (1, 2), "VALID", (7, 9), marks=pytest.mark.slow),
+    pytest.param((5, 5), (2, 1), "SAME", (9, 6), marks=pytest.mark.slow),
+    ((3, 2), (1, 2), ((1, 2), (0, 1)), (7, 6))])
+def test_image_patches_reproduce_the_convolution(kernel_size, strides, padding, hw):
+  layer = G.Conv2D(5, kernel_size, strides, padding, activation=None)
+  theta, _ = layer.init(jax.random.PRNGKey(0), hw + (3,), jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4,) + hw + (3,), jnp.float64)
+
+  @jax.jit
+  def both(theta, x):
+    h_conv = jax.lax.conv_general_dilated(x, theta["kernel"], strides, padding,
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    a = layer_taps.kernel_rows(layer, x)
+    h_rows = a @ theta["kernel"].reshape(-1, theta["kernel"].shape[-1])
+    h_aug = layer_taps.layer_inputs(layer, theta, x) @ layer_taps.to_matrix(theta)
+    return h_conv, h_rows.reshape(h_conv.shape), h_aug.reshape(h_conv.shape)
+
+  h_conv, h_rows, h_aug = both(theta, x)
+  np.testing.assert_allclose(h_rows, h_conv, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(h_aug, h_conv + theta["bias"], rtol=1e-12, atol=1e-12)
+
+
+def _record_grams(monkeypatch):
+  """Patches the safeguard to compare the given matvec with the stage's products."""
+  records = []
+  original = lin.guarded_factor_update
+
+  def checking(factor_next, q_x, s, pull, solve, push, iterations, gram=None):
+    if gram is not None:
+      batch, rank = s.shape[:2]
+      basis = jnp.eye(batch * rank, dtype=s.dtype).reshape(-1, batch, rank)
+
+      def generic(v):
+        return lin.factor_transpose_apply(
+            factor_next, push(solve(pull(lin.factor_apply(factor_next, v)))))
+
+      records.append((np.stack([np.asarray(gram(v)) for v in basis]),
+                      np.stack([np.asarray(generic(v)) for v in basis]), np.asarray(s)))
+    return original(factor_next, q_x, s, pull, solve, push, iterations, gram)
+
+  monkeypatch.setattr(lin, "guarded_factor_update", checking)
+  return records
+
+
+def _conv_net():
+  return G.sequential([G.Conv2D(2, (3, 3)), G.Conv2D(3, (3, 3), strides=(2, 2)),
+                       G.ResidualBlock(3, shortcut="identity"), G.AvgPool((2, 2)),
+                       G.Dense(3)], (6, 6, 1))
+
+
+@pytest.mark.parametrize("principle,curvature,lr", [
+    ("fne", "identity", 3.0), pytest.param("gr", "adam", 0.3, marks=pytest.mark.slow),
+    pytest.param("fne", "kfac", 1.0, marks=pytest.mark.slow), ("gr", "ekfac", 1.0)])
+def test_matvec_from_gradients_equals_the_stage_products(monkeypatch, principle, curvature, lr):
+  records = _record_grams(monkeypatch)
+  game = _conv_net()
+  params = h.perturbed_params(game, scale=0.5)
+  batch = h.classification_batch((6, 6, 1), 5)
+  make = dgnopt.fne if principle == "fne" else dgnopt.gr
+  tx = make(game, lr, curvature, vxx_reg=1e-3)
+  with jax.disable_jit():
+    tx.update(None, tx.init(params), params, batch=batch)
+  # Both plain conv stages and both residual-block stages take the matvec.
+  assert len(records) >= 4
+  for gram, generic, s in records:
+    np.testing.assert_allclose(gram, generic, rtol=1e-10, atol=1e-12 * np.abs(generic).max())
+    # G's diagonal blocks are the per-sample forms S the factor update uses.
+    batch, rank = s.shape[:2]
+    full = gram.reshape(batch, rank, batch, rank)
+    np.testing.assert_allclose(np.stack([full[i, :, i, :] for i in range(batch)]),
+                               np.swapaxes(s, 1, 2), rtol=1e-10, atol=1e-12 * np.abs(s).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("principle", ["fne", "gr"])
+def test_safeguard_on_convolutions_matches_reference(principle):
+  # Large steps: lambda_max(G) > 1 at the conv stages, so the safeguard
+  # iterates with the matvec from per-sample gradients; with enough
+  # iterations it reaches the reference's dense eigensolve.
+  game = h.relu_cnn()
+  params = h.perturbed_params(game)
+  batch = h.classification_batch((4, 4, 1), 5)
+  make = dgnopt.fne if principle == "fne" else dgnopt.gr
+  for lr in (3.0, 30.0):
+    ref, _ = h.reference_step(game, params, batch, learning_rate=lr, vxx_reg=1e-2,
+                              principle=principle)
+    rough = h.step(make(game, lr, vxx_reg=1e-2, coupling_iterations=1), params, batch)[0]
+    exact = h.step(make(game, lr, vxx_reg=1e-2, coupling_iterations=80), params, batch)[0]
+    assert h.max_relative_error(rough, ref) > 1e-10  # the safeguard is active
+    h.assert_trees_close(exact, ref, 1e-8)
+
+
+def test_the_gradient_route_is_taken_where_it_pays(monkeypatch):
+  calls = []
+  original = quadratic_forms.diagonal_layer
+  monkeypatch.setattr(quadratic_forms, "diagonal_layer",
+                      lambda *a: calls.append(a[1]) or original(*a))
+  game = h.relu_cnn()  # two 3x3 convs of 2 maps on 4x4 (16 positions), two dense
+  params = h.perturbed_params(game)
+  batch = h.classification_batch((4, 4, 1), 5)
+  h.step(dgnopt.fne(game, 0.3, "identity"), params, batch)
+  assert len(calls) == 2  # the convolutions; dense layers keep their own route
+  calls.clear()
+  # With the exact value-Hessian factor (r = 3 columns) the gradients
+  # (B, 3, K, 2) are no larger than the patches (B, 16, K): still taken.
+  h.step(dgnopt.fne(game, 0.3, "identity", vxx_rank="exact"), params, batch)
+  assert len(calls) == 2
+  wide = G.sequential([G.Conv2D(20, (3, 3)), G.AvgPool((2, 2)), G.Dense(3)], (4, 4, 1))
+  calls.clear()
+  h.step(dgnopt.fne(wide, 0.3, "identity"), h.perturbed_params(wide), batch)
+  assert calls == []  # 20 maps > 16 positions: the per-sample VJP route
+
+
+@pytest.mark.parametrize("principle,curvature,lr", [
+    ("fne", "identity", 0.5), pytest.param("gr", "adam", 0.05, marks=pytest.mark.slow),
+    ("fne", "kfac", 0.1), pytest.param("gr", "ekfac", 0.1, marks=pytest.mark.slow)])
+def test_feedback_from_gradients_matches_reference(monkeypatch, principle, curvature, lr):
+  # Without the V_xx Tikhonov term the conv players' value correction
+  # Z'^T F_theta k and rollout feedback F_theta^T Z' c come from their
+  # per-sample gradients (no JVP/VJP of the stage): two steps, statistics
+  # carried, against the dense reference.
+  pulled = []
+  original = quadratic_forms.gradient_pullback
+  monkeypatch.setattr(quadratic_forms, "gradient_pullback",
+                      lambda *a: pulled.append(1) or original(*a))
+  game = _conv_net()
+  params = h.perturbed_params(game, scale=0.5)
+  batch = h.classification_batch((6, 6, 1), 8)
+  make = dgnopt.fne if principle == "fne" else dgnopt.gr
+  tx = make(game, lr, curvature, damping=0.5 if "kfac" in curvature else None,
+            coupling_iterations=100)  # the reference solves lambda_max(G) exactly
+  state, ref_state = tx.init(params), None
+  for _ in range(2):
+    updates, state = h.step(tx, params, batch, state)
+    ref, ref_state = h.reference_step(game, params, batch, ref_state, learning_rate=lr,
+                                      curvature=curvature, principle=principle,
+                                      damping=0.5 if "kfac" in curvature else None)
+    h.assert_trees_close(updates, ref, 1e-8)
+    params = jax.tree.map(jnp.add, params, updates)
+  assert len(pulled) >= 4  # traced once: both plain convs and both block convs
