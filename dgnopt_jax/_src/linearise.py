@@ -43,7 +43,7 @@ def partition_safe() -> bool:
   the batch) into wrong per-sample gradients, so with several devices the
   per-sample terms are formed from layer taps or per-sample params copies
   (:meth:`Linearised.per_sample_vjp_theta`,
-  :func:`quadratic_forms.layer_from_taps`); on one device nothing can be
+  :func:`quadratic_forms.diagonal_layer`); on one device nothing can be
   partitioned and the faster, leaner ``vmap`` forms are used.
   """
   return jax.device_count() > 1
