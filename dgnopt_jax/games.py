@@ -1,4 +1,4 @@
-"""Networks as multi-player dynamic games: stages, players, ready-made layers."""
+"""Networks as multi-player dynamic games: stages, players, ready-made layers, Flax models."""
 
 from dgnopt_jax._src.games import AvgPool
 from dgnopt_jax._src.games import Conv2D
@@ -18,7 +18,12 @@ from dgnopt_jax._src.games import stage
 from dgnopt_jax._src.fictitious import collapse_params
 from dgnopt_jax._src.fictitious import fictitious
 from dgnopt_jax._src.fictitious import split_params
+from dgnopt_jax._src.flax_games import UnsupportedModuleError
+from dgnopt_jax._src.flax_games import from_flax
+from dgnopt_jax._src.flax_games import update_batch_stats
 
 __all__ = ["AvgPool", "Conv2D", "Dense", "Flatten", "Game", "InceptionBlock", "Parallel",
            "Player", "RESIDUAL_ALIGNMENTS", "ResidualBlock", "Stage", "get_activation",
-           "get_path", "sequential", "stage", "collapse_params", "fictitious", "split_params"]
+           "get_path", "sequential", "stage", "collapse_params", "fictitious", "split_params",
+           "from_flax", "update_batch_stats", "UnsupportedModuleError"]
+

@@ -50,6 +50,33 @@ def test_readme_fictitious_players_snippet():
   assert game.loss_value(params, x, data.y_test) < game.loss_value(before, x, data.y_test)
 
 
+def test_readme_flax_snippet_trains_the_flax_model():
+  # Runs after the first snippet (in its scope, with one step of it), as a reader would.
+  text = (ROOT / "README.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+  scope = {}
+  exec(compile(blocks[0].replace("range(1000)", "range(1)"), "README.md", "exec"), scope)
+  flax_blocks = [b for b in blocks if "G.from_flax(" in b]
+  assert len(flax_blocks) == 1
+  exec(compile(flax_blocks[0], "README.md", "exec"), scope)
+  model, game, variables, images = (scope["model"], scope["flax_game"], scope["variables"],
+                                    scope["images"])
+  x = jnp.asarray(images.x_test)
+  logits = model.apply(variables, x)
+  np.testing.assert_allclose(game.apply(variables, x), logits, rtol=1e-5, atol=1e-5)
+  before = model.init(jax.random.PRNGKey(0), x[:32])
+  untrained = float(np.mean(np.argmax(model.apply(before, x), -1) == images.y_test))
+  trained = float(np.mean(np.argmax(logits, -1) == images.y_test))
+  assert trained > max(0.5, untrained + 0.3), (untrained, trained)
+
+
+def test_flax_example_prints_table():
+  out = subprocess.run(
+      [sys.executable, "examples/flax_resnet_digits.py", "--steps", "20", "--eval-every", "10",
+       "--solver", "gr"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  assert "| optax adam |" in out and "| gr-adam |" in out
+
+
 def test_main_job_writes_table_record_and_plot(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "dgnopt_jax.train", "--steps", "60", "--eval-every", "30",
