@@ -1,6 +1,7 @@
 """Train a network on an embedded dataset with DGNOpt beside its baselines.
 
-    python -m dgnopt_jax.train                       # DIGITS, DDPNOpt's tanh MLP
+    python -m dgnopt_jax.train                       # DIGITS, residual CNN, gr-adam beside adam
+    python -m dgnopt_jax.train --model mlp --optimizers sgd,fne-sgd,adam,fne-adam
     python -m dgnopt_jax.train --model cnn --optimizers sgd,fne-sgd --steps 800
 
 Optimizer names: ``sgd``, ``rmsprop``, ``adam`` are optax's own (gradients by
@@ -193,10 +194,10 @@ def plot(runs: list[dict], optimizers: list[str], path: str) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--dataset", default="digits", choices=datasets.EMBEDDED)
-  p.add_argument("--model", default="mlp", choices=MODELS)
+  p.add_argument("--model", default="resnet", choices=MODELS)
   p.add_argument("--alignment", default="merge", choices=G.RESIDUAL_ALIGNMENTS,
                  help="where a residual block's shortcut plays (resnet)")
-  p.add_argument("--optimizers", default="sgd,fne-sgd,adam,fne-adam",
+  p.add_argument("--optimizers", default="adam,gr-adam",
                  help="comma-separated; the first is the step-time baseline")
   p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default per curvature)")
   p.add_argument("--vxx-reg", type=float, default=0.0, help="Tikhonov term on V_xx for fne/gr")

@@ -77,7 +77,8 @@ def _conv_net():
 
 
 @pytest.mark.parametrize("principle,curvature,lr", [
-    ("fne", "identity", 3.0), pytest.param("gr", "adam", 0.3, marks=pytest.mark.slow),
+    pytest.param("fne", "identity", 3.0, marks=pytest.mark.slow),
+    pytest.param("gr", "adam", 0.3, marks=pytest.mark.slow),
     pytest.param("fne", "kfac", 1.0, marks=pytest.mark.slow), ("gr", "ekfac", 1.0)])
 def test_matvec_from_gradients_equals_the_stage_products(monkeypatch, principle, curvature, lr):
   records = _record_grams(monkeypatch)
@@ -141,7 +142,8 @@ def test_the_gradient_route_is_taken_where_it_pays(monkeypatch):
 
 @pytest.mark.parametrize("principle,curvature,lr", [
     ("fne", "identity", 0.5), pytest.param("gr", "adam", 0.05, marks=pytest.mark.slow),
-    ("fne", "kfac", 0.1), pytest.param("gr", "ekfac", 0.1, marks=pytest.mark.slow)])
+    pytest.param("fne", "kfac", 0.1, marks=pytest.mark.slow),
+    pytest.param("gr", "ekfac", 0.1, marks=pytest.mark.slow)])
 def test_feedback_from_gradients_matches_reference(monkeypatch, principle, curvature, lr):
   # Without the V_xx Tikhonov term the conv players' value correction
   # Z'^T F_theta k and rollout feedback F_theta^T Z' c come from their
