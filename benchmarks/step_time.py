@@ -3,6 +3,13 @@
     python benchmarks/step_time.py                       # DIGITS MLP and residual CNN
     python benchmarks/step_time.py --models mlp --batch 128 --rounds 15
     python benchmarks/step_time.py --device gpu          # the same on a GPU
+    python benchmarks/step_time.py --models resnet18 --device gpu   # Flax ResNet18, 32x32x3
+
+Models: the main job's ``mlp``, ``cnn``, ``resnet`` and ``inception`` on DIGITS,
+and ``resnet18``: the CIFAR-style Flax ResNet18 of :mod:`dgnopt_jax.models`
+(BatchNorm in train mode) turned into a game by ``games.from_flax``, on a
+fixed batch of random 32x32x3 inputs and labels (``--resnet18-width`` narrows
+it; 64 is ResNet18, 11.2M params: on a CPU expect seconds per step).
 
 For every model and optimizer the jit-compiled train step of the main job
 (:func:`dgnopt_jax.train.make_step`: optax baselines differentiate the same
@@ -31,6 +38,8 @@ import jax
 import numpy as np
 
 from dgnopt_jax import datasets
+from dgnopt_jax import games
+from dgnopt_jax import models
 from dgnopt_jax import train
 
 DEFAULT_OPTIMIZERS = ("sgd,adam,olne-sgd,fne-sgd,gr-sgd,olne-adam,fne-adam,gr-adam,"
@@ -73,15 +82,25 @@ def time_rounds(steps: dict, params, x, y, rounds: int, per_round: int) -> dict:
   return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def run_model(model: str, optimizers: list[str], batch: int, rounds: int, per_round: int,
-              device) -> list[dict]:
+def problem(model: str, batch: int, resnet18_width: int):
+  """(game, params, x, y) of a model on a fixed batch."""
+  rng = np.random.default_rng(0)
+  if model == "resnet18":
+    x = jax.numpy.asarray(rng.normal(size=(batch, 32, 32, 3)), np.float32)
+    y = jax.numpy.asarray(rng.integers(0, 10, batch))
+    net = models.resnet18(10, width=resnet18_width)
+    return games.from_flax(net, x), net.init(jax.random.PRNGKey(0), x), x, y
   data = datasets.load("digits", images=model in train.IMAGE_MODELS)
   game = train.make_model(model, data)
-  params = jax.device_put(game.init(jax.random.PRNGKey(0)), device)
-  rng = np.random.default_rng(0)
   idx = rng.choice(len(data.x_train), batch, replace=batch > len(data.x_train))
-  x = jax.device_put(np.asarray(data.x_train[idx], np.float32), device)
-  y = jax.device_put(np.asarray(data.y_train[idx]), device)
+  return (game, game.init(jax.random.PRNGKey(0)), np.asarray(data.x_train[idx], np.float32),
+          np.asarray(data.y_train[idx]))
+
+
+def run_model(model: str, optimizers: list[str], batch: int, rounds: int, per_round: int,
+              device, resnet18_width: int = 64) -> list[dict]:
+  game, params, x, y = problem(model, batch, resnet18_width)
+  params, x, y = jax.device_put((params, x, y), device)
   steps, rows = {}, {}
   for name in optimizers:
     compiled, state, compile_s, peak = compiled_step(name, game, params, x, y)
@@ -116,7 +135,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="mlp,resnet",
-                 help=f"comma-separated, from {train.MODELS}")
+                 help=f"comma-separated, from {train.MODELS + ('resnet18',)}")
+  p.add_argument("--resnet18-width", type=int, default=64,
+                 help="base width of the resnet18 model (64: ResNet18)")
   p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS)
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--rounds", type=int, default=11)
@@ -133,7 +154,8 @@ def main(argv=None) -> int:
   for model in args.models.split(","):
     print(f"{model}: batch {args.batch}, {args.rounds} rounds of {args.steps} steps", flush=True)
     with jax.default_device(device):
-      rows += run_model(model, optimizers, args.batch, args.rounds, args.steps, device)
+      rows += run_model(model, optimizers, args.batch, args.rounds, args.steps, device,
+                        args.resnet18_width)
   machine = (f"{device.device_kind} ({args.device}), {os.cpu_count()} host cores, "
              f"{platform.machine()}, jax {jax.__version__}")
   print(f"\n{machine}\n\n{table(rows)}")
