@@ -29,12 +29,12 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
+
+from common import batch_streams, make_run, mean_std, seeds_of
 
 G = dgnopt.games
 
@@ -55,56 +55,6 @@ def make_game() -> G.Game:
   """DDPNOpt Appendix D.1's DIGITS network: 4 tanh layers of width 32, a linear head."""
   return G.sequential([G.Dense(32, "tanh") for _ in range(4)] + [G.Dense(10)], (64,),
                       loss="softmax_cross_entropy")
-
-
-def make_run(game: G.Game, lr: float, vxx_reg: float | None):
-  """A jit-compiled whole training run: (params, xs, ys) -> params after len(xs) steps.
-
-  ``vxx_reg=None`` is the SGD baseline (optax.sgd on jax.grad of the batch loss).
-  """
-  if vxx_reg is None:
-    tx = optax.sgd(lr)
-
-    def update(params, state, x, y):
-      def loss(p):
-        return jnp.mean(jax.vmap(game.loss.per_sample)(game.apply(p, x), y))
-      return tx.update(jax.grad(loss)(params), state, params)
-  else:
-    tx = dgnopt.fne(game, lr, "identity", vxx_reg=vxx_reg)
-
-    def update(params, state, x, y):
-      return tx.update(None, state, params, batch=(x, y))
-
-  @jax.jit
-  def run(params, xs, ys):
-    def body(carry, batch):
-      params, state = carry
-      updates, state = update(params, state, *batch)
-      return (optax.apply_updates(params, updates), state), None
-
-    (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), (xs, ys))
-    return params
-
-  return run
-
-
-def evaluate(game: G.Game, params, data: datasets.Dataset) -> tuple[float, float]:
-  """(test accuracy in %, mean training loss over the whole training set)."""
-  logits = game.apply(params, jnp.asarray(data.x_test))
-  accuracy = 100.0 * float(jnp.mean(jnp.argmax(logits, -1) == data.y_test))
-  train_logits = game.apply(params, jnp.asarray(data.x_train))
-  loss = float(jnp.mean(jax.vmap(game.loss.per_sample)(train_logits, jnp.asarray(data.y_train))))
-  return accuracy, loss
-
-
-def mean_std(values: list[float], digits: int) -> str:
-  """``mean ± std`` over the finite values, with the count of diverged runs (non-finite)."""
-  values = np.asarray(values, float)
-  finite = values[np.isfinite(values)]
-  if not len(finite):
-    return f"all {len(values)} diverged"
-  tail = f" ({len(values) - len(finite)} diverged)" if len(finite) < len(values) else ""
-  return f"{finite.mean():.{digits}f} ± {finite.std():.{digits}f}{tail}"
 
 
 def paper(table: dict, lr: float, column: int, digits: int) -> str:
@@ -161,27 +111,17 @@ def main(argv=None) -> int:
 
   data = datasets.load("digits")
   game = make_game()
-  streams = []
-  for seed in range(args.seeds):
-    stream = datasets.batches(data.x_train, data.y_train, args.batch_size, seed=seed)
-    xs, ys = zip(*(next(stream) for _ in range(args.steps)))
-    streams.append((jnp.asarray(np.stack(xs)), jnp.asarray(np.stack(ys))))
+  streams = batch_streams(data, args.batch_size, args.steps, args.seeds)
 
   start = time.time()
   results = {}
   for lr in lrs:
     for v in [None] + vxx_regs:
-      run = make_run(game, lr, v)
+      run = make_run(game, "sgd", lr) if v is None else make_run(game, "fne-sgd", lr, v)
       name = "SGD" if v is None else f"DDP-SGD eps={v:g}"
-      accuracy, loss = [], []
-      for seed, (xs, ys) in enumerate(streams):
-        params = run(game.init(jax.random.PRNGKey(seed)), xs, ys)
-        acc, train_loss = evaluate(game, params, data)
-        accuracy.append(acc)
-        loss.append(train_loss)
-      results[(lr, v)] = {"accuracy": accuracy, "loss": loss}
-      print(f"lr {lr:g}  {name:>18}: test acc {mean_std(accuracy, 2)} %  "
-            f"train loss {mean_std(loss, 4)}  ({time.time() - start:.0f} s)", flush=True)
+      results[(lr, v)] = r = seeds_of(game, run, streams, data)
+      print(f"lr {lr:g}  {name:>18}: test acc {mean_std(r['accuracy'], 2)} %  "
+            f"train loss {mean_std(r['loss'], 4)}  ({time.time() - start:.0f} s)", flush=True)
 
   table = markdown(results, lrs, vxx_regs, args, time.time() - start)
   print("\n" + table)

@@ -150,3 +150,14 @@ def test_lr_ablation_experiment_writes_table(tmp_path):
   record = json.loads((tmp_path / "ablation.json").read_text())
   assert [(r["lr"], r["vxx_reg"]) for r in record["results"]] == [(0.6, None), (0.6, 1e-3)]
   assert all(len(r["accuracy"]) == 2 for r in record["results"])
+
+
+def test_table3_experiment_writes_table(tmp_path):
+  out = tmp_path / "table3"
+  subprocess.run([sys.executable, "experiments/ddpnopt_table3.py", "--datasets", "iris",
+                  "--seeds", "1", "--steps", "5", "--out", str(out)],
+                 cwd=ROOT, capture_output=True, text=True, check=True)
+  table = (tmp_path / "table3.md").read_text()
+  assert "| iris (10, 32, 5) |" in table and "[93.00]" in table and "[0.0552]" in table
+  record = json.loads((tmp_path / "table3.json").read_text())
+  assert len(record["results"]) == 8

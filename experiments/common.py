@@ -1,0 +1,91 @@
+"""What the experiment scripts share: optimizers by name, whole runs as one scan, tables.
+
+Optimizer names are the main job's (:mod:`dgnopt_jax.train`): ``sgd``,
+``rmsprop``, ``adam`` are optax's own on ``jax.grad`` of the batch loss;
+``olne-<c>``, ``fne-<c>``, ``gr-<c>`` this library's solvers with curvature
+``<c>`` (``sgd`` = identity, rmsprop, adam, kfac, ekfac, dense).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dgnopt_jax as dgnopt
+from dgnopt_jax import datasets
+
+G = dgnopt.games
+SOLVERS = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}
+
+
+def make_run(game: G.Game, name: str, lr: float, vxx_reg: float = 0.0):
+  """A jit-compiled whole training run: ``(params, xs, ys) -> params`` after ``len(xs)`` steps."""
+  if "-" in name:
+    kind, curvature = name.split("-", 1)
+    curvature = "identity" if curvature == "sgd" else curvature
+    kwargs = {} if kind == "olne" else {"vxx_reg": vxx_reg}
+    tx = SOLVERS[kind](game, lr, curvature, **kwargs)
+
+    def update(params, state, x, y):
+      return tx.update(None, state, params, batch=(x, y))
+  else:
+    tx = getattr(optax, name)(lr)
+
+    def update(params, state, x, y):
+      def loss(p):
+        return jnp.mean(jax.vmap(game.loss.per_sample)(game.apply(p, x), y))
+      return tx.update(jax.grad(loss)(params), state, params)
+
+  @jax.jit
+  def run(params, xs, ys):
+    def body(carry, batch):
+      params, state = carry
+      updates, state = update(params, state, *batch)
+      return (optax.apply_updates(params, updates), state), None
+
+    (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), (xs, ys))
+    return params
+
+  return run
+
+
+def batch_streams(data: datasets.Dataset, batch_size: int, steps: int, seeds: int) -> list:
+  """Per seed, the ``(xs, ys)`` of ``steps`` batches (:func:`datasets.batches` with that seed)."""
+  streams = []
+  for seed in range(seeds):
+    stream = datasets.batches(data.x_train, data.y_train, batch_size, seed=seed)
+    xs, ys = zip(*(next(stream) for _ in range(steps)))
+    streams.append((jnp.asarray(np.stack(xs)), jnp.asarray(np.stack(ys))))
+  return streams
+
+
+def evaluate(game: G.Game, params, data: datasets.Dataset) -> tuple[float, float]:
+  """(test accuracy in %, mean training loss over the whole training set)."""
+  logits = game.apply(params, jnp.asarray(data.x_test))
+  accuracy = 100.0 * float(jnp.mean(jnp.argmax(logits, -1) == data.y_test))
+  train_logits = game.apply(params, jnp.asarray(data.x_train))
+  loss = float(jnp.mean(jax.vmap(game.loss.per_sample)(train_logits, jnp.asarray(data.y_train))))
+  return accuracy, loss
+
+
+def seeds_of(game: G.Game, run, streams: list, data: datasets.Dataset) -> dict:
+  """``{"accuracy": [...], "loss": [...]}`` of a run from each seed's init and batches."""
+  accuracy, loss = [], []
+  for seed, (xs, ys) in enumerate(streams):
+    params = run(game.init(jax.random.PRNGKey(seed)), xs, ys)
+    acc, train_loss = evaluate(game, params, data)
+    accuracy.append(acc)
+    loss.append(train_loss)
+  return {"accuracy": accuracy, "loss": loss}
+
+
+def mean_std(values: list[float], digits: int) -> str:
+  """``mean ± std`` over the finite values, with the count of diverged runs (non-finite)."""
+  values = np.asarray(values, float)
+  finite = values[np.isfinite(values)]
+  if not len(finite):
+    return f"all {len(values)} diverged"
+  tail = f" ({len(values) - len(finite)} diverged)" if len(finite) < len(values) else ""
+  return f"{finite.mean():.{digits}f} ± {finite.std():.{digits}f}{tail}"
