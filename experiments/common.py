@@ -8,6 +8,10 @@ Optimizer names are the main job's (:mod:`dgnopt_jax.train`): ``sgd``,
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +93,16 @@ def mean_std(values: list[float], digits: int) -> str:
     return f"all {len(values)} diverged"
   tail = f" ({len(values) - len(finite)} diverged)" if len(finite) < len(values) else ""
   return f"{finite.mean():.{digits}f} ± {finite.std():.{digits}f}{tail}"
+
+
+def write_outputs(out: str, table: str, args, results: list[dict]) -> None:
+  """Prints ``table``, writes it to ``<out>.md`` and the per-seed ``results`` to ``<out>.json``."""
+  print("\n" + table)
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".md", "w") as f:
+    f.write(table)
+  record = {"args": vars(args), "machine": platform.platform(), "jax": jax.__version__,
+            "results": results}
+  with open(out + ".json", "w") as f:
+    json.dump(record, f, indent=1)
+  print(f"wrote {out}.md and {out}.json")

@@ -23,8 +23,6 @@ the paper's value (mean of 10 seeds) beside ours. Writes a markdown table
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import time
 
@@ -34,7 +32,7 @@ import numpy as np
 import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
 
-from common import batch_streams, make_run, mean_std, seeds_of
+from common import batch_streams, make_run, mean_std, seeds_of, write_outputs
 
 G = dgnopt.games
 
@@ -123,16 +121,8 @@ def main(argv=None) -> int:
       print(f"lr {lr:g}  {name:>18}: test acc {mean_std(r['accuracy'], 2)} %  "
             f"train loss {mean_std(r['loss'], 4)}  ({time.time() - start:.0f} s)", flush=True)
 
-  table = markdown(results, lrs, vxx_regs, args, time.time() - start)
-  print("\n" + table)
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out + ".md", "w") as f:
-    f.write(table)
-  record = {"args": vars(args), "machine": platform.platform(), "jax": jax.__version__,
-            "results": [{"lr": lr, "vxx_reg": v, **r} for (lr, v), r in results.items()]}
-  with open(args.out + ".json", "w") as f:
-    json.dump(record, f, indent=1)
-  print(f"wrote {args.out}.md and {args.out}.json")
+  write_outputs(args.out, markdown(results, lrs, vxx_regs, args, time.time() - start), args,
+                [{"lr": lr, "vxx_reg": v, **r} for (lr, v), r in results.items()])
   return 0
 
 

@@ -30,8 +30,6 @@ cross-entropy (the paper uses a sigmoid there); KWNG is not run. Writes
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import time
 
@@ -40,7 +38,7 @@ import jax
 import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
 
-from common import batch_streams, make_run, mean_std, seeds_of
+from common import batch_streams, make_run, mean_std, seeds_of, write_outputs
 
 G = dgnopt.games
 
@@ -132,16 +130,8 @@ def main(argv=None) -> int:
       print(f"{name:>6} {column:>12}: test acc {mean_std(r['accuracy'], 2)} %  "
             f"train loss {mean_std(r['loss'], 4)}  ({time.time() - start:.0f} s)", flush=True)
 
-  table = markdown(results, names, args, time.time() - start)
-  print("\n" + table)
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out + ".md", "w") as f:
-    f.write(table)
-  record = {"args": vars(args), "machine": platform.platform(), "jax": jax.__version__,
-            "results": [{"dataset": n, "optimizer": c, **r} for (n, c), r in results.items()]}
-  with open(args.out + ".json", "w") as f:
-    json.dump(record, f, indent=1)
-  print(f"wrote {args.out}.md and {args.out}.json")
+  write_outputs(args.out, markdown(results, names, args, time.time() - start), args,
+                [{"dataset": n, "optimizer": c, **r} for (n, c), r in results.items()])
   return 0
 
 

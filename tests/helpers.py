@@ -90,3 +90,20 @@ def reference_step(game, params, batch, curvature_state=None, **kwargs):
 
 def np_tree(t):
   return jax.tree.map(np.asarray, t)
+
+
+def assert_safeguard_converges_to_reference(game, params, batch, principle, rough_iterations,
+                                            exact_iterations):
+  """At lr 3 and 30 (lambda_max(G) > 1) the safeguard's power iteration reaches the
+  reference's dense eigensolve: ``rough_iterations`` differ from it, ``exact_iterations``
+  agree to 1e-8."""
+  make = dgnopt.fne if principle == "fne" else dgnopt.gr
+  for lr in (3.0, 30.0):
+    ref, _ = reference_step(game, params, batch, learning_rate=lr, vxx_reg=1e-2,
+                            principle=principle)
+    rough = step(make(game, lr, vxx_reg=1e-2, coupling_iterations=rough_iterations), params,
+                 batch)[0]
+    exact = step(make(game, lr, vxx_reg=1e-2, coupling_iterations=exact_iterations), params,
+                 batch)[0]
+    assert max_relative_error(rough, ref) > 1e-10  # the safeguard is active
+    assert_trees_close(exact, ref, 1e-8)

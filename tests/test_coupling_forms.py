@@ -107,16 +107,8 @@ def test_safeguard_on_convolutions_matches_reference(principle):
   # iterates with the matvec from per-sample gradients; with enough
   # iterations it reaches the reference's dense eigensolve.
   game = h.relu_cnn()
-  params = h.perturbed_params(game)
-  batch = h.classification_batch((4, 4, 1), 5)
-  make = dgnopt.fne if principle == "fne" else dgnopt.gr
-  for lr in (3.0, 30.0):
-    ref, _ = h.reference_step(game, params, batch, learning_rate=lr, vxx_reg=1e-2,
-                              principle=principle)
-    rough = h.step(make(game, lr, vxx_reg=1e-2, coupling_iterations=1), params, batch)[0]
-    exact = h.step(make(game, lr, vxx_reg=1e-2, coupling_iterations=80), params, batch)[0]
-    assert h.max_relative_error(rough, ref) > 1e-10  # the safeguard is active
-    h.assert_trees_close(exact, ref, 1e-8)
+  h.assert_safeguard_converges_to_reference(game, h.perturbed_params(game),
+                                            h.classification_batch((4, 4, 1), 5), principle, 1, 80)
 
 
 def test_the_gradient_route_is_taken_where_it_pays(monkeypatch):

@@ -240,26 +240,8 @@ def default_or_slow(*default):
   return lambda *case: () if case in default else SLOW
 
 
-@pytest.mark.parametrize("pair,principle,curvature", [
-    pytest.param(p, pr, c, marks=default_or_slow(("residual", "gr", "identity"))(p, pr, c))
-    for p in PAIRS for pr in ("fne", "gr") for c in ("identity", "kfac")])
-def test_updates_equal_hand_written_game(pair, principle, curvature):
-  model, hand, shape, names = PAIRS[pair]()
-  x, y = pair_batch(shape)
-  alignment = pair.split("_")[1] if pair.startswith("blocks") else "merge"
-  game = G.from_flax(model, x, alignment=alignment)
-  variables = variables_of(model, x)
-  make = dgnopt.fne if principle == "fne" else dgnopt.gr
-  lr = 0.3 if curvature == "identity" else 0.05
-  ours = h.step(make(game, lr, curvature, vxx_reg=1e-3), variables, (x, y))[0]
-  theirs = h.step(make(hand, lr, curvature, vxx_reg=1e-3), to_hand(variables, names), (x, y))[0]
-  h.assert_trees_close(to_hand(ours, names), theirs, 1e-12)
-
-
-@pytest.mark.parametrize("pair,principle,curvature", [
-    pytest.param(p, pr, c, marks=default_or_slow(("mlp", "gr", "identity"))(p, pr, c))
-    for p in PAIRS for pr in ("fne", "gr") for c in ("identity", "kfac")])
-def test_updates_equal_dense_reference(pair, principle, curvature):
+def flax_update(pair, principle, curvature):
+  """One fne/gr step on the game from_flax reads: (updates, game, variables, batch, lr)."""
   model, _, shape, _ = PAIRS[pair]()
   x, y = pair_batch(shape)
   alignment = pair.split("_")[1] if pair.startswith("blocks") else "merge"
@@ -268,7 +250,26 @@ def test_updates_equal_dense_reference(pair, principle, curvature):
   make = dgnopt.fne if principle == "fne" else dgnopt.gr
   lr = 0.3 if curvature == "identity" else 0.05
   ours = h.step(make(game, lr, curvature, vxx_reg=1e-3), variables, (x, y))[0]
-  ref, _ = h.reference_step(game, variables, (x, y), learning_rate=lr, curvature=curvature,
+  return ours, game, variables, (x, y), lr
+
+
+@pytest.mark.parametrize("pair,principle,curvature", [
+    pytest.param(p, pr, c, marks=default_or_slow(("residual", "gr", "identity"))(p, pr, c))
+    for p in PAIRS for pr in ("fne", "gr") for c in ("identity", "kfac")])
+def test_updates_equal_hand_written_game(pair, principle, curvature):
+  ours, _, variables, batch, lr = flax_update(pair, principle, curvature)
+  _, hand, _, names = PAIRS[pair]()
+  make = dgnopt.fne if principle == "fne" else dgnopt.gr
+  theirs = h.step(make(hand, lr, curvature, vxx_reg=1e-3), to_hand(variables, names), batch)[0]
+  h.assert_trees_close(to_hand(ours, names), theirs, 1e-12)
+
+
+@pytest.mark.parametrize("pair,principle,curvature", [
+    pytest.param(p, pr, c, marks=default_or_slow(("mlp", "gr", "identity"))(p, pr, c))
+    for p in PAIRS for pr in ("fne", "gr") for c in ("identity", "kfac")])
+def test_updates_equal_dense_reference(pair, principle, curvature):
+  ours, game, variables, batch, lr = flax_update(pair, principle, curvature)
+  ref, _ = h.reference_step(game, variables, batch, learning_rate=lr, curvature=curvature,
                             vxx_reg=1e-3, principle=principle)
   h.assert_trees_close(ours, ref, 1e-8)
 

@@ -403,7 +403,7 @@ def _parallel(paths: list[list[_Piece]], combine: str, activation: Any, align: s
   depth = max([len(p) for p in paths] + [1])
   levels = []
   for level in range(depth):
-    fns, counts, players, names = [], [], [], []
+    fns, counts, players = [], [], []
     for path in paths:
       offset = level if align == "start" else level - (depth - len(path))
       piece = path[offset] if 0 <= offset < len(path) else None
@@ -413,7 +413,6 @@ def _parallel(paths: list[list[_Piece]], combine: str, activation: Any, align: s
         players.extend(piece.players)
     fn = _Level(tuple(fns), tuple(counts), level == 0, level == depth - 1, combine, activation)
     levels.append(_Piece(fn, tuple(players), f"{name}/level_{level}"))
-    del names
   return levels
 
 
