@@ -193,7 +193,13 @@ def plot(runs: list[dict], optimizers: list[str], path: str) -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--dataset", default="digits", choices=datasets.EMBEDDED)
+  p.add_argument("--dataset", default="digits", choices=datasets.EMBEDDED + datasets.TFDS,
+                 help="an embedded dataset, or a tensorflow-datasets one read from --data-dir")
+  p.add_argument("--data-dir", default=None,
+                 help="tensorflow-datasets data_dir (default: tfds's own, ~/tensorflow_datasets)")
+  p.add_argument("--max-train", type=int, default=None,
+                 help="keep only the first N training examples")
+  p.add_argument("--max-test", type=int, default=None, help="keep only the first N test examples")
   p.add_argument("--model", default="resnet", choices=MODELS)
   p.add_argument("--alignment", default="merge", choices=G.RESIDUAL_ALIGNMENTS,
                  help="where a residual block's shortcut plays (resnet)")
@@ -214,9 +220,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   images = args.model in IMAGE_MODELS
-  if images and args.dataset != "digits":
-    raise SystemExit(f"--model {args.model} needs --dataset digits (8x8 images)")
-  data = datasets.load(args.dataset, images=images)
+  if images and args.dataset not in ("digits",) + datasets.TFDS:
+    raise SystemExit(f"--model {args.model} needs an image dataset: digits (8x8) or one of "
+                     f"{', '.join(datasets.TFDS)}")
+  data = datasets.load(args.dataset, images=images, data_dir=args.data_dir,
+                       max_train=args.max_train, max_test=args.max_test)
   game = make_model(args.model, data, args.alignment)
   optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
   print(f"dgnopt_jax {dgnopt.__version__} | jax {jax.__version__} on {jax.default_backend()} | "

@@ -24,6 +24,23 @@ G = dgnopt.games
 SOLVERS = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}
 
 
+def add_data_arguments(parser) -> None:
+  """Adds ``--data-dir``, ``--max-train`` and ``--max-test`` (see :func:`load_data`) to a parser."""
+  parser.add_argument("--data-dir", default=None,
+                      help="tensorflow-datasets data_dir (default: tfds's own, "
+                      "~/tensorflow_datasets)")
+  parser.add_argument("--max-train", type=int, default=None,
+                      help="keep only the first N training examples")
+  parser.add_argument("--max-test", type=int, default=None,
+                      help="keep only the first N test examples")
+
+
+def load_data(name: str, args, images: bool) -> datasets.Dataset:
+  """:func:`datasets.load` of ``name`` with the arguments of :func:`add_data_arguments`."""
+  return datasets.load(name, images=images, data_dir=args.data_dir, max_train=args.max_train,
+                       max_test=args.max_test)
+
+
 def make_run(game: G.Game, name: str, lr: float, vxx_reg: float = 0.0):
   """A jit-compiled whole training run: ``(params, xs, ys) -> params`` after ``len(xs)`` steps."""
   if "-" in name:

@@ -28,7 +28,7 @@ def test_digits_images():
 
 def test_unknown_dataset():
   with pytest.raises(ValueError, match="embedded datasets are"):
-    datasets.load("mnist")
+    datasets.load("imagenette")
 
 
 def test_batches_shapes_and_epochs():
