@@ -10,12 +10,16 @@ DDPNOpt, GT-DDP and DGNOpt as optax transformations::
   updates, state = tx.update(None, state, params, batch=(x, y))
 """
 
+from dgnopt_jax import bandits
 from dgnopt_jax import checkpoint
 from dgnopt_jax import curvature
 from dgnopt_jax import games
 from dgnopt_jax import losses
 from dgnopt_jax import reference
 from dgnopt_jax import sharding
+from dgnopt_jax._src.alignment import AlignedState
+from dgnopt_jax._src.alignment import PerAlignment
+from dgnopt_jax._src.alignment import aligned
 from dgnopt_jax._src.transform import DGNOptState
 from dgnopt_jax._src.transform import fne
 from dgnopt_jax._src.transform import gr
@@ -24,7 +28,11 @@ from dgnopt_jax._src.transform import olne
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignedState",
     "DGNOptState",
+    "PerAlignment",
+    "aligned",
+    "bandits",
     "checkpoint",
     "curvature",
     "fne",

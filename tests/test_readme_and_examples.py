@@ -70,6 +70,21 @@ def test_readme_flax_snippet_trains_the_flax_model():
   assert trained > max(0.5, untrained + 0.3), (untrained, trained)
 
 
+def test_readme_alignment_snippet():
+  # Runs after the first snippet (in its scope, with one step of it), as a reader would.
+  text = (ROOT / "README.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+  scope = {}
+  exec(compile(blocks[0].replace("range(1000)", "range(1)"), "README.md", "exec"), scope)
+  aligned = [b for b in blocks if "dgnopt.aligned(" in b]
+  assert len(aligned) == 1
+  exec(compile(aligned[0].replace("range(100)", "range(30)"), "README.md", "exec"), scope)
+  state, game, images = scope["bandit_state"], scope["alignments"][0], scope["images"]
+  assert int(state.bandit.pulls.sum()) == 30 and np.all(np.asarray(state.bandit.pulls) > 0)
+  logits = game.apply(scope["image_params"], jnp.asarray(images.x_test))
+  assert float(np.mean(np.argmax(logits, -1) == images.y_test)) > 0.5
+
+
 def test_flax_example_prints_table():
   out = subprocess.run(
       [sys.executable, "examples/flax_resnet_digits.py", "--steps", "10", "--eval-every", "5",
