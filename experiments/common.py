@@ -41,12 +41,16 @@ def load_data(name: str, args, images: bool) -> datasets.Dataset:
                        max_test=args.max_test)
 
 
-def make_update(game: G.Game, name: str, lr: float, vxx_reg: float = 0.0):
-  """``(init, update)`` of an optimizer name; ``update(params, state, (x, y)) -> (params, state, loss)``."""
+def make_update(game: G.Game, name: str, lr: float, vxx_reg: float = 0.0,
+                vxx_rank: str = "outer"):
+  """``(init, update)`` of an optimizer name; ``update(params, state, (x, y)) -> (params, state, loss)``.
+
+  ``vxx_reg`` and ``vxx_rank`` are passed to the feedback solvers (fne, gr).
+  """
   if "-" in name:
     kind, curvature = name.split("-", 1)
     curvature = "identity" if curvature == "sgd" else curvature
-    kwargs = {} if kind == "olne" else {"vxx_reg": vxx_reg}
+    kwargs = {} if kind == "olne" else {"vxx_reg": vxx_reg, "vxx_rank": vxx_rank}
     return transform_update(SOLVERS[kind](game, lr, curvature, **kwargs))
   tx = getattr(optax, name)(lr)
 
@@ -81,9 +85,10 @@ def transform_update(tx, validation: bool = False):
 # same step compiled alone (residual CNN, batch 32: 36 vs 9 ms for SGD).
 
 
-def make_run(game: G.Game, name: str, lr: float, vxx_reg: float = 0.0):
+def make_run(game: G.Game, name: str, lr: float, vxx_reg: float = 0.0,
+             vxx_rank: str = "outer"):
   """A whole training run: ``(params, xs, ys) -> params`` after ``len(xs)`` jit-compiled steps."""
-  init, update = make_update(game, name, lr, vxx_reg)
+  init, update = make_update(game, name, lr, vxx_reg, vxx_rank)
   step = jax.jit(update)
 
   def run(params, xs, ys):
@@ -178,6 +183,8 @@ def mean_std(values: list[float], digits: int) -> str:
   if not len(finite):
     return f"all {len(values)} diverged"
   tail = f" ({len(values) - len(finite)} diverged)" if len(finite) < len(values) else ""
+  if abs(finite.mean()) >= 1e4:  # a run that blew up without overflowing
+    return f"{finite.mean():.3g} ± {finite.std():.3g}{tail}"
   return f"{finite.mean():.{digits}f} ± {finite.std():.{digits}f}{tail}"
 
 

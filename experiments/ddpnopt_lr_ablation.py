@@ -2,7 +2,7 @@
 
     python experiments/ddpnopt_lr_ablation.py [--lrs 0.4,0.6,0.7,0.8]
         [--vxx-regs 5e-5,1e-4,5e-4,1e-3] [--seeds 5] [--steps 2000]
-        [--out runs/experiments/ddpnopt_lr_ablation]
+        [--dataset digits] [--out runs/experiments/ddpnopt_lr_ablation]
 
 DDPNOpt (ICLR 2021) Appendix, Tables 9 (training loss) and 10 (test accuracy):
 on DIGITS, the feedforward tanh network of its Appendix D.1 (4 hidden layers of
@@ -12,7 +12,9 @@ Tikhonov term ``eps`` on ``V_xx``) over learning rates 0.4-0.8; the paper
 reports that the feedback policy helps more the larger the step (its Fig. 4a).
 
 Every run of a seed starts from the same params and sees the same batches for
-every optimizer; a whole training run is one compiled ``lax.scan``. The SGD
+every optimizer (a loop of jit-compiled steps). ``--dataset`` takes a
+tensorflow-datasets name (with ``--data-dir``) to run the same grid on MNIST
+and the others, flattened, when the data is present. The SGD
 baseline is ``optax.sgd`` on ``jax.grad`` of the loss (independent of the
 solvers). Reported per cell: mean ± std over seeds of the test accuracy and of
 the final training loss (the mean cross-entropy over the whole training set),
@@ -32,7 +34,8 @@ import numpy as np
 import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
 
-from common import batch_streams, make_run, mean_std, seeds_of, write_outputs
+from common import (add_data_arguments, batch_streams, load_data, make_run, mean_std, seeds_of,
+                    write_outputs)
 
 G = dgnopt.games
 
@@ -49,10 +52,10 @@ PAPER_LOSS = {0.4: (0.1974, 0.1662, 0.1444, 0.1322, 0.1067),
               0.8: (1.7801, 1.6898, 1.4597, 1.1784, 1.3166)}
 
 
-def make_game() -> G.Game:
+def make_game(data: datasets.Dataset) -> G.Game:
   """DDPNOpt Appendix D.1's DIGITS network: 4 tanh layers of width 32, a linear head."""
-  return G.sequential([G.Dense(32, "tanh") for _ in range(4)] + [G.Dense(10)], (64,),
-                      loss="softmax_cross_entropy")
+  return G.sequential([G.Dense(32, "tanh") for _ in range(4)] + [G.Dense(data.num_classes)],
+                      data.x_train.shape[1:], loss="softmax_cross_entropy")
 
 
 def paper(table: dict, lr: float, column: int, digits: int) -> str:
@@ -68,7 +71,7 @@ def markdown(results: dict, lrs: list[float], vxx_regs: list[float], args, secon
       return 0
     return PAPER_VXX.index(v) + 1 if v in PAPER_VXX else None
 
-  lines = [f"DIGITS, DDPNOpt Appendix D.1 network (4 × 32 tanh), batch {args.batch_size}, "
+  lines = [f"{args.dataset}, DDPNOpt Appendix D.1 network (4 × 32 tanh), batch {args.batch_size}, "
            f"{args.steps} steps, {args.seeds} seeds (mean ± std); paper: DDPNOpt Tables 9-10 "
            f"(10 seeds) in brackets. {platform.machine()} CPU, jax {jax.__version__}, "
            f"{seconds / 60:.1f} min.", ""]
@@ -102,13 +105,15 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--dataset", default="digits")
   p.add_argument("--out", default="runs/experiments/ddpnopt_lr_ablation")
+  add_data_arguments(p)
   args = p.parse_args(argv)
   lrs = [float(v) for v in args.lrs.split(",")]
   vxx_regs = [float(v) for v in args.vxx_regs.split(",")]
 
-  data = datasets.load("digits")
-  game = make_game()
+  data = load_data(args.dataset, args, images=False)
+  game = make_game(data)
   streams = batch_streams(data, args.batch_size, args.steps, args.seeds)
 
   start = time.time()
