@@ -1,4 +1,4 @@
-"""What the experiment scripts share: optimizers by name, whole runs as one scan, tables.
+"""What the experiment scripts share: optimizers by name, training runs, tables.
 
 Optimizer names are the main job's (:mod:`dgnopt_jax.train`): ``sgd``,
 ``rmsprop``, ``adam`` are optax's own on ``jax.grad`` of the batch loss;
@@ -74,8 +74,7 @@ def transform_update(tx, validation: bool = False):
   def update(params, state, batch):
     extra = {"validation_batch": batch[2:]} if validation else {}
     updates, state = tx.update(None, state, params, batch=batch[:2], **extra)
-    loss = state.inner.loss if hasattr(state, "inner") else state.loss
-    return optax.apply_updates(params, updates), state, loss
+    return optax.apply_updates(params, updates), state, state.loss
 
   return tx.init, update
 
@@ -137,7 +136,7 @@ def make_curve_run(init, update, test_accuracy, every: int):
 def accuracy_on(game: G.Game, data: datasets.Dataset):
   """``params -> test accuracy`` of ``game`` on ``data``'s test split (traceable)."""
   x, y = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
-  return lambda params: jnp.mean((jnp.argmax(game.apply(params, x), -1) == y).astype(jnp.float32))
+  return lambda params: dgnopt.bandits.accuracy(game.apply(params, x), y)
 
 
 def steps_to(accuracy: np.ndarray, target: float, every: int) -> float:

@@ -153,6 +153,7 @@ def test_each_step_is_the_drawn_alignments_update(problem, strategy):
                  updates, want)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12),
                  new_state.inner, want_inner)
+    np.testing.assert_allclose(new_state.loss, want_inner.loss, rtol=1e-12)
     # The reward: accuracy of the updated params on the validation batch.
     xv, yv = batches[2 * i + 1]
     logits = games[0].apply(optax.apply_updates(p, updates), xv)
@@ -181,6 +182,7 @@ def test_per_alignment_states_when_the_stages_differ(problem):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12),
                  updates, want)
     _assert_statistics_close(new_state.inner.states[arm], want_inner)
+    np.testing.assert_allclose(new_state.loss, want_inner.loss, rtol=1e-12)
     jax.tree.map(np.testing.assert_array_equal, new_state.inner.states[1 - arm],
                  state.inner.states[1 - arm])
 

@@ -47,6 +47,8 @@ class AlignedState(NamedTuple):
     alignment: the alignment drawn at the last step (-1 before the first).
     reward: the validation reward of the last step (NaN before the first or
       without a validation batch).
+    loss: the batch-mean terminal loss the drawn alignment's solver reported
+      at the last step (NaN before the first).
   """
 
   inner: Any
@@ -54,6 +56,7 @@ class AlignedState(NamedTuple):
   key: jax.Array
   alignment: jax.Array
   reward: jax.Array
+  loss: jax.Array
 
 
 def accuracy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
@@ -141,7 +144,7 @@ def aligned(games: Sequence[games_lib.Game],
     dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else jnp.float32
     return AlignedState(states[0] if shared else PerAlignment(tuple(states)), chooser.init(),
                         jax.random.PRNGKey(seed), jnp.full([], -1, jnp.int32),
-                        jnp.full([], jnp.nan, dtype))
+                        jnp.full([], jnp.nan, dtype), jnp.full([], jnp.nan, dtype))
 
   def update_fn(updates, state, params=None, *, batch=None, validation_batch=None, **extra):
     del updates
@@ -157,20 +160,21 @@ def aligned(games: Sequence[games_lib.Game],
       def solve(inner):
         own = inner if shared else inner.states[m]
         step, new = transforms[m].update(None, own, params, batch=batch, **extra)
+        loss = jnp.asarray(getattr(new, "loss", jnp.nan), state.loss.dtype)
         if not shared:
           new = PerAlignment(inner.states[:m] + (new,) + inner.states[m + 1:])
-        return step, new
+        return step, new, loss
       return solve
 
-    step, inner = jax.lax.switch(arm, [branch(m) for m in range(num)], state.inner)
+    step, inner, loss = jax.lax.switch(arm, [branch(m) for m in range(num)], state.inner)
     if validation_batch is not None:
       inputs, targets = transform._unpack_batch(validation_batch)
       outputs = apply(optax.apply_updates(params, step), inputs)
       score = jnp.asarray(reward(outputs, targets), state.reward.dtype)
     else:
       score = jnp.full([], jnp.nan, state.reward.dtype)
-    bandit = chooser.update(state.bandit, arm, score) if learns else chooser.update(
-        state.bandit, arm, jnp.zeros([]))
-    return step, AlignedState(inner, bandit, key, arm, score)
+    # The fixed and uniform choosers only count the draw; they ignore the score.
+    bandit = chooser.update(state.bandit, arm, score)
+    return step, AlignedState(inner, bandit, key, arm, score, loss)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
