@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     else:
       tx = dgnopt.gr(G.fictitious(game, key), args.lr, args.curvature, vxx_reg=args.vxx_reg)
       collapse = lambda params: G.collapse_params(params, game)
-      run = make_curve_run(*transform_update(tx), lambda params: accuracy(collapse(params)),
+      run = make_curve_run(*transform_update(tx),
+                           lambda params, collapse=collapse: accuracy(collapse(params)),
                            args.eval_every)
       split = lambda params, n=key: G.split_params(params, game, n)
     r = results[key] = {"steps": [], "accuracy": [], "loss": [], "curve": []}

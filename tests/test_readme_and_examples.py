@@ -27,16 +27,27 @@ def test_readme_snippet_trains():
   assert float(np.mean(np.argmax(logits, -1) == data.y_test)) > 0.9
 
 
-def test_readme_fictitious_players_snippet():
-  # Runs after the first snippet, in its scope, as a reader would.
+def _run_readme_snippet(marker, first_steps, replace=("", "")):
+  """Runs the README's first snippet (``range(1000)`` -> ``range(first_steps)``), then the one
+  snippet containing ``marker`` in the same scope, as a reader would.
+
+  Returns the scope and a copy of it as the first snippet left it.
+  """
   text = (ROOT / "README.md").read_text()
   blocks = re.findall(r"```python\n(.*?)```", text, re.S)
   scope = {}
-  exec(compile(blocks[0].replace("range(1000)", "range(300)"), "README.md", "exec"), scope)
-  before = scope["params"]
-  fictitious = [b for b in blocks if "G.fictitious(" in b]
-  assert len(fictitious) == 1
-  exec(compile(fictitious[0], "README.md", "exec"), scope)
+  exec(compile(blocks[0].replace("range(1000)", f"range({first_steps})"), "README.md", "exec"),
+       scope)
+  first = dict(scope)
+  marked = [b for b in blocks if marker in b]
+  assert len(marked) == 1
+  exec(compile(marked[0].replace(*replace), "README.md", "exec"), scope)
+  return scope, first
+
+
+def test_readme_fictitious_players_snippet():
+  scope, first = _run_readme_snippet("G.fictitious(", 300)
+  before = first["params"]
   game, split, params, data = scope["game"], scope["split"], scope["params"], scope["data"]
   for player in game.players:  # collapsed = the sum of the four players
     parts = G_get(split, player.path)
@@ -51,14 +62,7 @@ def test_readme_fictitious_players_snippet():
 
 
 def test_readme_flax_snippet_trains_the_flax_model():
-  # Runs after the first snippet (in its scope, with one step of it), as a reader would.
-  text = (ROOT / "README.md").read_text()
-  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-  scope = {}
-  exec(compile(blocks[0].replace("range(1000)", "range(1)"), "README.md", "exec"), scope)
-  flax_blocks = [b for b in blocks if "G.from_flax(" in b]
-  assert len(flax_blocks) == 1
-  exec(compile(flax_blocks[0], "README.md", "exec"), scope)
+  scope, _ = _run_readme_snippet("G.from_flax(", 1)
   model, game, variables, images = (scope["model"], scope["flax_game"], scope["variables"],
                                     scope["images"])
   x = jnp.asarray(images.x_test)
@@ -71,14 +75,7 @@ def test_readme_flax_snippet_trains_the_flax_model():
 
 
 def test_readme_alignment_snippet():
-  # Runs after the first snippet (in its scope, with one step of it), as a reader would.
-  text = (ROOT / "README.md").read_text()
-  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-  scope = {}
-  exec(compile(blocks[0].replace("range(1000)", "range(1)"), "README.md", "exec"), scope)
-  aligned = [b for b in blocks if "dgnopt.aligned(" in b]
-  assert len(aligned) == 1
-  exec(compile(aligned[0].replace("range(100)", "range(20)"), "README.md", "exec"), scope)
+  scope, _ = _run_readme_snippet("dgnopt.aligned(", 1, ("range(100)", "range(20)"))
   state, game, images = scope["bandit_state"], scope["alignments"][0], scope["images"]
   assert int(state.bandit.pulls.sum()) == 20 and np.all(np.asarray(state.bandit.pulls) > 0)
   logits = game.apply(scope["image_params"], jnp.asarray(images.x_test))
