@@ -99,12 +99,14 @@ def test_several_steps_with_statistics():
   compare(game, params, batch, "adam", 1e-3, "outer", vxx_reg=1e-3, steps=3)
 
 
-def test_scanned_stages_match_unrolled():
-  # Identical 5->5 layers are solved with lax.scan; the same network with
-  # distinct stage functions (one per layer) is unrolled. Both must agree.
+def test_scanned_stages_match_unrolled(monkeypatch):
+  # Identical 5->5 layers are solved with lax.scan (here from 3 repeats on);
+  # the same network with distinct stage functions (one per layer) is
+  # unrolled. Both must agree.
   game = h.tanh_mlp(widths=(5, 5, 5, 5))
   params = h.perturbed_params(game)
   from dgnopt_jax._src import solver
+  monkeypatch.setattr(solver, "MIN_STAGE_REPEATS", 3)
   segments = solver.plan_segments(game, params, jnp.zeros((2, 4)))
   assert [s.length for s in segments] == [1, 3, 1]
   unrolled = dgnopt.games.Game(

@@ -11,8 +11,9 @@ the other players' actions being unobservable to it (DGNOpt eq. 6, 9, 10,
     Z       = (F_x^T Z') (I - w^2 S)_+^{1/2},  S = (F_theta^T Z')^T M^-1 (F_theta^T Z')
 
 where ``F_x^T V~_xx' u = (F_x^T Z')(Z'^T u) + eps F_x^T u`` reuses the columns
-``F_x^T Z'`` pulled back for Z (and, for conv players whose per-sample
-gradients ``q = F_theta^T Z'`` are formed, ``Z'^T F_theta k = q^T k``), and
+``F_x^T Z'`` pulled back for Z (and, for dense and conv players whose
+per-sample gradients ``q = F_theta^T Z'`` are formed or kept as factors,
+``Z'^T F_theta k = q^T k``), and
 its feedback policy in the rollout is
 ``theta <- theta - (k + w M^-1 F_theta^T V~_xx' F_x dx)``, where
 ``w = 1 / max(1, lambda_max(G))`` shrinks the state-parameter coupling where a
@@ -122,15 +123,21 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
 
 
 def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
-                  x_new: State, thetas: tuple, saved: tuple):
+                  x_new: State, thetas: tuple, saved: tuple, on_nominal: bool = False):
   """Applies the players' feedback policies at one stage (Alg. 1 lines 10-11).
+
+  Args:
+    on_nominal: ``x_new`` is ``x`` (the first stage): ``dx = 0`` and the
+      feedback term vanishes, so it is not computed.
 
   Returns:
     ``(x'_{t+1}, deltas)`` with ``deltas[n]`` the change applied to theta_n.
   """
   eta, damping, eps = hyper
   deltas = []
-  if stage.num_players:
+  if on_nominal:
+    deltas = list(open_loop_deltas(saved))
+  elif stage.num_players:
     f = lin.Linearised(stage.fn, x, thetas)
     dx = lin.tree_sub(x_new, x)
     for n, (open_gain, step, z_next, pulled, grads, scale) in enumerate(saved):

@@ -161,11 +161,16 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
 
 
 def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State, x_new: State,
-                  thetas: tuple, saved: tuple):
-  """Applies the cooperative feedback policies of one stage (Alg. 1 lines 10-11)."""
+                  thetas: tuple, saved: tuple, on_nominal: bool = False):
+  """Applies the cooperative feedback policies of one stage (Alg. 1 lines 10-11).
+
+  ``on_nominal``: ``x_new`` is ``x`` (the first stage), the feedback vanishes.
+  """
   eta, damping, eps = hyper
   deltas = ()
-  if stage.num_players:
+  if on_nominal:
+    deltas = open_loop_deltas(saved)
+  elif stage.num_players:
     gains, steps, z_next, pulled, grads, scale = saved
     f = lin.Linearised(stage.fn, x, thetas)
     dx = lin.tree_sub(x_new, x)

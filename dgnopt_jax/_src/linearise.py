@@ -164,17 +164,36 @@ class Linearised:
     return jax.tree.map(lambda q: jnp.moveaxis(q, 0, 1), out)
 
 
+def per_sample_dot(a: jax.Array, b: jax.Array, shared: int) -> jax.Array:
+  """``sum`` over the trailing ``shared`` axes of ``a * b`` (broadcast), one fused reduction.
+
+  The per-sample contractions of the solver ("br...,bs...->brs" and kin)
+  have a batch axis in every operand and tiny per-sample matrices (r is 1
+  with the rank-1 value Hessian). As an ``einsum`` XLA lowers them to a
+  batched dot of B products of r x N by N x s, which on CPU costs many
+  times a multiply fused with its reduction (the MLP's factor update:
+  ~45 against a few microseconds), so they are written as the latter.
+  """
+  prod = a * b
+  return jnp.sum(prod, axis=tuple(range(prod.ndim - shared, prod.ndim)))
+
+
 def factor_transpose_apply(factor: State, u: State) -> jax.Array:
   """Z^(i)T u^(i) for every sample: shape (B, r)."""
-  parts = [jnp.einsum("br...,b...->br", z, v)
+  parts = [per_sample_dot(z, jnp.expand_dims(v, 1).astype(z.dtype), z.ndim - 2)
            for z, v in zip(jax.tree.leaves(factor), jax.tree.leaves(u))]
   return sum(parts[1:], parts[0])
 
 
+def _columns_first(c: jax.Array, ndim: int) -> jax.Array:
+  """(B, r, ...) coefficients broadcast against (B, r, *feature) leaves of ``ndim`` axes."""
+  return c.reshape(c.shape + (1,) * (ndim - c.ndim))
+
+
 def factor_apply(factor: State, coeffs: jax.Array) -> State:
   """Z^(i) c^(i) for every sample, c of shape (B, r)."""
-  return jax.tree.map(lambda z: jnp.einsum("br...,br->b...", z, coeffs.astype(z.dtype)),
-                      factor)
+  return jax.tree.map(
+      lambda z: jnp.sum(z * _columns_first(coeffs.astype(z.dtype), z.ndim), axis=1), factor)
 
 
 def is_zero(value: Any) -> bool:
@@ -313,5 +332,11 @@ def psd_sqrt_of_identity_minus(s: jax.Array) -> jax.Array:
 
 def mix_columns(factor: State, mixing: jax.Array) -> State:
   """Z R per sample: columns recombined by the (B, r, r') matrix R."""
-  return jax.tree.map(lambda z: jnp.einsum("br...,brs->bs...", z, mixing.astype(z.dtype)),
-                      factor)
+  def mix(z):
+    r = mixing.astype(z.dtype)
+    if r.shape[1:] == (1, 1):
+      return z * _columns_first(r[:, 0], z.ndim)
+    # sum_r z[b, r, None, ...] R[b, r, s]
+    return jnp.sum(jnp.expand_dims(z, 2) * _columns_first(r, z.ndim + 1), axis=1)
+
+  return jax.tree.map(mix, factor)

@@ -9,7 +9,10 @@ convexity safeguard estimates by power iteration. Where the per-sample
 gradients ``q`` of a player are formed anyway (convolutions with a diagonal or
 Kronecker curvature), :class:`Form` also carries ``v -> G v`` computed from
 them: two contractions of size B r K O instead of a VJP and a JVP of the stage
-(for a convolution, P = output positions times fewer multiplications).
+(for a convolution, P = output positions times fewer multiplications). A
+dense player's ``q_ir = [a_i (x) g_ir, g_ir]`` is kept as its two factors
+(:class:`DenseGradients`) and serves the same products as two matrix
+products over the batch, without recomputing the stage.
 """
 
 from __future__ import annotations
@@ -40,8 +43,30 @@ class LayerGradients(NamedTuple):
   bias: Optional[jax.Array]
 
 
-def gradient_coefficients(grads: LayerGradients, dtheta: Params) -> jax.Array:
+class DenseGradients(NamedTuple):
+  """The per-sample gradients of a dense player, kept as their rank-one factors.
+
+  ``q_ir = [a_i (x) g_ir, g_ir]``: the layer's input ``a_i`` and the column's
+  derivative ``g_ir`` at the pre-activation. Products with them are two
+  matrix products over the batch; ``q`` itself (B r K O) is never formed.
+
+  Attributes:
+    inputs: ``a``, (B, K).
+    output_grads: ``g``, (B, r, O).
+  """
+
+  inputs: jax.Array
+  output_grads: jax.Array
+
+
+def gradient_coefficients(grads: LayerGradients | DenseGradients, dtheta: Params) -> jax.Array:
   """``Z'^(i)T F_theta^(i) dtheta = q_i . dtheta`` for every sample and column: (B, r)."""
+  if isinstance(grads, DenseGradients):
+    g = grads.output_grads
+    change = grads.inputs @ dtheta["kernel"].astype(g.dtype)  # F_theta dtheta at h: (B, O)
+    if "bias" in dtheta:
+      change = change + dtheta["bias"].astype(g.dtype)
+    return lin.per_sample_dot(g, change[:, None], 1)
   kernel = dtheta["kernel"].reshape(-1, dtheta["kernel"].shape[-1])
   out = jnp.einsum("brko,ko->br", grads.kernel, kernel.astype(grads.kernel.dtype))
   if grads.bias is not None:
@@ -49,8 +74,16 @@ def gradient_coefficients(grads: LayerGradients, dtheta: Params) -> jax.Array:
   return out
 
 
-def gradient_pullback(grads: LayerGradients, coeffs: jax.Array, like: Params) -> Params:
+def gradient_pullback(grads: LayerGradients | DenseGradients, coeffs: jax.Array,
+                      like: Params) -> Params:
   """``F_theta^T (Z' c) = sum_ir q_ir c_ir``, shaped like ``like``."""
+  if isinstance(grads, DenseGradients):
+    g = grads.output_grads
+    combined = jnp.sum(g * coeffs.astype(g.dtype)[..., None], axis=1)  # sum_r c_ir g_ir: (B, O)
+    out = {"kernel": (grads.inputs.T @ combined).astype(like["kernel"].dtype)}
+    if "bias" in like:
+      out["bias"] = jnp.sum(combined, axis=0).astype(like["bias"].dtype)
+    return out
   kernel = jnp.einsum("brko,br->ko", grads.kernel, coeffs.astype(grads.kernel.dtype))
   out = {"kernel": kernel.reshape(like["kernel"].shape).astype(like["kernel"].dtype)}
   if grads.bias is not None:
@@ -66,8 +99,8 @@ class Form(NamedTuple):
     s: ``S^(i) = q_i^T (C + damping)^-1 q_i``, shape (B, r, r).
     gram: ``v -> G v`` on (B, r) arrays with ``G_ij = q_i^T (C + damping)^-1 q_j``,
       or None where the solver applies ``G`` through the stage's VJP and JVP.
-    gradients: the players' :class:`LayerGradients` where formed (a tuple over
-      the players of a stage), else None. With them ``Z'^T F_theta d`` and
+    gradients: the players' :class:`LayerGradients` or :class:`DenseGradients`
+      where formed (a tuple over the players of a stage), else None. With them ``Z'^T F_theta d`` and
       ``F_theta^T Z' c`` are contractions instead of a JVP and a VJP.
   """
 
@@ -97,19 +130,42 @@ def sum_forms(forms: list) -> Form:
   return Form(s, gram, gradients)
 
 
+def _gram_blocks(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Per-sample ``a_i^T b_i`` over the trailing axes: (B, r, ...), (B, s, ...) -> (B, r, s)."""
+  return lin.per_sample_dot(jnp.expand_dims(a, 2), jnp.expand_dims(b, 1), a.ndim - 2)
+
+
+def _apply_gram(q: jax.Array, inverse: jax.Array, v: jax.Array) -> jax.Array:
+  """``(G v)_ir = q_ir^T D (sum_js q_js v_js)`` for gradients q (B, r, ...) and a diagonal D.
+
+  Both contractions are multiplies fused with their reductions: written as
+  dots, XLA on CPU transposed ``q`` (B r K O elements) in every power
+  iteration of the convexity safeguard.
+  """
+  u = jnp.sum(q * _columns(v.astype(q.dtype), q.ndim), axis=(0, 1))
+  return lin.per_sample_dot(q, inverse * u, q.ndim - 2)
+
+
+def _columns(c: jax.Array, ndim: int) -> jax.Array:
+  return c.reshape(c.shape + (1,) * (ndim - c.ndim))
+
+
 def _contract(q: Any, solved: Any) -> jax.Array:
-  parts = [jnp.einsum("br...,bs...->brs", a, b)
-           for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(solved))]
+  parts = [_gram_blocks(a, b) for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(solved))]
   return sum(parts[1:], parts[0])
 
 
 def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: State,
-                inv_diag: Params) -> jax.Array:
+                inv_diag: Params) -> Form:
   """Kronecker route for a dense player with a diagonal curvature D^-1.
 
   ``F_theta^T z = [a (x) g, g]`` with ``a = flatten(x)`` and
-  ``g = act'(h) z``, so ``S_rs = g_r^T diag((a*a) D_kernel + D_bias) g_s``:
-  no per-sample gradient is formed.
+  ``g = act'(h) z``, so ``S_rs = g_r^T diag((a*a) D_kernel + D_bias) g_s``
+  and ``(G v)_ir = g_ir^T (a_i^T (D_kernel * U) + D_bias * u)`` with
+  ``U = sum_js v_js a_j g_js^T``, ``u = sum_js v_js g_js``: two matrix
+  products per power iteration of the convexity safeguard, and the factors
+  (:class:`DenseGradients`) serve the value correction and the rollout's
+  feedback. No per-sample gradient is formed.
   """
   a = layer.linear_input(x)
   h = layer.preactivation(theta, x)
@@ -119,7 +175,16 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   w = jnp.sum(a * a, axis=-1, keepdims=True) * dk if dk.ndim == 0 else (a * a) @ dk
   if layer.use_bias:
     w = w + inv_diag["bias"]
-  return jnp.einsum("bro,bo,bso->brs", g, jnp.broadcast_to(w, h.shape), g)
+  s = _gram_blocks(g, g * jnp.expand_dims(w, 1))
+
+  def gram(v: jax.Array) -> jax.Array:
+    combined = jnp.sum(g * v.astype(g.dtype)[..., None], axis=1)  # sum_s v_js g_js: (B, O)
+    back = a @ (dk * (a.T @ combined))
+    if layer.use_bias:
+      back = back + inv_diag["bias"] * jnp.sum(combined, axis=0)
+    return lin.per_sample_dot(g, back[:, None], 1).astype(v.dtype)
+
+  return Form(s, gram, DenseGradients(a, g))
 
 
 def _column_grads(f: lin.Linearised, n: int, factor_next: State) -> jax.Array:
@@ -166,14 +231,14 @@ def diagonal_layer(f: lin.Linearised, n: int, factor_next: State, theta: Params,
   q = jnp.einsum("bpk,brpo->brko", a, g)
   qb = jnp.sum(g, axis=2) if "bias" in inv else None
   dtype = jax.tree.leaves(factor_next)[0].dtype
-  s = jnp.einsum("brko,ko,bsko->brs", q, inv_kernel, q)
+  s = _gram_blocks(q, q * inv_kernel)
   if qb is not None:
-    s = s + jnp.einsum("bro,o,bso->brs", qb, inv["bias"], qb)
+    s = s + _gram_blocks(qb, qb * inv["bias"])
 
   def gram(v: jax.Array) -> jax.Array:
-    out = jnp.einsum("brko,ko,ko->br", q, inv_kernel, jnp.einsum("bsko,bs->ko", q, v))
+    out = _apply_gram(q, inv_kernel, v)
     if qb is not None:
-      out = out + jnp.einsum("bro,o,o->br", qb, inv["bias"], jnp.einsum("bso,bs->o", qb, v))
+      out = out + _apply_gram(qb, inv["bias"], v)
     return out.astype(v.dtype)
 
   return Form(s.astype(dtype), gram, LayerGradients(q, qb))
@@ -210,13 +275,13 @@ def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: 
   dtype = jax.tree.leaves(factor_next)[0].dtype
   if len(players) == 1 and rotated[0][0].shape[1] == 1:
     a_rot, g_rot = rotated[0]
-    return Form(jnp.einsum("bj,jk,brk,bsk->brs", a_rot[:, 0] ** 2, inverse, g_rot[:, :, 0],
-                           g_rot[:, :, 0]).astype(dtype))
+    g_col = g_rot[:, :, 0]  # (B, r, k)
+    weights = (a_rot[:, 0] ** 2) @ inverse  # (B, k)
+    return Form(_gram_blocks(g_col, g_col * weights[:, None]).astype(dtype))
   q = sum(jnp.einsum("bpj,brpk->brjk", a_rot, g_rot) for a_rot, g_rot in rotated)
 
   def gram(v: jax.Array) -> jax.Array:
-    u = jnp.einsum("bsjk,bs->jk", q, v)
-    return jnp.einsum("brjk,jk,jk->br", q, inverse, u).astype(v.dtype)
+    return _apply_gram(q, inverse, v).astype(v.dtype)
 
   gradients = None
   if len(players) == 1 and copies == 1:
@@ -227,7 +292,7 @@ def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: 
       gradients = LayerGradients(plain[:, :, :-1], plain[:, :, -1])
     else:
       gradients = LayerGradients(plain, None)
-  return Form(jnp.einsum("brjk,jk,bsjk->brs", q, inverse, q).astype(dtype), gram, gradients)
+  return Form(_gram_blocks(q, q * inverse).astype(dtype), gram, gradients)
 
 
 def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
@@ -239,7 +304,7 @@ def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
   inv_diag = curvature.inverse_diagonal(step, damping, theta)
   if (inv_diag is not None and isinstance(player_.layer, games_lib.Dense) and
       f.fn is games_lib.layer_stage_fn(player_.layer)):
-    return Form(dense_layer(player_.layer, theta, f.x, factor_next, inv_diag))
+    return dense_layer(player_.layer, theta, f.x, factor_next, inv_diag)
   if (inv_diag is not None and layer_taps.has_kronecker_structure(player_, theta) and
       (lin.partition_safe() or explicit_gradients_pay(f, n, factor_next))):
     return diagonal_layer(f, n, factor_next, theta, inv_diag)

@@ -133,10 +133,14 @@ def init_curvature_state(game: games_lib.Game, cfg: SolverConfig, params: Params
 
 
 MAX_PERIOD = 4
-# A block of several stages is scanned only from this many repeats on: XLA on
-# CPU runs a scanned residual block several times slower than the unrolled
-# one (3 blocks: 152 vs 36 ms per open-loop step), while unrolling 32 blocks
-# costs minutes of compile time (fne: 98 s against 12 s scanned).
+# A repeated stage or block of stages is scanned only from this many repeats
+# on. XLA on CPU runs a scanned body slower than the unrolled one (its
+# params are stacked and sliced, and a while loop is entered per step): a
+# 3-block residual CNN ran an open-loop step in 152 ms scanned against 36 ms
+# unrolled, and the DIGITS MLP's three equal hidden layers an fne step in
+# 2.0 ms against 1.5 ms. Unrolling many repeats costs compile time instead
+# (32 residual blocks, fne: 98 s against 12 s scanned).
+MIN_STAGE_REPEATS = 4
 MIN_BLOCK_REPEATS = 4
 
 
@@ -147,8 +151,8 @@ def plan_segments(game: games_lib.Game, params: Params, inputs: State) -> list[S
   block) repeats when the next ``period`` stages have the same stage
   functions, players, params shapes and input shapes, and every repetition
   maps the block's input state to a state of the same shape. Runs of one
-  stage are scanned from 2 repeats on, blocks of several stages from
-  ``MIN_BLOCK_REPEATS``. At each stage the longest run (most stages covered,
+  stage are scanned from ``MIN_STAGE_REPEATS`` repeats on, blocks of several
+  stages from ``MIN_BLOCK_REPEATS``. At each stage the longest run (most stages covered,
   shortest period on ties) is taken.
   """
   xs = [_shapes(inputs)]  # the state shapes x_0 .. x_T
@@ -175,7 +179,8 @@ def plan_segments(game: games_lib.Game, params: Params, inputs: State) -> list[S
     best = Segment(t, 1, 1)
     for period in range(1, MAX_PERIOD + 1):
       r = repeats(t, period)
-      if r >= (2 if period == 1 else MIN_BLOCK_REPEATS) and period * r > best.length:
+      least = MIN_STAGE_REPEATS if period == 1 else MIN_BLOCK_REPEATS
+      if r >= least and period * r > best.length:
         best = Segment(t, period, r)
     segments.append(best)
     t += best.length
@@ -288,8 +293,10 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
         block_xs, block_thetas, block_saved = block
         block_deltas = []
         for i, stage in enumerate(stages):
+          # The first stage starts on the nominal trajectory: dx = 0, no feedback.
           x_new, d = stage_solver.stage_rollout(stage, cfg, hyper, block_xs[i], x_new,
-                                                block_thetas[i], block_saved[i])
+                                                block_thetas[i], block_saved[i],
+                                                on_nominal=(j == 0 and s.repeats == 1 and i == 0))
           block_deltas.append(d)
         return x_new, tuple(block_deltas)
       x_new, seg_deltas = _scan(rollout, x_new, (seg_xs[j], seg_thetas[j], seg_saved[j]),
