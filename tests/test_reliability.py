@@ -86,23 +86,24 @@ def test_nonfinite_raise_policy():
 
 def test_step_that_would_overflow_the_params_is_skipped(monkeypatch):
   """Finite updates whose sum with the params overflows: skipped, params unchanged."""
-  from dgnopt_jax._src import solver, transform
+  from dgnopt_jax._src import feedback_nash
   game = h.tanh_mlp()
   big = 0.6 * float(jnp.finfo(jnp.float32).max)
-  params = jax.tree.map(lambda p: jnp.full_like(p, big, jnp.float32),
-                        game.init(jax.random.PRNGKey(0)))
-  real = solver.solve_step
+  params = jax.tree.map(lambda p: p.astype(jnp.float32), game.init(jax.random.PRNGKey(0)))
+  # Equal huge output biases: the logits and the loss stay finite.
+  params["dense_3"]["bias"] = jnp.full_like(params["dense_3"]["bias"], big)
+  x, y = h.classification_batch((4,), 4)
+  assert bool(jnp.isfinite(game.loss_value(params, x.astype(jnp.float32), y)))
+  real = feedback_nash.stage_rollout
 
-  def overflowing(*args, **kwargs):
-    result = real(*args, **kwargs)
-    return result._replace(updates=jax.tree.map(lambda u: jnp.full_like(u, big),
-                                                result.updates),
-                           loss=jnp.zeros_like(result.loss))
+  def overflowing(*args, **kwargs):  # every change finite but huge
+    x_next, deltas = real(*args, **kwargs)
+    return x_next, jax.tree.map(lambda d: jnp.full_like(d, big), deltas)
 
-  monkeypatch.setattr(transform.solver, "solve_step", overflowing)
+  monkeypatch.setattr(feedback_nash, "stage_rollout", overflowing)
   tx = dgnopt.fne(game, 0.1)
   step = jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b))
-  updates, state = step(params, tx.init(params), h.classification_batch((4,), 4))
+  updates, state = step(params, tx.init(params), (x.astype(jnp.float32), y))
   assert int(state.skipped) == 1 and int(state.count) == 0
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
 

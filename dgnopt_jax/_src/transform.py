@@ -123,19 +123,6 @@ def validate(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array,
 NONFINITE_POLICIES = ("skip", "raise")
 
 
-def _all_finite(tree: Any) -> jax.Array:
-  """Whether every element of every leaf is finite, as one scalar.
-
-  One reduction over the concatenated leaves: per-leaf reductions combined
-  afterwards make XLA build a fusion whose size grows with the square of the
-  number of leaves, and compile time with it.
-  """
-  leaves = [jnp.ravel(u) for u in jax.tree.leaves(tree)]  # concatenated in their common dtype
-  if not leaves:
-    return jnp.asarray(True)
-  return jnp.all(jnp.isfinite(jnp.concatenate(leaves)))
-
-
 def _raise_if_not_finite(finite: jax.Array, loss: jax.Array) -> None:
   if not bool(finite):
     raise FloatingPointError(
@@ -181,8 +168,9 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
                          vxx_reg)
     result = solver.solve_step(game, cfg, hyper, params, state.curvature, inputs, targets)
     updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), result.updates, params)
-    new_params = jax.tree.map(jnp.add, params, updates)
-    finite = jnp.isfinite(result.loss) & _all_finite((updates, new_params))
+    # The loss, every player's update and updated params (leaves of no player
+    # get a zero update).
+    finite = result.finite
     if nonfinite == "raise":
       jax.debug.callback(_raise_if_not_finite, finite, result.loss)
     new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
