@@ -103,10 +103,13 @@ class StepResult(NamedTuple):
   """One step's outcome.
 
   Attributes:
-    updates: the change applied to every player's params (zeros elsewhere).
-    curvature_state: the new curvature statistics.
+    updates: the change applied to every player's params (zeros elsewhere;
+      zeros everywhere when the step is not finite).
+    curvature_state: the new curvature statistics (the old ones when the
+      step is not finite).
     loss: the batch-mean terminal loss.
-    finite: whether every player's update and updated params are finite.
+    finite: whether the loss, every player's update and updated params are
+      finite.
   """
 
   updates: Params
@@ -225,6 +228,9 @@ def _updates_finite(thetas: Any, deltas: Any) -> jax.Array:
   a check per leaf of the params pytree costs compile time in proportion to
   the number of leaves (32 residual blocks: 3 of 9 s).
   """
+  # The barrier keeps XLA from splitting the check back into one per stacked
+  # operand (the per-repeat params the stack was built from).
+  thetas, deltas = jax.lax.optimization_barrier((thetas, deltas))
   new = jax.tree.map(lambda t, d: t + d.astype(t.dtype), thetas, deltas)
   return all_finite((deltas, new))
 
@@ -257,7 +263,9 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
 
   Returns:
     The updates (shaped like params: the exact change the rollout applied),
-    the new curvature states and the batch-mean terminal loss.
+    the new curvature states, the batch-mean terminal loss and whether the
+    step is finite (a step that is not is returned as zero updates with the
+    curvature states unchanged).
   """
   segments = plan_segments(game, params, inputs)
   keys = [cfg.stage_solver.state_keys(stage, cfg, stage_thetas(stage, params))
@@ -298,7 +306,7 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
   num_streams = 1 if cfg.principle == "gr" else game.num_streams
   streams = tuple((v_x, factor if cfg.needs_factor else None) for _ in range(num_streams))
   stage_solver = cfg.stage_solver
-  seg_saved, new_cstates = [None] * len(segments), {}
+  seg_saved, seg_new_cstates = [None] * len(segments), [None] * len(segments)
   for j in reversed(range(len(segments))):
     s = segments[j]
     stages = game.stages[s.start:s.start + s.period]
@@ -313,12 +321,10 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
 
     streams, (cstates, saved) = _scan(backward, streams, (seg_xs[j], seg_thetas[j],
                                                           seg_cstates[j]), s.repeats, True)
-    seg_saved[j] = saved
-    for t, per_stage in for_each_stage(s, cstates):
-      new_cstates.update(zip(keys[t], per_stage))
+    seg_saved[j], seg_new_cstates[j] = saved, cstates
 
   # 3. Rollout with the feedback policies (skipped for OLNE: updates = -k).
-  deltas, finite = {}, jnp.isfinite(loss)
+  seg_deltas_all, finite = [], jnp.isfinite(loss)
   x_new = inputs
   for j, s in enumerate(segments):
     stages = game.stages[s.start:s.start + s.period]
@@ -338,9 +344,21 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
     else:
       seg_deltas = tuple(stage_solver.open_loop_deltas(saved) for saved in seg_saved[j])
     finite = finite & _updates_finite(seg_thetas[j], seg_deltas)
-    for t, per_stage in for_each_stage(s, seg_deltas):
+    seg_deltas_all.append(seg_deltas)
+
+  # A step that is not finite changes nothing: zero updates, statistics kept.
+  # One branch on the stacked arrays, before they are split per stage (a
+  # select per leaf costs compile time in proportion to the depth).
+  seg_deltas_all, seg_new_cstates = jax.lax.cond(
+      finite, lambda: (seg_deltas_all, seg_new_cstates),
+      lambda: (jax.tree.map(jnp.zeros_like, seg_deltas_all), seg_cstates))
+  deltas, new_cstates = {}, {}
+  for j, s in enumerate(segments):
+    for t, per_stage in for_each_stage(s, seg_deltas_all[j]):
       for p, d in zip(game.stages[t].players, per_stage):
         deltas[p.path] = d
+    for t, per_stage in for_each_stage(s, seg_new_cstates[j]):
+      new_cstates.update(zip(keys[t], per_stage))
 
   updates = games_lib.scatter_players(params, deltas, jnp.zeros_like)
   return StepResult(updates, new_cstates, loss, finite)

@@ -168,20 +168,18 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
                          vxx_reg)
     result = solver.solve_step(game, cfg, hyper, params, state.curvature, inputs, targets)
     updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), result.updates, params)
-    # The loss, every player's update and updated params (leaves of no player
-    # get a zero update).
+    # Whether the loss, every player's update and updated params are finite
+    # (leaves of no player get a zero update); a step that is not comes back
+    # as zero updates with the curvature statistics unchanged.
     finite = result.finite
     if nonfinite == "raise":
       jax.debug.callback(_raise_if_not_finite, finite, result.loss)
-    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-    new_cstate = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                              result.curvature_state, state.curvature)
     new_state = DGNOptState(
         count=state.count + finite.astype(jnp.int32),
-        curvature=new_cstate,
+        curvature=result.curvature_state,
         skipped=state.skipped + (~finite).astype(jnp.int32),
         loss=result.loss.astype(state.loss.dtype))
-    return new_updates, new_state
+    return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
