@@ -185,15 +185,18 @@ def factor_transpose_apply(factor: State, u: State) -> jax.Array:
   return sum(parts[1:], parts[0])
 
 
-def _columns_first(c: jax.Array, ndim: int) -> jax.Array:
-  """(B, r, ...) coefficients broadcast against (B, r, *feature) leaves of ``ndim`` axes."""
+def expand_trailing(c: jax.Array, ndim: int) -> jax.Array:
+  """``c`` with trailing unit axes up to ``ndim`` axes.
+
+  Broadcasts (B, r) coefficients against (B, r, *feature) leaves.
+  """
   return c.reshape(c.shape + (1,) * (ndim - c.ndim))
 
 
 def factor_apply(factor: State, coeffs: jax.Array) -> State:
   """Z^(i) c^(i) for every sample, c of shape (B, r)."""
   return jax.tree.map(
-      lambda z: jnp.sum(z * _columns_first(coeffs.astype(z.dtype), z.ndim), axis=1), factor)
+      lambda z: jnp.sum(z * expand_trailing(coeffs.astype(z.dtype), z.ndim), axis=1), factor)
 
 
 def is_zero(value: Any) -> bool:
@@ -335,8 +338,8 @@ def mix_columns(factor: State, mixing: jax.Array) -> State:
   def mix(z):
     r = mixing.astype(z.dtype)
     if r.shape[1:] == (1, 1):
-      return z * _columns_first(r[:, 0], z.ndim)
+      return z * expand_trailing(r[:, 0], z.ndim)
     # sum_r z[b, r, None, ...] R[b, r, s]
-    return jnp.sum(jnp.expand_dims(z, 2) * _columns_first(r, z.ndim + 1), axis=1)
+    return jnp.sum(jnp.expand_dims(z, 2) * expand_trailing(r, z.ndim + 1), axis=1)
 
   return jax.tree.map(mix, factor)

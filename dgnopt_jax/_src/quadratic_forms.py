@@ -79,7 +79,7 @@ def gradient_pullback(grads: LayerGradients | DenseGradients, coeffs: jax.Array,
   """``F_theta^T (Z' c) = sum_ir q_ir c_ir``, shaped like ``like``."""
   if isinstance(grads, DenseGradients):
     g = grads.output_grads
-    combined = jnp.sum(g * coeffs.astype(g.dtype)[..., None], axis=1)  # sum_r c_ir g_ir: (B, O)
+    combined = lin.factor_apply(g, coeffs)  # sum_r c_ir g_ir: (B, O)
     out = {"kernel": (grads.inputs.T @ combined).astype(like["kernel"].dtype)}
     if "bias" in like:
       out["bias"] = jnp.sum(combined, axis=0).astype(like["bias"].dtype)
@@ -100,8 +100,9 @@ class Form(NamedTuple):
     gram: ``v -> G v`` on (B, r) arrays with ``G_ij = q_i^T (C + damping)^-1 q_j``,
       or None where the solver applies ``G`` through the stage's VJP and JVP.
     gradients: the players' :class:`LayerGradients` or :class:`DenseGradients`
-      where formed (a tuple over the players of a stage), else None. With them ``Z'^T F_theta d`` and
-      ``F_theta^T Z' c`` are contractions instead of a JVP and a VJP.
+      where formed (a tuple over the players of a stage), else None. With
+      them ``Z'^T F_theta d`` and ``F_theta^T Z' c`` are contractions instead
+      of a JVP and a VJP.
   """
 
   s: jax.Array
@@ -142,12 +143,8 @@ def _apply_gram(q: jax.Array, inverse: jax.Array, v: jax.Array) -> jax.Array:
   dots, XLA on CPU transposed ``q`` (B r K O elements) in every power
   iteration of the convexity safeguard.
   """
-  u = jnp.sum(q * _columns(v.astype(q.dtype), q.ndim), axis=(0, 1))
+  u = jnp.sum(q * lin.expand_trailing(v.astype(q.dtype), q.ndim), axis=(0, 1))
   return lin.per_sample_dot(q, inverse * u, q.ndim - 2)
-
-
-def _columns(c: jax.Array, ndim: int) -> jax.Array:
-  return c.reshape(c.shape + (1,) * (ndim - c.ndim))
 
 
 def _contract(q: Any, solved: Any) -> jax.Array:
@@ -178,7 +175,7 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   s = _gram_blocks(g, g * jnp.expand_dims(w, 1))
 
   def gram(v: jax.Array) -> jax.Array:
-    combined = jnp.sum(g * v.astype(g.dtype)[..., None], axis=1)  # sum_s v_js g_js: (B, O)
+    combined = lin.factor_apply(g, v)  # sum_s v_js g_js: (B, O)
     back = a @ (dk * (a.T @ combined))
     if layer.use_bias:
       back = back + inv_diag["bias"] * jnp.sum(combined, axis=0)

@@ -228,9 +228,6 @@ def _updates_finite(thetas: Any, deltas: Any) -> jax.Array:
   a check per leaf of the params pytree costs compile time in proportion to
   the number of leaves (32 residual blocks: 3 of 9 s).
   """
-  # The barrier keeps XLA from splitting the check back into one per stacked
-  # operand (the per-repeat params the stack was built from).
-  thetas, deltas = jax.lax.optimization_barrier((thetas, deltas))
   new = jax.tree.map(lambda t, d: t + d.astype(t.dtype), thetas, deltas)
   return all_finite((deltas, new))
 
