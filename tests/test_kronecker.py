@@ -55,6 +55,11 @@ def test_statistics_rebuild_per_sample_gradients(which):
         mats = jnp.einsum("bpi,bpo->bio", stats[n].inputs, stats[n].output_grads)
         got = jax.vmap(lambda m: layer_taps.from_matrix(m, thetas[n]))(mats)
         h.assert_trees_close(got, want, 1e-12)
+        # The kernel part tap by tap, without the patches (one factor column).
+        layer, layer_x = layer_taps.tapped_layers(stage.fn, x, thetas, (n,))[n]
+        q = layer_taps.per_sample_kernel_gradients(layer, layer_x,
+                                                   stats[n].output_grads[:, None])
+        h.assert_trees_close(q[:, 0].reshape(want["kernel"].shape), want["kernel"], 1e-12)
         checked += 1
     x = y
   assert checked == {"dense": 1, "conv": 1, "conv_strided": 1, "residual": 6,

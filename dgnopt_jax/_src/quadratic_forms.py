@@ -223,9 +223,8 @@ def diagonal_layer(f: lin.Linearised, n: int, factor_next: State, theta: Params,
   g = _column_grads(f, n, factor_next)  # (B, r, P, O)
   layer, layer_x = layer_taps.tapped_layers(f.fn, f.x, f.thetas, (n,))[n]
   inv = jax.tree.map(lambda d, t: jnp.broadcast_to(d, t.shape), inv_diag, theta)
-  a = layer_taps.kernel_rows(layer, layer_x)
   inv_kernel = inv["kernel"].reshape(-1, inv["kernel"].shape[-1])
-  q = jnp.einsum("bpk,brpo->brko", a, g)
+  q = layer_taps.per_sample_kernel_gradients(layer, layer_x, g)
   qb = jnp.sum(g, axis=2) if "bias" in inv else None
   dtype = jax.tree.leaves(factor_next)[0].dtype
   s = _gram_blocks(q, q * inv_kernel)
@@ -257,7 +256,8 @@ def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: 
   if isinstance(step, kronecker.SharedKroneckerStep):
     # N players with one gradient q each: S = N q^T (N K + damping)^-1 q.
     players, copies = players[:1], len(players)
-  stats = jax.vmap(lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, players),
+  stats = jax.vmap(lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, players,
+                                                   marker=factor_next),
                    in_axes=1, out_axes=1)(factor_next)  # leaves (B, r, P, .)
   inverse = copies * kronecker.safe_reciprocal(copies * step.eigenvalues + damping)
   rows = cols = 0
