@@ -21,11 +21,11 @@ so both optimizers train the same variables and evaluate them with
   (``identity`` = SGD, ``adam``), whose update solves the game and whose running
   BatchNorm averages are updated with ``games.update_batch_stats``.
 
-With ``--batch-norm``, the batch statistics are held fixed in the game's
-linearisation (``dgnopt_jax/_src/flax_games.py``), so DGNOpt's gradient
-``Q_theta`` drops their terms: even ``olne`` is not the optax baseline then,
-and it trains markedly worse than it (the directions the normalisation
-removes are not projected out of the update; Ioffe & Szegedy 2015, §2).
+With ``--batch-norm``, DGNOpt's gradient ``Q_theta`` goes through the batch
+statistics (it is ``jax.grad`` of the train-mode loss, so ``olne`` is the
+optax baseline up to rounding) while its second-order terms hold the
+statistics fixed (``dgnopt_jax/_src/flax_games.py``). Defaults, 500 steps:
+optax adam 96.9 %, olne-adam 96.7 %, fne-adam 96.2 % test accuracy.
 
 Prints progress and a markdown table of test accuracy and training loss.
 """
@@ -131,11 +131,9 @@ def main():
   game = G.from_flax(model, x0, "softmax_cross_entropy")
   baseline = optax.adam(args.lr) if args.curvature == "adam" else optax.sgd(args.lr)
   solver = {"fne": dgnopt.fne, "gr": dgnopt.gr, "olne": dgnopt.olne}[args.solver]
-  kwargs = {} if args.solver == "olne" else {"vxx_reg": 1e-4}
   runs = {
       f"optax {args.curvature}": optax_step(model, baseline),
-      f"{args.solver}-{args.curvature}": dgnopt_step(game, solver(game, args.lr, args.curvature,
-                                                                  **kwargs)),
+      f"{args.solver}-{args.curvature}": dgnopt_step(game, solver(game, args.lr, args.curvature)),
   }
   print(f"{len(game.stages)} stages, {len(game.players)} players, "
         f"{sum(a.size for a in jax.tree.leaves(variables['params']))} params")

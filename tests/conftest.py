@@ -16,3 +16,19 @@ if os.environ.get("DGNOPT_TEST_XLA_OPT") != "1" and \
 import jax  # noqa: E402  (after XLA_FLAGS)
 
 jax.config.update("jax_enable_x64", True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after every test.
+
+  Each program XLA compiles for the CPU keeps its code in memory mappings of
+  its own; one process running the slow tests of a module accumulated over
+  65530 of them (Linux's default ``vm.max_map_count``), and the next compile
+  crashed.
+  """
+  yield
+  jax.clear_caches()

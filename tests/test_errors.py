@@ -75,6 +75,20 @@ def test_dense_curvature_refuses_a_large_player():
     dgnopt.fne(game, 0.1, "dense").init(params)
 
 
+def test_stage_gradient_fn_must_match_the_stage():
+  with pytest.raises(TypeError, match="gradient_fn must be callable"):
+    G.stage(lambda x, th: x, gradient_fn=1.0)
+  dense = G.Dense(3)
+  game = G.Game([G.stage(lambda x, th: dense(th[0], x), ["dense"],
+                         gradient_fn=lambda x, th: dense(th[0], x)[:, :2])],
+                "softmax_cross_entropy")
+  params = {"dense": dense.init(jax.random.PRNGKey(0), (4,))[0]}
+  x, y = jnp.ones((2, 4)), jnp.zeros(2, jnp.int32)
+  with pytest.raises(ValueError, match=r"stage 0 .*gradient_fn returns \(2, 2\) where fn "
+                     r"returns \(2, 3\)"):
+    update(dgnopt.fne(game, 0.1), params, (x, y))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"learning_rate": 0.0}, "learning_rate must be > 0"),
     ({"learning_rate": -1.0}, "learning_rate must be > 0"),

@@ -6,6 +6,7 @@ the other players' actions being unobservable to it (DGNOpt eq. 6, 9, 10,
 20-21; with one player per stage DDPNOpt eq. 12-13)::
 
     Q_theta = l_theta + F_theta^T V_x'                  (one batched VJP)
+    Q_x     = F_x^T V_x'
     k       = M^-1 d,   M = (C + damping I) / eta      (d = Q_theta or a moment)
     V_x     = F_x^T (V_x' - w V~_xx' F_theta k)         (eq. 10)
     Z       = (F_x^T Z') (I - w^2 S)_+^{1/2},  S = (F_theta^T Z')^T M^-1 (F_theta^T Z')
@@ -20,7 +21,10 @@ its feedback policy in the rollout is
 surrogate curvature leaves the stage's model non-convex
 (:func:`linearise.coupling_scale`; ``w = 1`` for exact DDP). Streams of players
 absent at a stage (dummy players, DGNOpt §3.1) pass through. Without feedback
-(OLNE: Q_theta_x := 0) ``V_x`` is the back-propagated co-state.
+(OLNE: Q_theta_x := 0) ``V_x`` is the back-propagated co-state. The
+first-order terms ``Q_theta``, ``Q_x`` come from the VJP of
+``Stage.gradient_fn`` where a stage has one (batch statistics differentiated),
+every second-order term from the per-sample Jacobians of ``Stage.fn``.
 """
 
 from __future__ import annotations
@@ -68,16 +72,18 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     feedback).
   """
   f = lin.Linearised(stage.fn, x, thetas)
+  # First-order terms through the samples' coupling where the stage has one.
+  exact = f if stage.gradient_fn is None else lin.Linearised(stage.gradient_fn, x, thetas)
   eta, damping, eps = hyper
   curvature = cfg.curvature
   out_streams, out_cstates, saved = [], [], []
   for n, (v_next, z_next) in enumerate(streams):
     if n >= stage.num_players:  # a dummy player: the value passes through
-      out_streams.append((f.vjp_x(v_next),
+      out_streams.append((exact.vjp_x(v_next),
                           None if z_next is None else f.vjp_x_columns(z_next)))
       continue
     player, theta = stage.players[n], thetas[n]
-    q_x, q_theta = f.vjp_x_theta(n, v_next)
+    q_x, q_theta = exact.vjp_x_theta(n, v_next)
     if player.weight_decay:
       q_theta = lin.tree_add(q_theta, lin.tree_scale(player.weight_decay, theta))
 

@@ -149,7 +149,7 @@ def _is_layer_stage(stage: games_lib.Stage) -> bool:
   if stage.num_players != 1:
     return False
   layer = stage.players[0].layer
-  return (getattr(layer, "kind", None) in _LAYER_KINDS and
+  return (getattr(layer, "kind", None) in _LAYER_KINDS and stage.gradient_fn is None and
           stage.fn is games_lib.layer_stage_fn(layer))
 
 
@@ -191,14 +191,17 @@ def fictitious(game: games_lib.Game, num_players: int) -> games_lib.Game:
     if not stage.players:
       stages.append(stage)
       continue
+    gradient_fn = None
     if _is_layer_stage(stage):
       fn, shared, layer = _layer_fn(stage.players[0].layer), True, stage.players[0].layer
     else:
       fn, shared, layer = _summed_fn(stage.fn, n_players, stage.num_players), False, None
+      if stage.gradient_fn is not None:
+        gradient_fn = _summed_fn(stage.gradient_fn, n_players, stage.num_players)
     players = tuple(games_lib.Player(p.path + (n,), n_players * p.weight_decay,
                                      layer if shared else None)
                     for p in stage.players for n in range(n_players))
-    stages.append(games_lib.Stage(fn, players, stage.name, shared))
+    stages.append(games_lib.Stage(fn, players, stage.name, shared, gradient_fn))
 
   def init_fn(key: jax.Array) -> Params:
     # Split outside the compiled initialiser: XLA may recompute a random leaf

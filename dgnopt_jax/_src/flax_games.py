@@ -46,29 +46,30 @@ BatchNorm. In train mode (``use_running_average`` False, or None and
 ``train=True``) a BatchNorm layer normalises with the statistics of the
 batch, which couples the samples, while the solvers take per-sample
 quadratic forms, JVPs and VJPs of every stage and need samples to propagate
-independently (:mod:`linearise`). The batch statistics are therefore
-*computed in the forward pass and held fixed in the linearisation*: a
-BatchNorm layer is two stages,
+independently in every second-order term (:mod:`linearise`). A BatchNorm
+layer is therefore two stages,
 
     F_stats(x)         = (x, sg(mu_B(x)), sg(var_B(x)))          (no players)
     F_bn((x, m, v), th) = (x - m) * rsqrt(v + eps) * scale + bias
 
 with ``mu_B``, ``var_B`` Flax's batch mean and (biased) variance over all
 axes but the channel axis, carried in the state as one copy per sample, and
-``sg`` the stop-gradient. The forward pass is exactly Flax's train-mode
-forward pass. Every Jacobian the solvers (and the dense reference) see is
-that of the network whose statistics are constants of the step: ``F_x`` and
-``F_theta`` of ``F_bn`` act per sample, and ``F_stats`` passes no derivative
-to the statistics. Consequences:
+``sg`` the stop-gradient; the statistics stage's ``Stage.gradient_fn`` is
+the same map without the stop-gradient. The forward pass is exactly Flax's
+train-mode forward pass. Consequences:
 
-* ``Q_theta`` (the co-state recursion, DGNOpt eq. 5) is the gradient of the
-  loss with the batch statistics held fixed, ``jax.grad`` of the train-mode
-  loss with ``jax.lax.stop_gradient`` on ``mu_B``, ``var_B``, not
-  ``jax.grad`` of the train-mode loss: it drops the terms through the
-  statistics (the projection that makes the true gradient of a layer before
-  a BatchNorm orthogonal to the directions the normalisation removes).
-  ``olne`` with the identity curvature is SGD on that gradient, not on
-  ``jax.grad``; fne/gr equal the dense reference on the same game.
+* The first-order terms are exact: ``Q_x`` and ``Q_theta`` (the co-state
+  recursion, DGNOpt eq. 5) go through the statistics, so ``Q_theta`` is
+  ``jax.grad`` of Flax's train-mode loss and ``olne`` with the identity
+  curvature is SGD on it (the normalisation's projection of the gradient of
+  the layers before a BatchNorm is kept).
+* The second-order terms (the value-Hessian factor ``Z``, the curvatures'
+  statistics, the quadratic forms and feedback gains) take the Jacobian with
+  the statistics held fixed: ``F_x`` and ``F_theta`` of ``F_bn`` act per
+  sample and ``F_stats`` passes the factor's columns through to ``x`` only.
+  This is the Gauss-Newton model in which the batch statistics are constants
+  of the step, the usual one for curvature in BatchNorm networks; the dense
+  reference (:mod:`reference`) makes the same split.
 * In the rollout (Alg. 1 lines 8-12) ``F_stats`` recomputes the statistics
   of the rolled-out batch, so the rollout is Flax's train-mode forward pass at
   the new params; the BatchNorm player's feedback ``K dx`` sees their change,
@@ -243,11 +244,19 @@ def _batch_moments(x: Array, fast_variance: bool) -> tuple[Array, Array]:
 
 @dataclasses.dataclass(frozen=True)
 class _BatchStats:
-  """``x -> (x, sg(mean_B), sg(var_B))``: a train-mode BatchNorm's statistics, one copy per sample."""
+  """``x -> (x, sg(mean_B), sg(var_B))``: a train-mode BatchNorm's statistics, one copy per sample.
 
-  path: Path
-  momentum: float
+  ``exact``: without the stop-gradient (``x -> (x, mean_B, var_B)``), the
+  stage's ``gradient_fn``. ``path`` and ``momentum`` only say where
+  :func:`update_batch_stats` puts the running averages: they are left out of
+  the comparison, so that the statistics stages of equal blocks are equal
+  and the blocks are solved with ``lax.scan``.
+  """
+
+  path: Path = dataclasses.field(compare=False)
+  momentum: float = dataclasses.field(compare=False)
   fast_variance: bool
+  exact: bool = False
 
   def __call__(self, x: Array, thetas: tuple) -> tuple[Array, Array, Array]:
     del thetas
@@ -256,8 +265,19 @@ class _BatchStats:
     if stack:
       stack[-1].append((self, mean, var))
     batch = x.shape[0]
-    copies = lambda s: jnp.broadcast_to(jax.lax.stop_gradient(s), (batch,) + s.shape)
+    held = (lambda s: s) if self.exact else jax.lax.stop_gradient
+    copies = lambda s: jnp.broadcast_to(held(s), (batch,) + s.shape)
     return x, copies(mean), copies(var)
+
+
+def _through_statistics(fn: StageFn) -> StageFn:
+  """``fn`` with every BatchNorm statistics stage in it differentiated through the statistics."""
+  if isinstance(fn, _BatchStats):
+    return dataclasses.replace(fn, exact=True)
+  if isinstance(fn, (_Seq, _Level)):
+    return dataclasses.replace(fn, fns=tuple(None if f is None else _through_statistics(f)
+                                             for f in fn.fns))
+  return fn
 
 
 def _normalise(x: Array, mean: Array, var: Array, theta: Params | None,
@@ -692,7 +712,11 @@ def from_flax(model: nn.Module, example_input: Array | jax.ShapeDtypeStruct,
   ctx = _Context(train, weight_decay, alignment, variables, like_input)
   pieces, _ = _layer(ctx, model.bind(shapes), x, (), train)
 
-  stages = [games_lib.Stage(p.fn, p.players, p.name) for p in pieces]
+  stages = []
+  for p in pieces:
+    exact = _through_statistics(p.fn)
+    stages.append(games_lib.Stage(p.fn, p.players, p.name,
+                                  gradient_fn=None if exact == p.fn else exact))
   owned = {p.path for s in stages for p in s.players}
   for leaf in _leaf_paths(shapes.get("params", {})):
     full = ("params",) + leaf

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -208,12 +208,22 @@ class Stage:
   the same value derivative at its pre-activation (identical linear layers
   whose outputs are added, GT-DDP Fig. 7a), so that their Kronecker factors
   coincide (GT-DDP Cor. 7).
+
+  ``gradient_fn``, where given, computes the same values as ``fn`` but
+  differentiates through a coupling of the samples that ``fn``'s
+  linearisation holds fixed (a train-mode BatchNorm's batch statistics,
+  :func:`from_flax`). Its VJP gives the first-order terms, the co-state
+  ``Q_x = F_x^T V_x'`` and the gradient ``Q_theta = F_theta^T V_x'``
+  (DGNOpt eq. 5), so that they are the exact gradient of the loss; every
+  second-order term (``Z``, the curvature, the forms, the feedback) keeps the
+  per-sample Jacobians of ``fn``.
   """
 
   fn: Callable[[State, tuple], State]
   players: tuple[Player, ...] = ()
   name: str = ""
   shared_statistics: bool = False
+  gradient_fn: Optional[Callable[[State, tuple], State]] = None
 
   @property
   def num_players(self) -> int:
@@ -221,7 +231,7 @@ class Stage:
 
   def signature(self) -> tuple:
     """What must agree for two stages to share one scanned body."""
-    return ((self.fn, self.shared_statistics) +
+    return ((self.fn, self.shared_statistics, self.gradient_fn) +
             tuple((p.weight_decay, p.layer) for p in self.players))
 
 
@@ -235,21 +245,29 @@ def layer_stage_fn(layer: Any) -> Callable[[State, tuple], State]:
 
 def stage(fn: Callable[[State, tuple], State],
           players: Sequence[Union[Player, str, Path]] = (),
-          *, weight_decay: float = 0.0, name: str = "") -> Stage:
+          *, weight_decay: float = 0.0, name: str = "",
+          gradient_fn: Optional[Callable[[State, tuple], State]] = None) -> Stage:
   """Builds a stage from a plain JAX function.
 
   Args:
     fn: ``fn(x, thetas) -> x_next`` on batched state pytrees, where ``thetas``
       is a tuple with one params subtree per player, in the order of
-      ``players``. Samples must propagate independently.
+      ``players``. Samples must propagate independently in its derivatives
+      (batch statistics under ``jax.lax.stop_gradient``; see ``gradient_fn``).
     players: each a :class:`Player`, a path tuple, or a ``"a/b"`` string naming
       the params subtree the player owns.
     weight_decay: stage cost coefficient for players given as paths.
     name: a readable name.
+    gradient_fn: the same function differentiated through a coupling of the
+      samples that ``fn`` holds fixed (``fn`` with its
+      ``jax.lax.stop_gradient`` on batch statistics removed); it gives the
+      first-order terms (:class:`Stage`). None: ``fn`` gives them.
 
   Returns:
     A :class:`Stage`.
   """
+  if gradient_fn is not None and not callable(gradient_fn):
+    raise TypeError(f"gradient_fn must be callable or None, got {type(gradient_fn).__name__}")
   resolved = []
   for p in players:
     if isinstance(p, Player):
@@ -258,7 +276,7 @@ def stage(fn: Callable[[State, tuple], State],
       resolved.append(Player(tuple(p.split("/")), weight_decay))
     else:
       resolved.append(Player(tuple(p), weight_decay))
-  return Stage(fn, tuple(resolved), name)
+  return Stage(fn, tuple(resolved), name, gradient_fn=gradient_fn)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

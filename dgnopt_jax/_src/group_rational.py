@@ -23,7 +23,9 @@ curvature (the joint Gauss-Newton matrix, ``P_uv = F_u^T V~_xx F_v``) and by
 DGNOpt Prop. 5, :mod:`kronecker`); otherwise ``P_uv := 0`` (GT-DDP §4.1:
 identity and diagonal curvatures carry no cross-covariance) and each
 player's block is solved on its own, though the value still collects every
-player's correction.
+player's correction. As in :mod:`feedback_nash`, ``P_theta`` and the
+first-order part ``F_x^T W_x'`` of ``W_x`` come from ``Stage.gradient_fn``
+where a stage has one.
 """
 
 from __future__ import annotations
@@ -86,13 +88,15 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     ``vxx_reg = 0``, else None).
   """
   f = lin.Linearised(stage.fn, x, thetas)
+  # First-order terms through the samples' coupling where the stage has one.
+  exact = f if stage.gradient_fn is None else lin.Linearised(stage.gradient_fn, x, thetas)
   eta, damping, eps = hyper
   curvature = cfg.curvature
   ((w_next, z_next),) = streams
   if stage.num_players == 0:
     z = None if z_next is None else f.vjp_x_columns(z_next)
-    return ((f.vjp_x(w_next), z),), (), ()
-  q_x, q_thetas = f.vjp_x_thetas(w_next)
+    return ((exact.vjp_x(w_next), z),), (), ()
+  q_x, q_thetas = exact.vjp_x_thetas(w_next)
   q_thetas = tuple(lin.tree_add(q, lin.tree_scale(p.weight_decay, t)) if p.weight_decay else q
                    for q, p, t in zip(q_thetas, stage.players, thetas))
   decay = tuple(p.weight_decay for p in stage.players)

@@ -17,7 +17,9 @@ path. The value Hessian's Tikhonov term ``vxx_reg`` is defined as in the fast
 path: ``V~_XX = V_XX + eps I`` wherever the value Hessian is used, never
 propagated. The state-parameter coupling is scaled by
 ``w = 1/max(1, lambda_max(G))``, ``G = Z^T F_theta M^-1 F_theta^T Z`` with
-``V_XX = Z Z^T``, computed here by a dense eigensolve.
+``V_XX = Z Z^T``, computed here by a dense eigensolve. Where a stage has a
+``gradient_fn`` (batch statistics differentiated), ``Q_x`` and ``Q_theta``
+take its Jacobians and every second-order term those of ``fn``.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from dgnopt_jax._src import kronecker
 from dgnopt_jax._src import layer_taps
 
 
-def _flat_stage(stage, x_unravel, theta_unravels):
+def _flat_stage(fn, x_unravel, theta_unravels):
   def g(x_flat, *theta_flats):
     x = x_unravel(x_flat)
     thetas = tuple(u(t) for u, t in zip(theta_unravels, theta_flats))
-    return ravel_pytree(stage.fn(x, thetas))[0]
+    return ravel_pytree(fn(x, thetas))[0]
   return g
 
 
@@ -231,7 +233,7 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
     thetas = [games_lib.get_path(params, p.path) for p in stage.players]
     theta_flat = [ravel_pytree(t) for t in thetas]
     x_flat, x_unravel = ravel_pytree(x)
-    g = _flat_stage(stage, x_unravel, [u for _, u in theta_flat])
+    g = _flat_stage(stage.fn, x_unravel, [u for _, u in theta_flat])
     xs.append((x, x_flat))
     flats.append([f for f, _ in theta_flat])
     stage_fns.append((g, [u for _, u in theta_flat]))
@@ -263,6 +265,13 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
     f_x = np.asarray(jax.jit(jax.jacfwd(g, argnums=0))(*args))
     f_ths = [np.asarray(jax.jit(jax.jacfwd(g, argnums=1 + n))(*args))
              for n in range(stage.num_players)]
+    # The first-order terms through the batch coupling (Stage.gradient_fn).
+    f_x_exact, f_ths_exact = f_x, f_ths
+    if stage.gradient_fn is not None:
+      exact = _flat_stage(stage.gradient_fn, ravel_pytree(xs[t][0])[1], stage_fns[t][1])
+      f_x_exact = np.asarray(jax.jit(jax.jacfwd(exact, argnums=0))(*args))
+      f_ths_exact = [np.asarray(jax.jit(jax.jacfwd(exact, argnums=1 + n))(*args))
+                     for n in range(stage.num_players)]
     same = _block_mask(xs[t][0])
     if principle == "gr":  # all players on the one joint value
       groups = [list(range(stage.num_players))]
@@ -271,16 +280,17 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
     stage_gains, new_streams = {}, []
     for group, (vx_next, vxx_next) in zip(groups, streams):
       if not group:
-        new_streams.append((f_x.T @ vx_next, f_x.T @ vxx_next @ f_x))
+        new_streams.append((f_x_exact.T @ vx_next, f_x.T @ vxx_next @ f_x))
         continue
       f_th = np.concatenate([f_ths[n] for n in group], axis=1)
+      f_th_exact = np.concatenate([f_ths_exact[n] for n in group], axis=1)
       sizes = [f_ths[n].shape[1] for n in group]
       theta = np.concatenate([np.asarray(flats[t][n]) for n in group])
       decay = np.concatenate([np.full(f_ths[n].shape[1], stage.players[n].weight_decay)
                               for n in group])
       v_reg = vxx_next + vxx_reg * np.eye(vxx_next.shape[0])
-      q_theta = f_th.T @ vx_next + decay * theta
-      q_x = f_x.T @ vx_next
+      q_theta = f_th_exact.T @ vx_next + decay * theta
+      q_x = f_x_exact.T @ vx_next
       ggn = f_th.T @ v_reg @ f_th + np.diag(decay)
       bounds = np.cumsum([0] + sizes)
       thetas = [games_lib.get_path(params, p.path) for p in stage.players]

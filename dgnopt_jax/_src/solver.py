@@ -145,7 +145,10 @@ def init_curvature_state(game: games_lib.Game, cfg: SolverConfig, params: Params
   return state
 
 
-MAX_PERIOD = 4
+# The longest block of stages looked for: a bottleneck residual block with
+# train-mode BatchNorm is 9 stages (a convolution, the statistics and the
+# normalisation, three times).
+MAX_PERIOD = 9
 # A repeated stage or block of stages is scanned only from this many repeats
 # on. XLA on CPU runs a scanned body slower than the unrolled one (its
 # params are stacked and sliced, and a while loop is entered per step): a
@@ -170,8 +173,15 @@ def plan_segments(game: games_lib.Game, params: Params, inputs: State) -> list[S
   """
   xs = [_shapes(inputs)]  # the state shapes x_0 .. x_T
   thetas = [_shapes(stage_thetas(stage, params)) for stage in game.stages]
-  for stage, th in zip(game.stages, thetas):
+  for t, (stage, th) in enumerate(zip(game.stages, thetas)):
     xs.append(jax.eval_shape(stage.fn, xs[-1], th))
+    if stage.gradient_fn is not None:
+      exact = jax.eval_shape(stage.gradient_fn, xs[-2], th)
+      if not _same_shapes(exact, xs[-1]):
+        raise ValueError(
+            f"stage {t} ({stage.name or 'unnamed'}): gradient_fn returns "
+            f"{jax.tree.map(lambda s: s.shape, exact)} where fn returns "
+            f"{jax.tree.map(lambda s: s.shape, xs[-1])}; it must compute the same next state")
 
   def same(t, u):
     return (game.stages[t].signature() == game.stages[u].signature() and

@@ -219,7 +219,10 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       curvature's (0 for identity/rmsprop/adam, 0.1 for kfac/ekfac, 1e-3 for
       dense).
     vxx_reg: Tikhonov term eps on the value Hessian, ``V~_xx = Z Z^T + eps I``
-      (DDPNOpt §4.2; a state cost at every stage, not propagated).
+      (DDPNOpt §4.2; a state cost at every stage, not propagated). The
+      convexity safeguard's ``w`` bounds the ``Z Z^T`` part of the coupling
+      only; with Adam or RMSprop (``M^-1`` large where the second moments
+      are small) keep the default 0.
     vxx_rank: ``"outer"`` (rank-1 Gauss-Newton factor, GT-DDP Prop. 5) or
       ``"exact"`` (the loss's exact Hessian factor, rank C for softmax CE).
     coupling_iterations: power iterations estimating ``lambda_max(G)``.
