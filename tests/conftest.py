@@ -21,14 +21,29 @@ jax.config.update("jax_enable_x64", True)
 import pytest  # noqa: E402
 
 
+# Linux's default ``vm.max_map_count`` is 65530; clearing well below it keeps
+# compiled programs shared between tests for as long as that is safe.
+_MAX_MAPPINGS = 30000
+
+
+def _mapping_count() -> int:
+  try:
+    with open("/proc/self/maps", "rb") as maps:
+      return sum(1 for _ in maps)
+  except OSError:  # not Linux: no such limit to guard
+    return 0
+
+
 @pytest.fixture(autouse=True)
 def _release_compiled_programs():
-  """Drops JAX's compiled programs after every test.
+  """Drops JAX's compiled programs once the process holds many mappings.
 
   Each program XLA compiles for the CPU keeps its code in memory mappings of
   its own; one process running the slow tests of a module accumulated over
   65530 of them (Linux's default ``vm.max_map_count``), and the next compile
-  crashed.
+  crashed. Clearing after every test would also avoid that, but tests that
+  share programs would then compile them again.
   """
   yield
-  jax.clear_caches()
+  if _mapping_count() > _MAX_MAPPINGS:
+    jax.clear_caches()

@@ -71,9 +71,8 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     gradients where formed and ``vxx_reg = 0``, else None; ``w`` None without
     feedback).
   """
-  f = lin.Linearised(stage.fn, x, thetas)
   # First-order terms through the samples' coupling where the stage has one.
-  exact = f if stage.gradient_fn is None else lin.Linearised(stage.gradient_fn, x, thetas)
+  f, exact = lin.linearise_stage(stage, x, thetas)
   eta, damping, eps = hyper
   curvature = cfg.curvature
   out_streams, out_cstates, saved = [], [], []

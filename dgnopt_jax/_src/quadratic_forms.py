@@ -139,9 +139,10 @@ def _gram_blocks(a: jax.Array, b: jax.Array) -> jax.Array:
 def _apply_gram(q: jax.Array, inverse: jax.Array, v: jax.Array) -> jax.Array:
   """``(G v)_ir = q_ir^T D (sum_js q_js v_js)`` for gradients q (B, r, ...) and a diagonal D.
 
-  Both contractions are multiplies fused with their reductions: written as
-  dots, XLA on CPU transposed ``q`` (B r K O elements) in every power
-  iteration of the convexity safeguard.
+  The sum over samples is a multiply fused with its reduction: written as a
+  dot, XLA on CPU transposed ``q`` (B r K O elements) in every power
+  iteration of the convexity safeguard. The per-sample products are one
+  matrix-vector product (:func:`linearise.per_sample_dot`).
   """
   u = jnp.sum(q * lin.expand_trailing(v.astype(q.dtype), q.ndim), axis=(0, 1))
   return lin.per_sample_dot(q, inverse * u, q.ndim - 2)
