@@ -148,15 +148,18 @@ def per_sample_kernel_gradients(layer: Any, x: jax.Array, output_grads: jax.Arra
   the columns' derivatives at the pre-activation, (B, r, P, O). A
   convolution's image patches are contracted one kernel tap at a time, so
   that the patches (B, P, K: ``kh * kw`` times the layer's input) are never
-  formed. Each tap's window is taken :func:`after` the previous tap's
-  product (the first after ``output_grads``), so that one window at a time
-  is alive (on the residual CNN of the benchmarks, 32 MB of peak memory with
-  all patches formed in the forward pass, 16 MB so).
+  formed. The input is padded :func:`after` ``output_grads`` and each tap's
+  window taken after the previous tap's product, so that one window at a
+  time is alive and the padded input is not kept from the forward pass (on
+  the residual CNN of the benchmarks, 32 MB of peak memory with all patches
+  formed in the forward pass, 16 MB with the windows tied; tying the padding
+  too, 14.05 -> 13.85 MB).
   """
   if layer.kind != "conv":
     return jnp.einsum("bpk,brpo->brko", kernel_rows(layer, x), output_grads)
   previous = output_grads
   parts = []
+  x = after(x, output_grads)
   for window in _padded_windows(x, layer.kernel_size, layer.strides, layer.padding):
     window = after(window, previous)
     previous = jnp.einsum("bpc,brpo->brco", window.reshape(window.shape[0], -1, window.shape[-1]),
