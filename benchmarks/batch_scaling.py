@@ -1,12 +1,17 @@
 """Step time against batch size: DGNOpt's fast path beside optax.sgd, one process, one run.
 
     python benchmarks/batch_scaling.py [--batches 32,64,128,256,512] [--width 64]
+        [--rounds 15] [--repeats 10]
 
-Times the jit-compiled train step (median of --repeats steps after warm-up,
-block_until_ready) on the DIGITS MLP (4 tanh layers + linear head), prints a
-table of per-step times and of time(B)/time(smallest B) for each optimizer
-next to optax.sgd's, and writes JSON. Linear cost in the batch shows as
-growth ratios close to sgd's.
+Times the jit-compiled train step on the DIGITS MLP (4 tanh layers + linear
+head) at every batch size: all steps are compiled and warmed up first, then
+timed in interleaved rounds (every optimizer at every batch size once per
+round: one untimed step, then --repeats timed steps, block_until_ready), so
+that a slow spell of the machine falls on all of them; the per-step time is
+the median over rounds.
+Prints a table of per-step times and of time(B)/time(smallest B) for each
+optimizer next to optax.sgd's, and writes JSON. Linear cost in the batch
+shows as growth ratios close to sgd's.
 """
 
 import argparse
@@ -26,23 +31,29 @@ import dgnopt_jax as dgnopt
 G = dgnopt.games
 
 
-def timed(step, params, state, x, y, repeats):
-  params, state = step(params, state, x, y)  # compile
-  jax.block_until_ready(params)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    params, state = step(params, state, x, y)
-    jax.block_until_ready(params)
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+def time_rounds(cases: dict, params, rounds: int, repeats: int) -> dict:
+  """Median over interleaved rounds of each case's mean step time (seconds)."""
+  for step, state, x, y in cases.values():  # compile and warm up
+    jax.block_until_ready(step(params, state, x, y))
+  samples = {key: [] for key in cases}
+  for _ in range(rounds):
+    for key, (step, state, x, y) in cases.items():
+      p, s = step(params, state, x, y)  # untimed: caches warm after the previous case
+      jax.block_until_ready(p)
+      t0 = time.perf_counter()
+      for _ in range(repeats):
+        p, s = step(p, s, x, y)
+        jax.block_until_ready(p)
+      samples[key].append((time.perf_counter() - t0) / repeats)
+  return {key: statistics.median(v) for key, v in samples.items()}
 
 
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--batches", default="32,64,128,256,512")
   p.add_argument("--width", type=int, default=64)
-  p.add_argument("--repeats", type=int, default=50)
+  p.add_argument("--rounds", type=int, default=15)
+  p.add_argument("--repeats", type=int, default=10, help="steps per round")
   p.add_argument("--out", default="runs/benchmarks/batch_scaling.json")
   args = p.parse_args()
   sizes = [int(b) for b in args.batches.split(",")]
@@ -64,18 +75,21 @@ def main():
 
   optimizers = {"optax.sgd": baseline(optax.sgd(0.1)),
                 "olne-sgd": ours(dgnopt.olne(game, 0.1)),
-                "fne-sgd": ours(dgnopt.fne(game, 0.1, vxx_reg=1e-4)),
+                "fne-sgd": ours(dgnopt.fne(game, 0.1)),
                 "fne-sgd exact": ours(dgnopt.fne(game, 0.1, vxx_rank="exact")),
                 "fne-adam": ours(dgnopt.fne(game, 1e-3, "adam"))}
   rng = np.random.default_rng(0)
-  results = {name: {} for name in optimizers}
+  cases = {}
   for b in sizes:
     x = jnp.asarray(rng.normal(size=(b, 64)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, size=b))
     for name, (init, step) in optimizers.items():
-      results[name][b] = timed(step, params, init(params), x, y, args.repeats)
+      cases[name, b] = (step, init(params), x, y)
+  timings = time_rounds(cases, params, args.rounds, args.repeats)
+  results = {name: {b: timings[name, b] for b in sizes} for name in optimizers}
   print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "
-        f"MLP width {args.width}, median of {args.repeats} steps")
+        f"MLP width {args.width}, median over {args.rounds} interleaved rounds of "
+        f"{args.repeats} steps")
   head = "| optimizer | " + " | ".join(f"B={b} (ms)" for b in sizes) + \
       f" | t({sizes[-1]})/t({sizes[0]}) | vs sgd's ratio | t/sgd at B={sizes[-1]} |"
   print(head)
