@@ -18,8 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,24 +26,9 @@ import optax
 
 import dgnopt_jax as dgnopt
 
+import timing
+
 G = dgnopt.games
-
-
-def time_rounds(cases: dict, params, rounds: int, repeats: int) -> dict:
-  """Median over interleaved rounds of each case's mean step time (seconds)."""
-  for step, state, x, y in cases.values():  # compile and warm up
-    jax.block_until_ready(step(params, state, x, y))
-  samples = {key: [] for key in cases}
-  for _ in range(rounds):
-    for key, (step, state, x, y) in cases.items():
-      p, s = step(params, state, x, y)  # untimed: caches warm after the previous case
-      jax.block_until_ready(p)
-      t0 = time.perf_counter()
-      for _ in range(repeats):
-        p, s = step(p, s, x, y)
-        jax.block_until_ready(p)
-      samples[key].append((time.perf_counter() - t0) / repeats)
-  return {key: statistics.median(v) for key, v in samples.items()}
 
 
 def main():
@@ -84,8 +67,8 @@ def main():
     x = jnp.asarray(rng.normal(size=(b, 64)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, size=b))
     for name, (init, step) in optimizers.items():
-      cases[name, b] = (step, init(params), x, y)
-  timings = time_rounds(cases, params, args.rounds, args.repeats)
+      cases[name, b] = (step, params, init(params), x, y)
+  timings = timing.interleaved_step_times(cases, args.rounds, args.repeats)
   results = {name: {b: timings[name, b] for b in sizes} for name in optimizers}
   print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "
         f"MLP width {args.width}, median over {args.rounds} interleaved rounds of "

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -41,6 +40,8 @@ from dgnopt_jax import datasets
 from dgnopt_jax import games
 from dgnopt_jax import models
 from dgnopt_jax import train
+
+import timing
 
 DEFAULT_OPTIMIZERS = ("sgd,adam,olne-sgd,fne-sgd,gr-sgd,olne-adam,fne-adam,gr-adam,"
                       "fne-kfac,gr-kfac,fne-ekfac,gr-ekfac")
@@ -68,18 +69,8 @@ def time_rounds(steps: dict, params, x, y, rounds: int, per_round: int) -> dict:
   so all of them time the same numerical regime (and ``per_round`` steps of
   a Kronecker curvature include its refreshes at the default period).
   """
-  for fn, state in steps.values():  # warm-up
-    jax.block_until_ready(fn(params, state, x, y))
-  samples = {name: [] for name in steps}
-  for _ in range(rounds):
-    for name, (fn, state) in steps.items():
-      p, s = params, state
-      start = time.perf_counter()
-      for _ in range(per_round):
-        p, s, loss = fn(p, s, x, y)
-        jax.block_until_ready(loss)
-      samples[name].append((time.perf_counter() - start) / per_round)
-  return {name: statistics.median(v) for name, v in samples.items()}
+  cases = {name: (fn, params, state, x, y) for name, (fn, state) in steps.items()}
+  return timing.interleaved_step_times(cases, rounds, per_round, warm_each_round=False)
 
 
 def problem(model: str, batch: int, resnet18_width: int):

@@ -22,9 +22,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
@@ -33,22 +31,7 @@ from dgnopt_jax import datasets
 from dgnopt_jax import games as G
 from dgnopt_jax import train
 
-
-def time_rounds(cases: dict, rounds: int, repeats: int) -> dict:
-  """Median over interleaved rounds of each case's mean step time (seconds)."""
-  for step, params, state, x, y in cases.values():  # compile and warm up
-    jax.block_until_ready(step(params, state, x, y))
-  samples = {key: [] for key in cases}
-  for _ in range(rounds):
-    for key, (step, params, state, x, y) in cases.items():
-      p, s, loss = step(params, state, x, y)  # untimed: caches warm after the previous case
-      jax.block_until_ready(loss)
-      start = time.perf_counter()
-      for _ in range(repeats):
-        p, s, loss = step(p, s, x, y)
-        jax.block_until_ready(loss)
-      samples[key].append((time.perf_counter() - start) / repeats)
-  return {key: statistics.median(v) for key, v in samples.items()}
+import timing
 
 
 def mlp(width: int, depth: int, data: datasets.Dataset) -> G.Game:
@@ -101,7 +84,7 @@ def main(argv=None) -> int:
       init, step, _ = train.make_step(name, game, None, 0.0)
       cases[key, name] = (step, params, init(params), x, y)
     print(f"  built {key[0]} {key[1]}", flush=True)
-  timings = time_rounds(cases, args.rounds, args.repeats)
+  timings = timing.interleaved_step_times(cases, args.rounds, args.repeats)
   print(f"\njax {jax.__version__} on {jax.default_backend()} "
         f"({platform.processor() or platform.machine()}), batch {args.batch}, median over "
         f"{args.rounds} interleaved rounds of {args.repeats} steps; ratios to optax.sgd "
