@@ -157,7 +157,7 @@ def per_sample_kernel_gradients(layer: Any, x: jax.Array, output_grads: jax.Arra
   """
   if layer.kind != "conv":
     return jnp.einsum("bpk,brpo->brko", kernel_rows(layer, x), output_grads)
-  previous = output_grads
+  previous = None  # the first window comes from x, already after output_grads
   parts = []
   x = after(x, output_grads)
   for window in _padded_windows(x, layer.kernel_size, layer.strides, layer.padding):
