@@ -47,9 +47,9 @@ DEFAULT_OPTIMIZERS = ("sgd,adam,olne-sgd,fne-sgd,gr-sgd,olne-adam,fne-adam,gr-ad
                       "fne-kfac,gr-kfac,fne-ekfac,gr-ekfac")
 
 
-def compiled_step(name: str, game, params, x, y):
+def compiled_step(name: str, game, params, x, y, vxx_reg: float = 0.0):
   """(compiled step, state, compile seconds, peak bytes) of one optimizer."""
-  init, step, _ = train.make_step(name, game, None, 0.0)
+  init, step, _ = train.make_step(name, game, None, vxx_reg)
   state = init(params)
   start = time.perf_counter()
   compiled = step.lower(params, state, x, y).compile()
@@ -89,14 +89,14 @@ def problem(model: str, batch: int, resnet18_width: int):
 
 
 def run_model(model: str, optimizers: list[str], batch: int, rounds: int, per_round: int,
-              device, resnet18_width: int = 64) -> list[dict]:
+              device, resnet18_width: int = 64, vxx_reg: float = 0.0) -> list[dict]:
   game, params, x, y = problem(model, batch, resnet18_width)
   params, x, y = jax.device_put((params, x, y), device)
   steps, rows = {}, {}
   for name in optimizers:
-    compiled, state, compile_s, peak = compiled_step(name, game, params, x, y)
+    compiled, state, compile_s, peak = compiled_step(name, game, params, x, y, vxx_reg)
     steps[name] = (compiled, state)
-    rows[name] = {"model": model, "optimizer": name, "batch": batch,
+    rows[name] = {"model": model, "optimizer": name, "batch": batch, "vxx_reg": vxx_reg,
                   "compile_s": compile_s, "peak_bytes": peak}
     print(f"  compiled {model}/{name} in {compile_s:.1f} s", flush=True)
   times = time_rounds(steps, params, x, y, rounds, per_round)
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=11)
   p.add_argument("--steps", type=int, default=10, help="steps per round")
   p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+  p.add_argument("--vxx-reg", type=float, default=0.0,
+                 help="the fne/gr solvers' value-Hessian Tikhonov term")
   p.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/...)")
   args = p.parse_args(argv)
   try:
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
     print(f"{model}: batch {args.batch}, {args.rounds} rounds of {args.steps} steps", flush=True)
     with jax.default_device(device):
       rows += run_model(model, optimizers, args.batch, args.rounds, args.steps, device,
-                        args.resnet18_width)
+                        args.resnet18_width, args.vxx_reg)
   machine = (f"{device.device_kind} ({args.device}), {os.cpu_count()} host cores, "
              f"{platform.machine()}, jax {jax.__version__}")
   print(f"\n{machine}\n\n{table(rows)}")

@@ -116,6 +116,8 @@ def main():
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--curvature", choices=["identity", "adam"], default="adam")
   p.add_argument("--solver", choices=["fne", "gr", "olne"], default="fne")
+  p.add_argument("--vxx-reg", type=float, default=0.0,
+                 help="Tikhonov term eps of the value Hessian")
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--seed", type=int, default=0)
@@ -133,7 +135,8 @@ def main():
   solver = {"fne": dgnopt.fne, "gr": dgnopt.gr, "olne": dgnopt.olne}[args.solver]
   runs = {
       f"optax {args.curvature}": optax_step(model, baseline),
-      f"{args.solver}-{args.curvature}": dgnopt_step(game, solver(game, args.lr, args.curvature)),
+      f"{args.solver}-{args.curvature}": dgnopt_step(
+          game, solver(game, args.lr, args.curvature, vxx_reg=args.vxx_reg)),
   }
   print(f"{len(game.stages)} stages, {len(game.players)} players, "
         f"{sum(a.size for a in jax.tree.leaves(variables['params']))} params")

@@ -54,7 +54,7 @@ def _record_grams(monkeypatch):
   records = []
   original = lin.guarded_factor_update
 
-  def checking(factor_next, q_x, s, pull, solve, push, iterations, gram=None):
+  def checking(factor_next, q_x, s, pull, solve, push, iterations, gram=None, **kwargs):
     if gram is not None:
       batch, rank = s.shape[:2]
       basis = jnp.eye(batch * rank, dtype=s.dtype).reshape(-1, batch, rank)
@@ -65,7 +65,7 @@ def _record_grams(monkeypatch):
 
       records.append((np.stack([np.asarray(gram(v)) for v in basis]),
                       np.stack([np.asarray(generic(v)) for v in basis]), np.asarray(s)))
-    return original(factor_next, q_x, s, pull, solve, push, iterations, gram)
+    return original(factor_next, q_x, s, pull, solve, push, iterations, gram, **kwargs)
 
   monkeypatch.setattr(lin, "guarded_factor_update", checking)
   return records

@@ -140,6 +140,68 @@ def test_convexity_safeguard_matches_reference(principle):
                                             h.classification_batch((4,), 5), principle, 2, 60)
 
 
+def _reference_scales(monkeypatch):
+  """Records the reference's coupling scales w (its dense eigensolve)."""
+  from dgnopt_jax._src import reference
+  scales = []
+  original = reference._coupling_scale
+  monkeypatch.setattr(reference, "_coupling_scale",
+                      lambda *a: scales.append(original(*a)) or scales[-1])
+  return scales
+
+
+@pytest.mark.parametrize("principle,curvature,lr,vxx_reg", [
+    ("fne", "identity", 0.3, 0.1), ("gr", "identity", 0.3, 0.1),
+    pytest.param("fne", "adam", 0.1, 1e-2, marks=pytest.mark.slow)])
+def test_convexity_safeguard_covers_the_tikhonov_term(monkeypatch, principle, curvature, lr,
+                                                       vxx_reg):
+  # With V~_xx = Z Z^T + eps I the coupling matrix is R^T F_theta M^-1
+  # F_theta^T R with R = [Z, sqrt(eps) I]. At these steps the Z Z^T part alone
+  # keeps every stage convex (identity: all w = 1 without eps), the eps part
+  # does not: the reference shrinks some coupling, and the fast path (power
+  # iteration on (columns, state) vectors, the dense-layer trace test) must
+  # agree with it over two steps.
+  scales = _reference_scales(monkeypatch)
+  game = h.tanh_mlp()
+  params = h.perturbed_params(game, scale=1.0)
+  batch = h.classification_batch((4,), 6)
+  if curvature == "identity":
+    h.reference_step(game, params, batch, learning_rate=lr, curvature=curvature,
+                     principle=principle)
+    assert min(scales) == 1.0  # without eps no stage is shrunk
+    scales.clear()
+  make = dgnopt.fne if principle == "fne" else dgnopt.gr
+  tx = make(game, lr, curvature, vxx_reg=vxx_reg, coupling_iterations=200)
+  state, ref_state = tx.init(params), None
+  for _ in range(2):
+    updates, state = h.step(tx, params, batch, state)
+    ref, ref_state = h.reference_step(game, params, batch, ref_state, learning_rate=lr,
+                                      curvature=curvature, principle=principle,
+                                      vxx_reg=vxx_reg)
+    h.assert_trees_close(updates, ref, 1e-8)
+    params = jax.tree.map(jnp.add, params, updates)
+  assert min(scales) < 0.9  # the eps part shrank some stage's coupling
+
+
+def test_dense_jacobian_trace_matches_jacobian():
+  # sum_i tr(F_theta^(i) D F_theta^(i)T) of a dense player under a diagonal
+  # inverse curvature D, against the per-sample Jacobians from jax.jacrev.
+  from dgnopt_jax._src import quadratic_forms
+  layer = dgnopt.games.Dense(3, "tanh")
+  theta, _ = layer.init(jax.random.PRNGKey(0), (4,), jnp.float64)
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 4), jnp.float64)
+  factor = jax.random.normal(jax.random.PRNGKey(2), (5, 2, 3), jnp.float64)
+  inv = jax.tree.map(lambda t, k: jax.random.uniform(k, t.shape, jnp.float64, 0.1, 2.0),
+                     theta, {"kernel": jax.random.PRNGKey(3), "bias": jax.random.PRNGKey(4)})
+  form = quadratic_forms.dense_layer(layer, theta, x, factor, inv)
+  expected = 0.0
+  for i in range(x.shape[0]):
+    jac = jax.jacrev(lambda t: layer(t, x[i:i + 1])[0])(theta)  # leaves (3, *theta shape)
+    expected += sum(float(jnp.sum(j * j * d)) for j, d in zip(jax.tree.leaves(jac),
+                                                              jax.tree.leaves(inv)))
+  assert abs(float(form.jacobian_trace) - expected) <= 1e-12 * expected
+
+
 def test_feedback_does_not_amplify_deviations_at_large_steps():
   # A CNN at a step size where the unguarded feedback over-compensates by
   # 1 - lambda_max(G) << -1 and the loss explodes; guarded, it stays bounded.

@@ -17,7 +17,8 @@ per-sample gradients ``q = F_theta^T Z'`` are formed or kept as factors,
 ``Z'^T F_theta k = q^T k``), and
 its feedback policy in the rollout is
 ``theta <- theta - (k + w M^-1 F_theta^T V~_xx' F_x dx)``, where
-``w = 1 / max(1, lambda_max(G))`` shrinks the state-parameter coupling where a
+``w = 1 / max(1, lambda_max(G))``, ``G = R^T F_theta M^-1 F_theta^T R`` with
+``V~_xx' = R R^T``, shrinks the state-parameter coupling where a
 surrogate curvature leaves the stage's model non-convex
 (:func:`linearise.coupling_scale`; ``w = 1`` for exact DDP). Streams of players
 absent at a stage (dummy players, DGNOpt §3.1) pass through. Without feedback
@@ -110,7 +111,8 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
             z_next, z, eta * form.s, pull=lambda c, n=n: f.vjp_theta(n, c),
             solve=lambda g, step=step: lin.tree_scale(eta, curvature.solve(step, g, damping)),
             push=lambda d, n=n: f.jvp_theta(n, d), iterations=cfg.coupling_iterations,
-            gram=quadratic_forms.scaled_gram(form, eta))
+            gram=quadratic_forms.scaled_gram(form, eta), vxx_reg=eps,
+            jacobian_trace=quadratic_forms.scaled_jacobian_trace(form, eta))
     if cfg.feedback:
       if grads is not None:  # Z'^T F_theta k from the per-sample gradients
         correction = lin.factor_apply(pulled, quadratic_forms.gradient_coefficients(grads,

@@ -148,7 +148,8 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
           z_next, z, eta * form.s, pull=f.vjp_thetas,
           solve=lambda g: lin.tree_scale(eta, _solve(cfg, joint, steps, g, damping)),
           push=f.jvp_thetas, iterations=cfg.coupling_iterations,
-          gram=quadratic_forms.scaled_gram(form, eta))
+          gram=quadratic_forms.scaled_gram(form, eta), vxx_reg=eps,
+          jacobian_trace=quadratic_forms.scaled_jacobian_trace(form, eta))
       grads = form.gradients if lin.is_zero(eps) else None
   if cfg.feedback:
     if grads is not None:  # Z'^T sum_n F_theta_n k_n from the per-sample gradients

@@ -103,11 +103,15 @@ class Form(NamedTuple):
       where formed (a tuple over the players of a stage), else None. With
       them ``Z'^T F_theta d`` and ``F_theta^T Z' c`` are contractions instead
       of a JVP and a VJP.
+    jacobian_trace: ``sum_i tr(F_theta^(i) (C + damping)^-1 F_theta^(i)T)``
+      where cheap (dense players), else None: the Tikhonov term's share of
+      the coupling matrix's trace (:func:`linearise.guarded_factor_update`).
   """
 
   s: jax.Array
   gram: Optional[Callable[[jax.Array], jax.Array]] = None
   gradients: Any = None
+  jacobian_trace: Optional[jax.Array] = None
 
 
 def scaled_gram(form: Form, scale: Any) -> Optional[Callable[[jax.Array], jax.Array]]:
@@ -115,6 +119,11 @@ def scaled_gram(form: Form, scale: Any) -> Optional[Callable[[jax.Array], jax.Ar
   if form.gram is None:
     return None
   return lambda v: scale * form.gram(v)
+
+
+def scaled_jacobian_trace(form: Form, scale: Any) -> Optional[jax.Array]:
+  """``scale * form.jacobian_trace`` (``scale`` the learning rate), or None."""
+  return None if form.jacobian_trace is None else scale * form.jacobian_trace
 
 
 def sum_forms(forms: list) -> Form:
@@ -128,7 +137,10 @@ def sum_forms(forms: list) -> Form:
   gradients = None
   if all(f.gradients is not None for f in forms):
     gradients = tuple(f.gradients for f in forms)
-  return Form(s, gram, gradients)
+  jacobian_trace = None
+  if all(f.jacobian_trace is not None for f in forms):
+    jacobian_trace = sum(f.jacobian_trace for f in forms)
+  return Form(s, gram, gradients, jacobian_trace)
 
 
 def _gram_blocks(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -163,7 +175,9 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   ``U = sum_js v_js a_j g_js^T``, ``u = sum_js v_js g_js``: two matrix
   products per power iteration of the convexity safeguard, and the factors
   (:class:`DenseGradients`) serve the value correction and the rollout's
-  feedback. No per-sample gradient is formed.
+  feedback. No per-sample gradient is formed. For the named (elementwise)
+  activations the Jacobian's share of the trace is
+  ``sum_io act'(h_io)^2 ((a_i*a_i)^T D_kernel + D_bias)_o``.
   """
   a = layer.linear_input(x)
   h = layer.preactivation(theta, x)
@@ -174,6 +188,10 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   if layer.use_bias:
     w = w + inv_diag["bias"]
   s = _gram_blocks(g, g * jnp.expand_dims(w, 1))
+  jacobian_trace = None
+  if layer.activation is None or isinstance(layer.activation, str):  # elementwise
+    slope = act_pull(jnp.ones_like(h))[0]  # act'(h)
+    jacobian_trace = jnp.sum(slope * slope * w)
 
   def gram(v: jax.Array) -> jax.Array:
     combined = lin.factor_apply(g, v)  # sum_s v_js g_js: (B, O)
@@ -182,7 +200,7 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
       back = back + inv_diag["bias"] * jnp.sum(combined, axis=0)
     return lin.per_sample_dot(g, back[:, None], 1).astype(v.dtype)
 
-  return Form(s, gram, DenseGradients(a, g))
+  return Form(s, gram, DenseGradients(a, g), jacobian_trace)
 
 
 def _column_grads(f: lin.Linearised, n: int, factor_next: State) -> jax.Array:

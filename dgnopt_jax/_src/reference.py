@@ -16,8 +16,9 @@ they are dropped at every stage (GT-DDP §4.2), the approximation of the fast
 path. The value Hessian's Tikhonov term ``vxx_reg`` is defined as in the fast
 path: ``V~_XX = V_XX + eps I`` wherever the value Hessian is used, never
 propagated. The state-parameter coupling is scaled by
-``w = 1/max(1, lambda_max(G))``, ``G = Z^T F_theta M^-1 F_theta^T Z`` with
-``V_XX = Z Z^T``, computed here by a dense eigensolve. Where a stage has a
+``w = 1/max(1, lambda_max(G))``, ``G = R^T F_theta M^-1 F_theta^T R`` with
+``V~_XX = R R^T`` (the Tikhonov term included), computed here by a dense
+eigensolve. Where a stage has a
 ``gradient_fn`` (batch statistics differentiated), ``Q_x`` and ``Q_theta``
 take its Jacobians and every second-order term those of ``fn``.
 """
@@ -61,7 +62,7 @@ def _pinv_sym(m: np.ndarray) -> np.ndarray:
 
 
 def _coupling_scale(v_xx: np.ndarray, f_theta: np.ndarray, m_inv: np.ndarray) -> float:
-  """1 / max(1, lambda_max(Z^T F_theta M^-1 F_theta^T Z)), V_xx = Z Z^T, by a dense eigensolve."""
+  """1 / max(1, lambda_max(R^T F_theta M^-1 F_theta^T R)), V~_xx = R R^T, by a dense eigensolve."""
   w, u = np.linalg.eigh(0.5 * (v_xx + v_xx.T))
   factor = u * np.sqrt(np.maximum(w, 0.0))
   q = f_theta.T @ factor
@@ -331,7 +332,7 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
         m_inv = _pinv_sym((c + damping * np.eye(theta.size)) / eta)
       k = m_inv @ direction
       if feedback:
-        scale = _coupling_scale(vxx_next, f_th, m_inv)
+        scale = _coupling_scale(v_reg, f_th, m_inv)
         big_k = scale * m_inv @ (f_th.T @ v_reg @ f_x)
         v_x = q_x - scale * (f_x.T @ v_reg @ f_th) @ k
         cross = f_th.T @ vxx_next @ f_x

@@ -203,7 +203,8 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
   With one player per stage this is DDPNOpt (Alg. 1, eq. 12-13).
 
   Where a surrogate curvature leaves a stage's quadratic model non-convex
-  (``lambda_max(G) > 1`` with ``G = Z^T F_theta M^-1 F_theta^T Z``), the
+  (``lambda_max(G) > 1`` with ``G = R^T F_theta M^-1 F_theta^T R``,
+  ``Z Z^T + vxx_reg I = R R^T``), the
   coupling ``Q_theta_x`` (feedback gain and value-gradient correction) is
   scaled by ``w = 1/lambda_max(G)``, so that the feedback never amplifies a
   deviation; with the exact curvature ``w = 1`` (see
@@ -219,10 +220,12 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       curvature's (0 for identity/rmsprop/adam, 0.1 for kfac/ekfac, 1e-3 for
       dense).
     vxx_reg: Tikhonov term eps on the value Hessian, ``V~_xx = Z Z^T + eps I``
-      (DDPNOpt §4.2; a state cost at every stage, not propagated). The
-      convexity safeguard's ``w`` bounds the ``Z Z^T`` part of the coupling
-      only; with Adam or RMSprop (``M^-1`` large where the second moments
-      are small) keep the default 0.
+      (DDPNOpt §4.2; a state cost at every stage, not propagated). It
+      enters the convexity safeguard's ``G``; with ``vxx_reg > 0`` the
+      safeguard's cheap trace test only exists for a stage that is one
+      dense layer under a diagonal curvature, and every other stage runs
+      its power iteration (``coupling_iterations`` VJP/JVP pairs) at every
+      step.
     vxx_rank: ``"outer"`` (rank-1 Gauss-Newton factor, GT-DDP Prop. 5) or
       ``"exact"`` (the loss's exact Hessian factor, rank C for softmax CE).
     coupling_iterations: power iterations estimating ``lambda_max(G)``.
