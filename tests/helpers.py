@@ -88,6 +88,31 @@ def reference_step(game, params, batch, curvature_state=None, **kwargs):
                                      curvature_state=curvature_state, **kwargs)
 
 
+def assert_steps_match_reference(tx, game, params, batch, steps, **reference_kwargs):
+  """``steps`` updates of ``tx`` equal the dense reference's to 1e-8.
+
+  Both carry their curvature statistics and the params move by each update.
+  Returns ``tx``'s final state.
+  """
+  state, ref_state = tx.init(params), None
+  for _ in range(steps):
+    updates, state = step(tx, params, batch, state)
+    ref, ref_state = reference_step(game, params, batch, ref_state, **reference_kwargs)
+    assert_trees_close(updates, ref, 1e-8)
+    params = jax.tree.map(jnp.add, params, updates)
+  return state
+
+
+def record_reference_scales(monkeypatch):
+  """Records, in a list it returns, the reference's coupling scales w (its dense eigensolve)."""
+  from dgnopt_jax._src import reference
+  scales = []
+  original = reference._coupling_scale
+  monkeypatch.setattr(reference, "_coupling_scale",
+                      lambda *a: scales.append(original(*a)) or scales[-1])
+  return scales
+
+
 def np_tree(t):
   return jax.tree.map(np.asarray, t)
 

@@ -17,7 +17,6 @@ import dgnopt_jax as dgnopt
 from dgnopt_jax._src import layer_taps
 from dgnopt_jax._src import linearise as lin
 from dgnopt_jax._src import quadratic_forms
-from dgnopt_jax._src import reference
 import helpers as h
 
 G = dgnopt.games
@@ -152,14 +151,9 @@ def test_feedback_from_gradients_matches_reference(monkeypatch, principle, curva
   make = dgnopt.fne if principle == "fne" else dgnopt.gr
   tx = make(game, lr, curvature, damping=0.5 if "kfac" in curvature else None,
             coupling_iterations=100)  # the reference solves lambda_max(G) exactly
-  state, ref_state = tx.init(params), None
-  for _ in range(2):
-    updates, state = h.step(tx, params, batch, state)
-    ref, ref_state = h.reference_step(game, params, batch, ref_state, learning_rate=lr,
-                                      curvature=curvature, principle=principle,
-                                      damping=0.5 if "kfac" in curvature else None)
-    h.assert_trees_close(updates, ref, 1e-8)
-    params = jax.tree.map(jnp.add, params, updates)
+  h.assert_steps_match_reference(tx, game, params, batch, 2, learning_rate=lr,
+                                 curvature=curvature, principle=principle,
+                                 damping=0.5 if "kfac" in curvature else None)
   # Traced once: the second plain conv and both block convs (the first stage
   # starts on the nominal trajectory, dx = 0, and has no feedback to pull back).
   assert len(pulled) >= 3
@@ -171,21 +165,13 @@ def test_dense_kronecker_players_without_tikhonov_match_reference(monkeypatch, p
   # Dense players under a Kronecker curvature with vxx_reg = 0 and large
   # steps, so that the safeguard is active (lambda_max(G) > 1 at some stage):
   # two steps, statistics carried, against the dense reference.
-  scales = []
-  original = reference._coupling_scale
-  monkeypatch.setattr(reference, "_coupling_scale",
-                      lambda *a: scales.append(original(*a)) or scales[-1])
+  scales = h.record_reference_scales(monkeypatch)
   game = h.tanh_mlp()
   params = h.perturbed_params(game, scale=1.0)
   batch = h.classification_batch((4,), 6)
   make = dgnopt.fne if principle == "fne" else dgnopt.gr
   lr, damping = 2.0, 0.05
   tx = make(game, lr, curvature, damping=damping, coupling_iterations=200)
-  state, ref_state = tx.init(params), None
-  for _ in range(2):
-    updates, state = h.step(tx, params, batch, state)
-    ref, ref_state = h.reference_step(game, params, batch, ref_state, learning_rate=lr,
-                                      curvature=curvature, principle=principle, damping=damping)
-    h.assert_trees_close(updates, ref, 1e-8)
-    params = jax.tree.map(jnp.add, params, updates)
+  h.assert_steps_match_reference(tx, game, params, batch, 2, learning_rate=lr,
+                                 curvature=curvature, principle=principle, damping=damping)
   assert min(scales) < 0.9  # the safeguard shrank some stage's coupling

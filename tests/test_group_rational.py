@@ -49,14 +49,9 @@ def test_gr_equals_dense_reference(curvature, lr, cross_terms):
   params = h.two_player_params()
   batch = h.classification_batch((3,), 5)
   tx = dgnopt.gr(game, lr, curvature, vxx_reg=1e-2, cross_terms=cross_terms)
-  state, ref_state = tx.init(params), None
-  for _ in range(2):
-    updates, state = h.step(tx, params, batch, state)
-    ref, ref_state = h.reference_step(game, params, batch, ref_state, learning_rate=lr,
-                                      curvature=curvature, vxx_reg=1e-2, principle="gr",
-                                      cross_terms=cross_terms)
-    h.assert_trees_close(updates, ref, 1e-8)
-    params = jax.tree.map(jnp.add, params, updates)
+  h.assert_steps_match_reference(tx, game, params, batch, 2, learning_rate=lr,
+                                 curvature=curvature, vxx_reg=1e-2, principle="gr",
+                                 cross_terms=cross_terms)
 
 
 def test_gr_equals_dense_reference_on_a_cnn():

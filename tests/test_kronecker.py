@@ -234,14 +234,9 @@ def test_fast_path_equals_dense_reference(name, principle, curvature):
   lr, damping = 0.05, 0.5
   make_tx = dgnopt.gr if principle == "gr" else dgnopt.fne
   tx = make_tx(game, lr, curv, damping=damping, vxx_reg=1e-2)
-  state, ref_state = tx.init(params), None
-  for _ in range(3):
-    updates, state = h.step(tx, params, batch, state)
-    ref, ref_state = h.reference_step(game, params, batch, ref_state, learning_rate=lr,
-                                      curvature=curv, damping=damping, vxx_reg=1e-2,
-                                      principle=principle)
-    h.assert_trees_close(updates, ref, 1e-8)
-    params = jax.tree.map(jnp.add, params, updates)
+  state = h.assert_steps_match_reference(tx, game, params, batch, 3, learning_rate=lr,
+                                         curvature=curv, damping=damping, vxx_reg=1e-2,
+                                         principle=principle)
   if principle == "gr" and name in ("parallel", "inception", "residual"):
     assert any("+" in key for key in state.curvature)  # the cooperative factors were used
 
@@ -316,12 +311,7 @@ def test_shared_statistics_fast_path_equals_dense_reference(curvature):
   batch = h.classification_batch(shape, 20 if curvature == "ekfac" else 4)
   curv = kronecker.Kronecker(inverse_every=2, eigenbasis_rescaling=curvature == "ekfac")
   tx = dgnopt.gr(game, 0.05, curv, damping=0.5, vxx_reg=1e-2)
-  state, ref_state = tx.init(params), None
-  for _ in range(3):
-    updates, state = h.step(tx, params, batch, state)
-    ref, ref_state = h.reference_step(game, params, batch, ref_state, learning_rate=0.05,
-                                      curvature=curv, damping=0.5, vxx_reg=1e-2,
-                                      principle="gr")
-    h.assert_trees_close(updates, ref, 1e-8)
-    params = jax.tree.map(jnp.add, params, updates)
+  state = h.assert_steps_match_reference(tx, game, params, batch, 3, learning_rate=0.05,
+                                         curvature=curv, damping=0.5, vxx_reg=1e-2,
+                                         principle="gr")
   assert any(isinstance(s, kronecker.SharedKroneckerState) for s in state.curvature.values())

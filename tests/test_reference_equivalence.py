@@ -140,16 +140,6 @@ def test_convexity_safeguard_matches_reference(principle):
                                             h.classification_batch((4,), 5), principle, 2, 60)
 
 
-def _reference_scales(monkeypatch):
-  """Records the reference's coupling scales w (its dense eigensolve)."""
-  from dgnopt_jax._src import reference
-  scales = []
-  original = reference._coupling_scale
-  monkeypatch.setattr(reference, "_coupling_scale",
-                      lambda *a: scales.append(original(*a)) or scales[-1])
-  return scales
-
-
 @pytest.mark.parametrize("principle,curvature,lr,vxx_reg", [
     ("fne", "identity", 0.3, 0.1), ("gr", "identity", 0.3, 0.1),
     pytest.param("fne", "adam", 0.1, 1e-2, marks=pytest.mark.slow)])
@@ -161,7 +151,7 @@ def test_convexity_safeguard_covers_the_tikhonov_term(monkeypatch, principle, cu
   # does not: the reference shrinks some coupling, and the fast path (power
   # iteration on (columns, state) vectors, the dense-layer trace test) must
   # agree with it over two steps.
-  scales = _reference_scales(monkeypatch)
+  scales = h.record_reference_scales(monkeypatch)
   game = h.tanh_mlp()
   params = h.perturbed_params(game, scale=1.0)
   batch = h.classification_batch((4,), 6)
@@ -172,14 +162,8 @@ def test_convexity_safeguard_covers_the_tikhonov_term(monkeypatch, principle, cu
     scales.clear()
   make = dgnopt.fne if principle == "fne" else dgnopt.gr
   tx = make(game, lr, curvature, vxx_reg=vxx_reg, coupling_iterations=200)
-  state, ref_state = tx.init(params), None
-  for _ in range(2):
-    updates, state = h.step(tx, params, batch, state)
-    ref, ref_state = h.reference_step(game, params, batch, ref_state, learning_rate=lr,
-                                      curvature=curvature, principle=principle,
-                                      vxx_reg=vxx_reg)
-    h.assert_trees_close(updates, ref, 1e-8)
-    params = jax.tree.map(jnp.add, params, updates)
+  h.assert_steps_match_reference(tx, game, params, batch, 2, learning_rate=lr,
+                                 curvature=curvature, principle=principle, vxx_reg=vxx_reg)
   assert min(scales) < 0.9  # the eps part shrank some stage's coupling
 
 
