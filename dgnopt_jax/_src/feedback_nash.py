@@ -95,7 +95,8 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
 
     stats = None
     if getattr(curvature, "needs_statistics", False):
-      stats = kronecker.gather_statistics(f, stage.players, (n,), v_next)[n]
+      stats = kronecker.gather_statistics(f, stage.players, (n,), v_next,
+                                          z_next if cfg.feedback else None)[n]
     cstate, step = curvature.update(cstates[n], q_theta,
                                     ggn_matvec if curvature.needs_value_hessian else None,
                                     stats)

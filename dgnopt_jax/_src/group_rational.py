@@ -103,7 +103,7 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
   stats = {}
   if getattr(curvature, "needs_statistics", False):
     stats = kronecker.gather_statistics(f, stage.players, tuple(range(stage.num_players)),
-                                        w_next)
+                                        w_next, z_next if cfg.feedback else None)
 
   if joint:
     curvature.check(_joint_player(stage), thetas)

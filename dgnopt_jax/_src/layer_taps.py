@@ -177,11 +177,19 @@ def kernel_rows(layer: Any, x: jax.Array) -> jax.Array:
 
 
 def layer_inputs(layer: Any, params: Params, x: jax.Array) -> jax.Array:
-  """The augmented inputs ``a`` of a dense or conv layer, shape (B, P, Ka)."""
-  a = kernel_rows(layer, x)
+  """The augmented inputs ``a`` of a dense or conv layer, shape (B, P, Ka).
+
+  A convolution's windows and the bias column are concatenated in one copy
+  (stacking the patches and then appending the column copied them twice).
+  """
+  if layer.kind == "conv":
+    parts = _padded_windows(x, layer.kernel_size, layer.strides, layer.padding)
+  else:
+    parts = [layer.linear_input(x)[:, None, :]]
   if "bias" in params:
-    a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
-  return a
+    parts.append(jnp.ones(parts[0].shape[:-1] + (1,), parts[0].dtype))
+  a = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+  return a.reshape(x.shape[0], -1, a.shape[-1])
 
 
 def tapped_layers(fn: Any, x: State, thetas: tuple, players: tuple[int, ...]
