@@ -36,6 +36,7 @@ import jax
 
 from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import kronecker
+from dgnopt_jax._src import layer_taps
 from dgnopt_jax._src import linearise as lin
 from dgnopt_jax._src import quadratic_forms
 
@@ -83,7 +84,15 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
                           None if z_next is None else f.vjp_x_columns(z_next)))
       continue
     player, theta = stage.players[n], thetas[n]
-    q_x, q_theta = exact.vjp_x_theta(n, v_next)
+    stats = None
+    if getattr(curvature, "needs_statistics", False):
+      stats = kronecker.gather_statistics(f, stage.players, (n,), v_next,
+                                          z_next if cfg.feedback else None)[n]
+    if exact is f and isinstance(stats, layer_taps.KroneckerStatistics):
+      # Q_theta from the statistics' layer inputs: one matrix product.
+      q_x, q_theta = f.vjp_x(v_next), kronecker.statistics_gradient(stats, theta)
+    else:
+      q_x, q_theta = exact.vjp_x_theta(n, v_next)
     if player.weight_decay:
       q_theta = lin.tree_add(q_theta, lin.tree_scale(player.weight_decay, theta))
 
@@ -93,10 +102,6 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
         out = lin.tree_add(out, lin.tree_scale(player.weight_decay, v))
       return out
 
-    stats = None
-    if getattr(curvature, "needs_statistics", False):
-      stats = kronecker.gather_statistics(f, stage.players, (n,), v_next,
-                                          z_next if cfg.feedback else None)[n]
     cstate, step = curvature.update(cstates[n], q_theta,
                                     ggn_matvec if curvature.needs_value_hessian else None,
                                     stats)

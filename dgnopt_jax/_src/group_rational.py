@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import kronecker
+from dgnopt_jax._src import layer_taps
 from dgnopt_jax._src import linearise as lin
 from dgnopt_jax._src import quadratic_forms
 
@@ -95,15 +96,21 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
   if stage.num_players == 0:
     z = None if z_next is None else f.vjp_x_columns(z_next)
     return ((exact.vjp_x(w_next), z),), (), ()
-  q_x, q_thetas = exact.vjp_x_thetas(w_next)
-  q_thetas = tuple(lin.tree_add(q, lin.tree_scale(p.weight_decay, t)) if p.weight_decay else q
-                   for q, p, t in zip(q_thetas, stage.players, thetas))
-  decay = tuple(p.weight_decay for p in stage.players)
-  joint = is_joint(stage, cfg, thetas)
   stats = {}
   if getattr(curvature, "needs_statistics", False):
     stats = kronecker.gather_statistics(f, stage.players, tuple(range(stage.num_players)),
                                         w_next, z_next if cfg.feedback else None)
+  # P_theta from the statistics' layer inputs where every player has them.
+  if exact is f and stats and all(isinstance(stats[n], layer_taps.KroneckerStatistics)
+                                  for n in range(stage.num_players)):
+    q_x = f.vjp_x(w_next)
+    q_thetas = tuple(kronecker.statistics_gradient(stats[n], t) for n, t in enumerate(thetas))
+  else:
+    q_x, q_thetas = exact.vjp_x_thetas(w_next)
+  q_thetas = tuple(lin.tree_add(q, lin.tree_scale(p.weight_decay, t)) if p.weight_decay else q
+                   for q, p, t in zip(q_thetas, stage.players, thetas))
+  decay = tuple(p.weight_decay for p in stage.players)
+  joint = is_joint(stage, cfg, thetas)
 
   if joint:
     curvature.check(_joint_player(stage), thetas)

@@ -370,6 +370,19 @@ def ekfac(decay: float = 0.95, inverse_every: int = 10, *,
   return Kronecker(decay, inverse_every, True, max_factor_size)
 
 
+def statistics_gradient(stats: layer_taps.KroneckerStatistics, like: Params) -> Params:
+  """``Q_theta = F_theta^T V_x' = sum_ip a_ip g_ip^T`` from the statistics of ``V_x'``.
+
+  One matrix product over samples and positions of the layer inputs that
+  the factor ``E[a a^T]`` needs anyway; for a convolution it replaces the
+  VJP's kernel-gradient convolution (about five times as long on XLA's CPU
+  backend for a 3x3 layer of 12 maps). Shaped like ``like``.
+  """
+  a, g = stats.inputs, stats.output_grads
+  mat = a.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1]).astype(a.dtype)
+  return layer_taps.from_matrix(mat.astype(like["kernel"].dtype), like)
+
+
 def gather_statistics(f: Any, players: tuple, indices: tuple[int, ...], v_next: Any,
                       marker: Any = None) -> dict:
   """Per-sample statistics the Kronecker curvature needs for the given players.
