@@ -27,7 +27,7 @@ def _per_sample_gradients(stage, x, thetas, v_next, n):
 
 @pytest.mark.parametrize("which", ["dense", "conv", "conv_strided", "residual", "inception"])
 def test_statistics_rebuild_per_sample_gradients(which):
-  """sum_p a_ip g_ip^T is each player's per-sample gradient (GT-DDP eq. 43)."""
+  """sum_p a_ip g_ip^T is each player's per-sample gradient (GT-DDP eq. 43), their sum Q_theta."""
   rng = np.random.default_rng(0)
   shape = (5, 5, 2)
   game = {
@@ -55,6 +55,9 @@ def test_statistics_rebuild_per_sample_gradients(which):
         mats = jnp.einsum("bpi,bpo->bio", stats[n].inputs, stats[n].output_grads)
         got = jax.vmap(lambda m: layer_taps.from_matrix(m, thetas[n]))(mats)
         h.assert_trees_close(got, want, 1e-12)
+        # Their sum over the batch, Q_theta = F_theta^T V_x', in one product.
+        h.assert_trees_close(kronecker.statistics_gradient(stats[n], thetas[n]),
+                             jax.tree.map(lambda w: w.sum(axis=0), want), 1e-12)
         # The kernel part tap by tap, without the patches (one factor column).
         layer, layer_x = layer_taps.tapped_layers(stage.fn, x, thetas, (n,))[n]
         q = layer_taps.per_sample_kernel_gradients(layer, layer_x,

