@@ -293,12 +293,11 @@ def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: 
   # the layer inputs first (B P Ka^2 multiplications) cost several times more.
   rows = cols = 0
   q = 0.0
-  plain = {}
   for n in players:
     a, g = stats[n].inputs[:, 0], stats[n].output_grads  # a does not depend on the column
     ka, o = a.shape[-1], g.shape[-1]
-    plain[n] = jnp.einsum("bpk,brpo->brko", a, g)
-    rotated = jnp.einsum("kj,brko->brjo", step.input_basis[rows:rows + ka], plain[n])
+    plain = jnp.einsum("bpk,brpo->brko", a, g)
+    rotated = jnp.einsum("kj,brko->brjo", step.input_basis[rows:rows + ka], plain)
     q = q + jnp.einsum("brjo,ol->brjl", rotated, step.output_basis[cols:cols + o])
     rows, cols = rows + ka, cols + o
 
@@ -307,12 +306,11 @@ def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: 
 
   gradients = None
   if len(players) == 1 and copies == 1:
-    # The same gradients in the params' own basis, [kernel; bias] rows.
-    (n,) = players
-    if "bias" in f.thetas[n]:
-      gradients = LayerGradients(plain[n][:, :, :-1], plain[n][:, :, -1])
+    # The one player's gradients in the params' own basis, [kernel; bias] rows.
+    if "bias" in f.thetas[players[0]]:
+      gradients = LayerGradients(plain[:, :, :-1], plain[:, :, -1])
     else:
-      gradients = LayerGradients(plain[n], None)
+      gradients = LayerGradients(plain, None)
   return Form(_gram_blocks(q, q * inverse).astype(dtype), gram, gradients)
 
 
