@@ -110,21 +110,6 @@ def tap(layer: Any, params: Params, x: jax.Array, h: jax.Array) -> jax.Array:
   return h
 
 
-def image_patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int],
-                  padding: Any) -> jax.Array:
-  """The convolution's input windows, shape (B, P, kh * kw * C) in ``kernel.reshape(-1, O)`` order.
-
-  ``conv(x, kernel)[b, p] = patches[b, p] @ kernel.reshape(-1, O)``. Built
-  from ``kh * kw`` strided slices of the padded input (copies only):
-  ``lax.conv_general_dilated_patches`` computes the same as a convolution
-  with a one-hot kernel, ``kh * kw * C`` times more arithmetic (14 ms
-  against well under 1 ms for a 3x3 layer of 12 maps, batch 128, on CPU).
-  """
-  windows = _padded_windows(x, kernel_size, strides, padding)
-  patches = jnp.stack(windows, axis=3)  # (B, ho, wo, kh * kw, C)
-  return patches.reshape(x.shape[0], -1, patches.shape[3] * x.shape[-1])
-
-
 def _padded_windows(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int],
                     padding: Any) -> list[jax.Array]:
   """The ``kh * kw`` strided slices of the padded input, each (B, ho, wo, C), in kernel order."""
@@ -169,27 +154,30 @@ def per_sample_kernel_gradients(layer: Any, x: jax.Array, output_grads: jax.Arra
   return q.reshape(q.shape[:2] + (-1, q.shape[-1]))
 
 
-def kernel_rows(layer: Any, x: jax.Array) -> jax.Array:
-  """The layer's inputs without the bias column, (B, P, K): ``h_p = a_p kernel.reshape(K, O)``."""
-  if layer.kind == "dense":
-    return layer.linear_input(x)[:, None, :]
-  return image_patches(x, layer.kernel_size, layer.strides, layer.padding)
+def kernel_rows(layer: Any, x: jax.Array, bias_column: bool = False) -> jax.Array:
+  """The layer's inputs, (B, P, K): ``h_p = a_p kernel.reshape(K, O)``.
 
-
-def layer_inputs(layer: Any, params: Params, x: jax.Array) -> jax.Array:
-  """The augmented inputs ``a`` of a dense or conv layer, shape (B, P, Ka).
-
-  A convolution's windows and the bias column are concatenated in one copy
+  For a convolution, the image patches in ``kernel.reshape(-1, O)`` order,
+  built from ``kh * kw`` strided slices of the padded input (copies only):
+  ``lax.conv_general_dilated_patches`` computes the same as a convolution
+  with a one-hot kernel, ``kh * kw * C`` times more arithmetic (14 ms
+  against well under 1 ms for a 3x3 layer of 12 maps, batch 128, on CPU).
+  With ``bias_column`` a column of ones is appended in the same copy
   (stacking the patches and then appending the column copied them twice).
   """
   if layer.kind == "conv":
     parts = _padded_windows(x, layer.kernel_size, layer.strides, layer.padding)
   else:
     parts = [layer.linear_input(x)[:, None, :]]
-  if "bias" in params:
+  if bias_column:
     parts.append(jnp.ones(parts[0].shape[:-1] + (1,), parts[0].dtype))
   a = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
   return a.reshape(x.shape[0], -1, a.shape[-1])
+
+
+def layer_inputs(layer: Any, params: Params, x: jax.Array) -> jax.Array:
+  """The augmented inputs ``a`` of a dense or conv layer, shape (B, P, Ka): with the bias column."""
+  return kernel_rows(layer, x, "bias" in params)
 
 
 def tapped_layers(fn: Any, x: State, thetas: tuple, players: tuple[int, ...]
