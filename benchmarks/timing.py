@@ -11,9 +11,12 @@ import time
 
 import jax
 
+import dgnopt_jax as dgnopt
+
 
 def interleaved_step_times(cases: dict, rounds: int, repeats: int,
-                           warm_each_round: bool = True) -> dict:
+                           warm_each_round: bool = True, lapack_threads: int | None = 1
+                           ) -> dict:
   """Median over interleaved rounds of each case's mean step time (seconds).
 
   Args:
@@ -27,10 +30,25 @@ def interleaved_step_times(cases: dict, rounds: int, repeats: int,
     warm_each_round: run one untimed step before each case's timed ones, so
       that a small program does not start with the caches the previous,
       larger one left cold.
+    lapack_threads: on a CPU, the host LAPACK's threads while timing
+      (:func:`dgnopt_jax.limit_lapack_threads`, as the main job sets them;
+      only the Kronecker curvatures' eigendecompositions call it); None
+      leaves them as they are.
 
   Returns:
     ``key -> seconds per step``.
   """
+  limit = None
+  if lapack_threads and jax.default_backend() == "cpu":
+    limit = dgnopt.limit_lapack_threads(lapack_threads)
+  try:
+    return _median_times(cases, rounds, repeats, warm_each_round)
+  finally:
+    if limit is not None:
+      limit.restore_original_limits()
+
+
+def _median_times(cases: dict, rounds: int, repeats: int, warm_each_round: bool) -> dict:
   for step, params, state, x, y in cases.values():
     jax.block_until_ready(step(params, state, x, y))
   samples = {key: [] for key in cases}

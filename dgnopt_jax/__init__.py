@@ -20,6 +20,7 @@ from dgnopt_jax import sharding
 from dgnopt_jax._src.alignment import AlignedState
 from dgnopt_jax._src.alignment import PerAlignment
 from dgnopt_jax._src.alignment import aligned
+from dgnopt_jax._src.lapack_threads import limit_lapack_threads
 from dgnopt_jax._src.transform import DGNOptState
 from dgnopt_jax._src.transform import fne
 from dgnopt_jax._src.transform import gr
@@ -38,6 +39,7 @@ __all__ = [
     "fne",
     "games",
     "gr",
+    "limit_lapack_threads",
     "losses",
     "olne",
     "reference",

@@ -214,6 +214,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--eval-every", type=int, default=250)
   p.add_argument("--seeds", type=int, default=2, help="number of seeds (0..n-1)")
   p.add_argument("--out", default="runs", help="folder for the JSON record and the plot")
+  p.add_argument("--lapack-threads", type=int, default=1,
+                 help="threads of the host LAPACK behind KFAC/EKFAC's eigh on a CPU "
+                      "(dgnopt_jax.limit_lapack_threads); 0 leaves the library's default")
   return p.parse_args(argv)
 
 
@@ -227,6 +230,8 @@ def main(argv=None) -> int:
                        max_train=args.max_train, max_test=args.max_test)
   game = make_model(args.model, data, args.alignment)
   optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+  if args.lapack_threads and jax.default_backend() == "cpu":
+    dgnopt.limit_lapack_threads(args.lapack_threads)
   print(f"dgnopt_jax {dgnopt.__version__} | jax {jax.__version__} on {jax.default_backend()} | "
         f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test | model {args.model} | "
         f"batch {args.batch_size} | {args.steps} steps | seeds {args.seeds}", flush=True)
