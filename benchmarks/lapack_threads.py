@@ -8,7 +8,7 @@ KFAC/EKFAC refresh their factors' eigendecompositions every 10 steps with
 OpenBLAS worker threads keep spinning after the call
 (:func:`dgnopt_jax.limit_lapack_threads`). Every optimizer's step is compiled
 once and timed in interleaved rounds, each round running it with LAPACK
-limited to ``--threads`` and with the library's default (in alternating
+limited to ``--threads`` and with OpenBLAS's own default (in alternating
 order, so that neither setting always runs second). Each timed run restarts
 from the initial state and runs ``--steps`` steps after one untimed step, so
 it includes the refreshes of the default period. Prints the median step time

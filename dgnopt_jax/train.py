@@ -216,7 +216,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default="runs", help="folder for the JSON record and the plot")
   p.add_argument("--lapack-threads", type=int, default=1,
                  help="threads of the host LAPACK behind KFAC/EKFAC's eigh on a CPU "
-                      "(dgnopt_jax.limit_lapack_threads); 0 leaves the library's default")
+                      "(dgnopt_jax.limit_lapack_threads); 0 leaves OpenBLAS's own default")
   return p.parse_args(argv)
 
 

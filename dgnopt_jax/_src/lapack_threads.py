@@ -31,9 +31,9 @@ def limit_lapack_threads(threads: int = 1) -> threadpoolctl.threadpool_limits:
         for x, y in batches:
           params, opt_state = train_step(params, opt_state, x, y)
 
-  It changes a process-wide setting (numpy's BLAS too, while in force); it
-  does nothing on an accelerator backend, whose eigendecompositions do not
-  run on the host.
+  It changes a process-wide setting (numpy's BLAS too, while in force). On
+  an accelerator backend the eigendecompositions do not run on the host,
+  and the limit does not touch them.
 
   Args:
     threads: threads each BLAS library may use, at least 1.
