@@ -14,8 +14,6 @@ depth and the ratio to the shallowest, and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -24,6 +22,8 @@ import numpy as np
 
 from dgnopt_jax import datasets
 from dgnopt_jax import train
+
+import timing
 
 
 def main(argv=None) -> int:
@@ -60,11 +60,7 @@ def main(argv=None) -> int:
                  f" | {r['deepest_vs_shallowest']:.2f} |")
   print(f"\njax {jax.__version__}, {jax.default_backend()}, batch {args.batch}\n")
   print("\n".join(lines))
-  out = args.out or os.path.join("runs", "benchmarks", f"compile_depth_{jax.default_backend()}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)
-  print(f"\nwrote {out}")
+  timing.write_record(args.out, f"compile_depth_{jax.default_backend()}.json", {"rows": rows})
   return 0
 
 

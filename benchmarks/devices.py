@@ -23,7 +23,6 @@ difference) and writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -57,6 +56,7 @@ def main(argv=None) -> int:
   from dgnopt_jax import datasets
   from dgnopt_jax import sharding
   from dgnopt_jax import train
+  import timing
   from step_time import time_rounds
 
   devices = jax.devices(args.platform)
@@ -113,11 +113,7 @@ def main(argv=None) -> int:
                  f"{r[f'step_s_{n}'] * 1e3:.2f} | {r['ratio']:.2f} | "
                  f"{r['params_rel_diff']:.1e} |")
   print(f"\n{machine}\n\n" + "\n".join(lines))
-  out = args.out or os.path.join("runs", "benchmarks", f"devices_{args.platform}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
-  print(f"\nwrote {out}")
+  timing.write_record(args.out, f"devices_{args.platform}.json", {"machine": machine, "rows": rows})
   return 0
 
 

@@ -18,9 +18,6 @@ of both settings and their ratio; writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +27,7 @@ import jax
 import dgnopt_jax as dgnopt
 
 import step_time
+import timing
 
 
 def time_settings(compiled: dict, params, x, y, rounds: int, per_round: int,
@@ -85,13 +83,9 @@ def main(argv=None) -> int:
   for r in rows:
     lines.append(f"| {r['model']} | {r['optimizer']} | {r['default_s'] * 1e3:.2f} | "
                  f"{r['limited_s'] * 1e3:.2f} | {r['limited_s'] / r['default_s']:.3f} |")
-  machine = f"{os.cpu_count()} host cores, {platform.machine()}, jax {jax.__version__}"
+  _, machine = timing.device_and_machine("cpu")
   print(f"\n{machine}\n\n" + "\n".join(lines))
-  out = args.out or os.path.join("runs", "benchmarks", "lapack_threads.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
-  print(f"\nwrote {out}")
+  timing.write_record(args.out, "lapack_threads.json", {"machine": machine, "rows": rows})
   return 0
 
 

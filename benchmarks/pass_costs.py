@@ -50,9 +50,6 @@ Prints the table of steps, passes and floors; writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 
 import jax
@@ -85,6 +82,13 @@ def _per_position(g: jax.Array) -> jax.Array:
   return g.reshape(g.shape[0], 1, -1, g.shape[-1])
 
 
+def _factor_products(layer, x: jax.Array, g: jax.Array) -> tuple:
+  """The augmented layer inputs (B, P, Ka) and ``(sum a a^T, sum g g^T, sum a g^T)``."""
+  rows = layer_taps.kernel_rows(layer, x, bias_column=True)
+  flat_a, flat_g = rows.reshape(-1, rows.shape[-1]), g.reshape(-1, g.shape[-1])
+  return rows, (flat_a.T @ flat_a, flat_g.T @ flat_g, flat_a.T @ flat_g)
+
+
 def make_passes(layers: list) -> dict:
   """``name -> (fn, args)``: one program per pass over all players."""
   kinds = [layer for layer, _, _ in layers]
@@ -108,24 +112,20 @@ def make_passes(layers: list) -> dict:
             for layer, x, g in zip(kinds, inputs, cts) if layer.kind == "conv"]
 
   def factors(inputs, cts):
-    out = []
-    for layer, x, g in zip(kinds, inputs, cts):
-      rows = layer_taps.kernel_rows(layer, x, bias_column=True)
-      flat_a, flat_g = rows.reshape(-1, rows.shape[-1]), g.reshape(-1, g.shape[-1])
-      out.append((flat_a.T @ flat_a, flat_g.T @ flat_g))
-    return out
+    return [_factor_products(layer, x, g)[1][:2] for layer, x, g in zip(kinds, inputs, cts)]
+
+  def eigh(factor_values):
+    return [(jnp.linalg.eigh(a), jnp.linalg.eigh(g)) for a, g in factor_values]
 
   factor_values = jax.jit(factors)(inputs, cotangents)
-  bases = [(jnp.linalg.eigh(a)[1], jnp.linalg.eigh(g)[1]) for a, g in factor_values]
+  bases = [(a.eigenvectors, g.eigenvectors) for a, g in jax.jit(eigh)(factor_values)]
 
   def kronecker_statistics(inputs, cts, bases):
     """Every step: inputs, factors, Q_theta = sum a g^T and q in the eigenbasis."""
     out = []
     for layer, x, g, (input_basis, output_basis) in zip(kinds, inputs, cts, bases):
-      rows = layer_taps.kernel_rows(layer, x, bias_column=True)  # (B, P, Ka)
+      rows, stats = _factor_products(layer, x, g)  # rows: (B, P, Ka)
       g = _per_position(g)  # (B, 1, P, O)
-      flat_a, flat_g = rows.reshape(-1, rows.shape[-1]), g.reshape(-1, g.shape[-1])
-      stats = (flat_a.T @ flat_a, flat_g.T @ flat_g, flat_a.T @ flat_g)
       if rows.shape[1] == 1:  # dense: q_i = a_i g_i^T is rank one, rotated as factors
         rotated = (rows[:, 0] @ input_basis, g[:, :, 0] @ output_basis)
       else:
@@ -133,9 +133,6 @@ def make_passes(layers: list) -> dict:
         rotated = jnp.einsum("kj,brko->brjo", input_basis, plain) @ output_basis
       out.append((stats, rotated))
     return out
-
-  def eigh(factor_values):
-    return [(jnp.linalg.eigh(a), jnp.linalg.eigh(g)) for a, g in factor_values]
 
   return {
       "forward": (forward, (thetas, inputs)),
@@ -202,12 +199,7 @@ def main(argv=None) -> int:
   p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
   p.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/...)")
   args = p.parse_args(argv)
-  try:
-    device = jax.devices(args.device)[0]
-  except RuntimeError as e:
-    raise SystemExit(f"--device {args.device}: no such device here ({e})")
-  machine = (f"{device.device_kind} ({args.device}), {os.cpu_count()} host cores, "
-             f"{platform.machine()}, jax {jax.__version__}")
+  device, machine = timing.device_and_machine(args.device)
   results = []
   for model in args.models.split(","):
     print(f"{model}: {args.rounds} rounds of {args.steps} steps", flush=True)
@@ -215,12 +207,8 @@ def main(argv=None) -> int:
       results.append(run_model(model, args.batch, args.rounds, args.steps, device))
     print(f"\n{table(results[-1])}\n", flush=True)
   print(machine)
-  out = args.out or os.path.join("runs", "benchmarks", f"pass_costs_{args.device}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"machine": machine, "command": " ".join(sys.argv), "results": results}, f,
-              indent=1)
-  print(f"wrote {out}")
+  timing.write_record(args.out, f"pass_costs_{args.device}.json",
+                      {"machine": machine, "results": results})
   return 0
 
 

@@ -27,9 +27,6 @@ compile time and memory relative to optax.sgd; writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 
@@ -138,10 +135,7 @@ def main(argv=None) -> int:
                  help="the fne/gr solvers' value-Hessian Tikhonov term")
   p.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/...)")
   args = p.parse_args(argv)
-  try:
-    device = jax.devices(args.device)[0]
-  except RuntimeError as e:
-    raise SystemExit(f"--device {args.device}: no such device here ({e})")
+  device, machine = timing.device_and_machine(args.device)
   optimizers = [o for o in args.optimizers.split(",") if o]
   rows = []
   for model in args.models.split(","):
@@ -149,14 +143,9 @@ def main(argv=None) -> int:
     with jax.default_device(device):
       rows += run_model(model, optimizers, args.batch, args.rounds, args.steps, device,
                         args.resnet18_width, args.vxx_reg)
-  machine = (f"{device.device_kind} ({args.device}), {os.cpu_count()} host cores, "
-             f"{platform.machine()}, jax {jax.__version__}")
   print(f"\n{machine}\n\n{table(rows)}")
-  out = args.out or os.path.join("runs", "benchmarks", f"step_time_{args.device}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"machine": machine, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
-  print(f"\nwrote {out}")
+  timing.write_record(args.out, f"step_time_{args.device}.json",
+                      {"machine": machine, "rows": rows})
   return 0
 
 

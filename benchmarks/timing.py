@@ -1,12 +1,17 @@
 """Step times measured side by side: interleaved rounds, median over rounds.
 
 Shared by the benchmark scripts (imported as a sibling module when they run
-as ``python benchmarks/<script>.py``).
+as ``python benchmarks/<script>.py``), with the device lookup and the JSON
+record they all write.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -66,3 +71,25 @@ def _median_times(cases: dict, rounds: int, repeats: int, warm_each_round: bool)
         p, s = out[0], out[1]
       samples[key].append((time.perf_counter() - start) / repeats)
   return {key: statistics.median(v) for key, v in samples.items()}
+
+
+def device_and_machine(kind: str):
+  """(first device of ``kind``, a one-line description of the machine); exits if none."""
+  try:
+    device = jax.devices(kind)[0]
+  except RuntimeError as e:
+    raise SystemExit(f"--device {kind}: no such device here ({e})")
+  machine = (f"{device.device_kind} ({kind}), {os.cpu_count()} host cores, "
+             f"{platform.machine()}, jax {jax.__version__}")
+  return device, machine
+
+
+def write_record(out: str | None, default_name: str, record: dict) -> str:
+  """Writes ``record`` and the command line as JSON to ``out`` (default
+  ``runs/benchmarks/<default_name>``), prints and returns the path."""
+  out = out or os.path.join("runs", "benchmarks", default_name)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump({"command": " ".join(sys.argv), **record}, f, indent=1)
+  print(f"\nwrote {out}")
+  return out

@@ -19,8 +19,6 @@ eigendecompositions, cubic in the width).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 
@@ -93,13 +91,10 @@ def main(argv=None) -> int:
     seconds = {(c, name): timings[(series, c), name] for c in configs for name in optimizers}
     print(f"MLP {'depth 4' if series == 'width' else 'width 32'}, by {series}:\n")
     print(table(series, configs, optimizers, seconds) + "\n")
-  out = args.out or os.path.join("runs", "benchmarks", f"width_depth_{jax.default_backend()}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump({"command": " ".join(sys.argv), "machine": platform.platform(),
-               "seconds": [{"series": k[0][0], "value": k[0][1], "optimizer": k[1], "step_s": v}
-                           for k, v in timings.items()]}, f, indent=1)
-  print(f"wrote {out}")
+  timing.write_record(args.out, f"width_depth_{jax.default_backend()}.json", {
+      "machine": platform.platform(),
+      "seconds": [{"series": k[0][0], "value": k[0][1], "optimizer": k[1], "step_s": v}
+                  for k, v in timings.items()]})
   return 0
 
 
