@@ -43,6 +43,26 @@ class LayerGradients(NamedTuple):
   bias: Optional[jax.Array]
 
 
+class RotatedGradients(NamedTuple):
+  """Per-sample gradients of a dense/conv player in its Kronecker eigenbasis.
+
+  ``q~_ir = U_A^T Q_ir U_G`` with ``Q_ir = F_theta^(i)T Z'_ir`` as the
+  ``(Ka, O)`` matrix ``[kernel; bias]`` (:func:`layer_taps.to_matrix`). The
+  Kronecker forms need ``q~`` for ``S`` and ``G``; contractions with a
+  params-shaped ``d`` rotate the small ``(Ka, O)`` matrix instead of keeping
+  ``Q`` as well (``q~ . (U_A^T D U_G) = Q . D``: the bases are orthogonal).
+
+  Attributes:
+    rotated: ``q~``, (B, r, Ka, O).
+    input_basis: ``U_A``, (Ka, Ka).
+    output_basis: ``U_G``, (O, O).
+  """
+
+  rotated: jax.Array
+  input_basis: jax.Array
+  output_basis: jax.Array
+
+
 class DenseGradients(NamedTuple):
   """The per-sample gradients of a dense player, kept as their rank-one factors.
 
@@ -59,8 +79,15 @@ class DenseGradients(NamedTuple):
   output_grads: jax.Array
 
 
-def gradient_coefficients(grads: LayerGradients | DenseGradients, dtheta: Params) -> jax.Array:
+Gradients = LayerGradients | RotatedGradients | DenseGradients
+
+
+def gradient_coefficients(grads: Gradients, dtheta: Params) -> jax.Array:
   """``Z'^(i)T F_theta^(i) dtheta = q_i . dtheta`` for every sample and column: (B, r)."""
+  if isinstance(grads, RotatedGradients):
+    q = grads.rotated
+    mat = layer_taps.to_matrix(dtheta).astype(q.dtype)
+    return jnp.einsum("brjl,jl->br", q, grads.input_basis.T @ mat @ grads.output_basis)
   if isinstance(grads, DenseGradients):
     g = grads.output_grads
     change = grads.inputs @ dtheta["kernel"].astype(g.dtype)  # F_theta dtheta at h: (B, O)
@@ -74,9 +101,13 @@ def gradient_coefficients(grads: LayerGradients | DenseGradients, dtheta: Params
   return out
 
 
-def gradient_pullback(grads: LayerGradients | DenseGradients, coeffs: jax.Array,
-                      like: Params) -> Params:
+def gradient_pullback(grads: Gradients, coeffs: jax.Array, like: Params) -> Params:
   """``F_theta^T (Z' c) = sum_ir q_ir c_ir``, shaped like ``like``."""
+  if isinstance(grads, RotatedGradients):
+    q = grads.rotated
+    rotated = jnp.einsum("brjl,br->jl", q, coeffs.astype(q.dtype))
+    mat = grads.input_basis @ rotated @ grads.output_basis.T
+    return jax.tree.map(lambda m, t: m.astype(t.dtype), layer_taps.from_matrix(mat, like), like)
   if isinstance(grads, DenseGradients):
     g = grads.output_grads
     combined = lin.factor_apply(g, coeffs)  # sum_r c_ir g_ir: (B, O)
@@ -99,8 +130,8 @@ class Form(NamedTuple):
     s: ``S^(i) = q_i^T (C + damping)^-1 q_i``, shape (B, r, r).
     gram: ``v -> G v`` on (B, r) arrays with ``G_ij = q_i^T (C + damping)^-1 q_j``,
       or None where the solver applies ``G`` through the stage's VJP and JVP.
-    gradients: the players' :class:`LayerGradients` or :class:`DenseGradients`
-      where formed (a tuple over the players of a stage), else None. With
+    gradients: the players' :class:`LayerGradients`, :class:`RotatedGradients`
+      or :class:`DenseGradients` where formed (a tuple over the players of a stage), else None. With
       them ``Z'^T F_theta d`` and ``F_theta^T Z' c`` are contractions instead
       of a JVP and a VJP.
     jacobian_trace: ``sum_i tr(F_theta^(i) (C + damping)^-1 F_theta^(i)T)``
@@ -288,17 +319,19 @@ def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: 
     g_rot = g @ step.output_basis  # (B, r, k)
     weights = ((a @ step.input_basis) ** 2) @ inverse  # (B, k)
     return Form(_gram_blocks(g_rot, g_rot * weights[:, None]).astype(dtype))
-  # Per-sample gradients in the params' basis, then rotated: U_A^T Q U_G is
-  # two large matrix products over all samples and columns, where rotating
-  # the layer inputs first (B P Ka^2 multiplications) cost several times more.
+  # Per-sample gradients in the eigenbasis, U_A^T (sum_p a_p (U_G^T g_p)^T):
+  # the column derivatives are rotated first (B r P O^2 multiplications),
+  # the sum over positions rotated on the input side after (two large
+  # matrix products over all samples and columns); rotating the layer
+  # inputs first (B P Ka^2) cost several times more.
   rows = cols = 0
   q = 0.0
   for n in players:
     a, g = stats[n].inputs[:, 0], stats[n].output_grads  # a does not depend on the column
     ka, o = a.shape[-1], g.shape[-1]
-    plain = jnp.einsum("bpk,brpo->brko", a, g)
-    rotated = jnp.einsum("kj,brko->brjo", step.input_basis[rows:rows + ka], plain)
-    q = q + jnp.einsum("brjo,ol->brjl", rotated, step.output_basis[cols:cols + o])
+    g_rot = g @ step.output_basis[cols:cols + o]  # (B, r, P, O_all)
+    summed = jnp.einsum("bpk,brpo->brko", a, g_rot)
+    q = q + jnp.einsum("kj,brko->brjo", step.input_basis[rows:rows + ka], summed)
     rows, cols = rows + ka, cols + o
 
   def gram(v: jax.Array) -> jax.Array:
@@ -306,11 +339,7 @@ def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: 
 
   gradients = None
   if len(players) == 1 and copies == 1:
-    # The one player's gradients in the params' own basis, [kernel; bias] rows.
-    if "bias" in f.thetas[players[0]]:
-      gradients = LayerGradients(plain[:, :, :-1], plain[:, :, -1])
-    else:
-      gradients = LayerGradients(plain, None)
+    gradients = RotatedGradients(q, step.input_basis, step.output_basis)
   return Form(_gram_blocks(q, q * inverse).astype(dtype), gram, gradients)
 
 
