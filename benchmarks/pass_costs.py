@@ -21,15 +21,16 @@ makes, for every dense or conv player:
 optax.sgd's step makes the forward pass and backprop's two pullbacks. A
 Kronecker curvature (KFAC) takes ``Q_theta`` from its statistics instead of
 the kernel pullback and adds, every step, the layer inputs (a convolution's
-image patches), the factors ``E[a a^T]``, ``E[g g^T]``, ``Q_theta = sum a g^T``
-and the per-sample gradients in the factors' eigenbasis
-(``U_A^T q_i U_G``), and every ``inverse_every`` steps (10, the default) the
+image patches), ``Q_theta = sum a g^T`` and the per-sample gradients in the
+factors' eigenbasis (``U_A^T q_i U_G``), every ``statistics_every`` steps the
+factors ``E[a a^T]``, ``E[g g^T]`` (5 by default; here 1, the step timed is
+``gr-kfac/1``), and every ``inverse_every`` steps (10, the default) the
 factors' eigendecompositions.
 
 Each pass is one jit-compiled program over every player of the network, at
 the layer inputs of the network's forward pass (the cotangents are a fixed
 function of the layer output), timed in interleaved rounds with the
-optax.sgd, fne-sgd and gr-kfac train steps of ``step_time.py``. The floors
+optax.sgd, fne-sgd and gr-kfac/1 train steps of ``step_time.py``. The floors
 are sums of passes::
 
     fne floor     = 2 forward + 2 input pullbacks + kernel pullback + per-sample q
@@ -144,6 +145,11 @@ def make_passes(layers: list) -> dict:
   }
 
 
+# The train steps timed beside the passes: gr-kfac with the statistics of
+# every step (``statistics_every=1``), the work its floor counts.
+STEPS = ("sgd", "fne-sgd", "gr-kfac/1")
+
+
 def floors(t: dict) -> dict:
   """The sums of passes (seconds) that each step must at least take."""
   two_way = 2 * t["forward"] + 2 * t["input pullback"]
@@ -160,7 +166,7 @@ def run_model(model: str, batch: int, rounds: int, per_round: int, device) -> di
   params, x, y = jax.device_put((params, x, y), device)
   layers = player_layers(game, params, x)
   cases = {}
-  for name in ("sgd", "fne-sgd", "gr-kfac"):
+  for name in STEPS:
     compiled, state, _, _ = step_time.compiled_step(name, game, params, x, y)
     cases[name] = (compiled, params, state, x, y)
   for name, (fn, args) in make_passes(layers).items():
@@ -178,10 +184,10 @@ def table(result: dict) -> str:
   sgd, passes = t["sgd"], sums["sgd's passes"]
   lines = [f"{result['model']}, batch {result['batch']}, {result['players']} dense/conv players",
            "", "| | ms | / optax.sgd step | / sgd's passes |", "|---|---|---|---|"]
-  for name in ("sgd", "fne-sgd", "gr-kfac"):
+  for name in STEPS:
     lines.append(f"| {name} step | {t[name] * 1e3:.2f} | {t[name] / sgd:.2f} | |")
   for name, value in t.items():
-    if name not in ("sgd", "fne-sgd", "gr-kfac"):
+    if name not in STEPS:
       lines.append(f"| pass: {name} | {value * 1e3:.2f} | {value / sgd:.2f} | "
                    f"{value / passes:.2f} |")
   for name, value in sums.items():

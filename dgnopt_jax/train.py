@@ -8,7 +8,10 @@ Optimizer names: ``sgd``, ``rmsprop``, ``adam`` are optax's own (gradients by
 ``jax.grad``); ``olne-<c>``, ``fne-<c>`` and ``gr-<c>`` are this library's
 open-loop, feedback-Nash and group-rational solvers with curvature ``<c>`` in
 identity (alias sgd), rmsprop, adam, kfac, ekfac, dense (``olne-kfac`` is KFAC
-with the empirical Fisher). ``name@lr`` sets one optimizer's learning rate.
+with the empirical Fisher). ``name@lr`` sets one optimizer's learning rate;
+``name/N`` with a kfac or ekfac curvature folds the batch's Kronecker
+statistics into the running averages every N steps (``statistics_every``),
+e.g. ``gr-kfac/5@0.03``.
 Prints progress, a markdown result table, and writes a JSON record and a PNG of
 the curves to ``--out``.
 """
@@ -76,10 +79,18 @@ def make_model(name: str, data: datasets.Dataset, alignment: str = "merge",
 
 def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
               damping: float | None = None) -> tuple[Callable, Callable, float]:
-  """(init, jitted step, learning rate) for an optimizer name (``name@lr`` sets lr)."""
+  """(init, jitted step, learning rate) for an optimizer name.
+
+  ``name@lr`` sets the learning rate, ``name/N`` a Kronecker curvature's
+  ``statistics_every``.
+  """
   if "@" in name:
     name, lr = name.split("@", 1)
     lr = float(lr)
+  statistics_every = None
+  if "/" in name:
+    name, period = name.split("/", 1)
+    statistics_every = int(period)
   if "-" in name:
     kind, curvature = name.split("-", 1)
     makers = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}
@@ -87,6 +98,11 @@ def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
       raise ValueError(f"unknown optimizer {name!r}")
     curvature = "identity" if curvature == "sgd" else curvature
     lr = DEFAULT_LR[curvature] if lr is None else lr
+    if statistics_every is not None:
+      if curvature not in ("kfac", "ekfac"):
+        raise ValueError(f"{name}/{statistics_every}: a statistics period needs the kfac or "
+                         "ekfac curvature")
+      curvature = getattr(dgnopt.curvature, curvature)(statistics_every=statistics_every)
     make = makers[kind]
     tx = make(game, lr, curvature, vxx_reg=vxx_reg, damping=damping)
 
@@ -96,8 +112,10 @@ def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
       return optax.apply_updates(params, updates), state, state.loss
 
     return tx.init, step, lr
-  if name not in ("sgd", "rmsprop", "adam"):
-    raise ValueError(f"unknown optimizer {name!r}")
+  if name not in ("sgd", "rmsprop", "adam") or statistics_every is not None:
+    raise ValueError(f"unknown optimizer {name!r}" if statistics_every is None else
+                     f"{name}/{statistics_every}: a statistics period needs the kfac or "
+                     "ekfac curvature")
   lr = DEFAULT_LR[name] if lr is None else lr
   tx = getattr(optax, name)(lr)
 

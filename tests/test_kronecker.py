@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import dgnopt_jax as dgnopt
+from dgnopt_jax import train
 import helpers as h
 from dgnopt_jax._src import kronecker
 from dgnopt_jax._src import layer_taps
@@ -81,35 +82,46 @@ def _like(rows, cols, rng):
 
 
 @pytest.mark.parametrize("rescaling", [False, True])
-def test_solve_equals_dense_kronecker_solve(rescaling):
-  """Three steps, the basis refreshed on the first and third: each solve is the dense one.
+@pytest.mark.parametrize("inverse_every,statistics_every", [(2, 1), (4, 3)])
+def test_solve_equals_dense_kronecker_solve(rescaling, inverse_every, statistics_every):
+  """Each step's solve is the dense one, the statistics and the basis on their periods.
 
   KFAC: ``(A (x) G + damping I)^-1 v`` with ``A``, ``G`` the debiased running
   averages at the last refresh. EKFAC: ``(U diag(s) U^T + damping I)^-1 v``
   with ``U = U_A (x) U_G`` from the last refresh and ``s`` the debiased running
-  second moments of the per-sample gradients in that basis since then.
+  second moments of the per-sample gradients in that basis since then. The
+  running averages take in the batches of the steps ``0, statistics_every,
+  ...`` and of the refresh steps ``0, inverse_every, ...`` (with (4, 3):
+  steps 0, 3, 4 of 0..5; the other steps leave them as they were).
   """
   rng = np.random.default_rng(1)
   decay, damping = 0.7, 0.3
-  curv = kronecker.Kronecker(decay=decay, inverse_every=2, eigenbasis_rescaling=rescaling)
+  curv = kronecker.Kronecker(decay=decay, inverse_every=inverse_every,
+                             eigenbasis_rescaling=rescaling, statistics_every=statistics_every)
   theta = _like(4, 3, rng)
   state = curv.init(theta, G.Player(("p",), layer=G.Dense(3)))
   covs = [np.zeros((4, 4)), np.zeros((3, 3))]
   moments = np.zeros((4, 3))
-  for step in range(3):
+  updates = 0
+  for step in range(6):
     (stats,) = _random_statistics(rng, 6, 2, [(4, 3)])
     state, solve_step = curv.update(state, theta, None, stats)
     a, g = np.asarray(stats.inputs), np.asarray(stats.output_grads)
-    batch_covs = [np.einsum("bpi,bpj->ij", a, a) / 12, 6 * np.einsum("bpo,bpq->oq", g, g)]
-    covs = [decay * c + (1 - decay) * n for c, n in zip(covs, batch_covs)]
-    if step % 2 == 0:  # refresh
-      factors = [c / (1 - decay ** (step + 1)) for c in covs]
+    refresh = step % inverse_every == 0
+    collect = refresh or step % statistics_every == 0
+    if collect:
+      batch_covs = [np.einsum("bpi,bpj->ij", a, a) / 12, 6 * np.einsum("bpo,bpq->oq", g, g)]
+      covs = [decay * c + (1 - decay) * n for c, n in zip(covs, batch_covs)]
+      updates += 1
+    if refresh:
+      factors = [c / (1 - decay ** updates) for c in covs]
       ua, ug = (np.linalg.eigh(m)[1] for m in factors)
       moments, since = np.zeros((4, 3)), 0
-    per_sample = np.einsum("bpi,bpo->bio", a, g)
-    rotated = np.einsum("ij,bjk,kl->bil", ua.T, per_sample, ug)
-    moments = decay * moments + (1 - decay) * 6 * np.sum(rotated ** 2, axis=0)
-    since += 1
+    if collect:
+      per_sample = np.einsum("bpi,bpo->bio", a, g)
+      rotated = np.einsum("ij,bjk,kl->bil", ua.T, per_sample, ug)
+      moments = decay * moments + (1 - decay) * 6 * np.sum(rotated ** 2, axis=0)
+      since += 1
     if rescaling:
       u = np.kron(ua, ug)
       matrix = u @ np.diag((moments / (1 - decay ** since)).reshape(-1)) @ u.T
@@ -120,6 +132,15 @@ def test_solve_equals_dense_kronecker_solve(rescaling):
     vec = np.asarray(layer_taps.to_matrix(v)).reshape(-1)
     want = np.linalg.solve(matrix + damping * np.eye(12), vec).reshape(4, 3)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(state.input_cov), covs[0], rtol=1e-12, atol=1e-14)
+    assert int(state.count) == step + 1 and int(state.updates) == updates
+
+
+@pytest.mark.parametrize("field", ["inverse_every", "statistics_every"])
+@pytest.mark.parametrize("value", [0, -2, 2.5, True])
+def test_periods_must_be_positive_step_counts(field, value):
+  with pytest.raises(ValueError, match=f"{field} must be a positive integer"):
+    kronecker.Kronecker(**{field: value})
 
 
 def _joint_numpy(stats):
@@ -214,18 +235,24 @@ GAMES = {
 }
 
 
-@pytest.mark.parametrize("name,principle,curvature", [
-    pytest.param(n, p, c, marks=m) for n, p, c, m in [
-        ("mlp", "fne", "kfac", ()), ("mlp", "gr", "ekfac", ()),
-        ("cnn", "fne", "ekfac", pytest.mark.slow), ("parallel", "gr", "kfac", ()),
-        ("inception", "gr", "ekfac", pytest.mark.slow), ("custom_players", "fne", "kfac", ()),
-        ("residual", "gr", "kfac", pytest.mark.slow),
-        ("cnn", "gr", "kfac", pytest.mark.slow), ("parallel", "fne", "ekfac", pytest.mark.slow),
-        ("inception", "fne", "kfac", pytest.mark.slow),
-        ("residual", "fne", "ekfac", pytest.mark.slow),
-        ("custom_players", "gr", "ekfac", pytest.mark.slow)]])
-def test_fast_path_equals_dense_reference(name, principle, curvature):
-  """Three steps (statistics carried, basis refreshed every 2) equal the reference to 1e-8."""
+@pytest.mark.parametrize("name,principle,curvature,statistics_every", [
+    pytest.param(n, p, c, e, marks=m) for n, p, c, e, m in [
+        ("mlp", "fne", "kfac", 1, ()), ("mlp", "gr", "ekfac", 3, ()),
+        ("cnn", "fne", "ekfac", 1, pytest.mark.slow), ("parallel", "gr", "kfac", 3, ()),
+        ("inception", "gr", "ekfac", 1, pytest.mark.slow),
+        ("custom_players", "fne", "kfac", 1, ()),
+        ("residual", "gr", "kfac", 3, pytest.mark.slow),
+        ("cnn", "gr", "kfac", 3, pytest.mark.slow),
+        ("parallel", "fne", "ekfac", 1, pytest.mark.slow),
+        ("inception", "fne", "kfac", 3, pytest.mark.slow),
+        ("residual", "fne", "ekfac", 3, pytest.mark.slow),
+        ("custom_players", "gr", "ekfac", 3, pytest.mark.slow)]])
+def test_fast_path_equals_dense_reference(name, principle, curvature, statistics_every):
+  """Three steps (statistics carried, basis refreshed every 2) equal the reference to 1e-8.
+
+  With ``statistics_every = 3`` the middle step leaves the running averages
+  (and EKFAC's moments) as they were; the refresh on the third takes its batch in.
+  """
   make, shape = GAMES[name]
   game = make()
   params = (h.two_player_params() if name == "custom_players" else h.perturbed_params(game))
@@ -233,7 +260,8 @@ def test_fast_path_equals_dense_reference(name, principle, curvature):
   # EKFAC's second moments in a stale basis depend on the basis chosen inside a
   # degenerate eigenspace; a batch larger than the factors keeps them distinct.
   batch = h.classification_batch(shape, 20 if curvature == "ekfac" else 4)
-  curv = kronecker.Kronecker(inverse_every=2, eigenbasis_rescaling=curvature == "ekfac")
+  curv = kronecker.Kronecker(inverse_every=2, eigenbasis_rescaling=curvature == "ekfac",
+                             statistics_every=statistics_every)
   lr, damping = 0.05, 0.5
   make_tx = dgnopt.gr if principle == "gr" else dgnopt.fne
   tx = make_tx(game, lr, curv, damping=damping, vxx_reg=1e-2)
@@ -312,9 +340,28 @@ def test_shared_statistics_fast_path_equals_dense_reference(curvature):
   game = make()
   params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), h.perturbed_params(game))
   batch = h.classification_batch(shape, 20 if curvature == "ekfac" else 4)
-  curv = kronecker.Kronecker(inverse_every=2, eigenbasis_rescaling=curvature == "ekfac")
+  curv = kronecker.Kronecker(inverse_every=2, eigenbasis_rescaling=curvature == "ekfac",
+                             statistics_every=3)  # the middle step keeps the statistics
   tx = dgnopt.gr(game, 0.05, curv, damping=0.5, vxx_reg=1e-2)
   state = h.assert_steps_match_reference(tx, game, params, batch, 3, learning_rate=0.05,
                                          curvature=curv, damping=0.5, vxx_reg=1e-2,
                                          principle="gr")
   assert any(isinstance(s, kronecker.SharedKroneckerState) for s in state.curvature.values())
+
+
+def test_statistics_period_from_the_main_jobs_optimizer_names():
+  # ``gr-kfac/3``: four steps fold in the statistics of steps 0 and 3 only.
+  game = G.sequential([G.Dense(5, "tanh"), G.Dense(3)], (4,))
+  init, step, lr = train.make_step("gr-kfac/3@0.05", game, None, 0.0)
+  assert lr == 0.05
+  params = game.init(jax.random.PRNGKey(0))
+  state = init(params)
+  x, y = h.classification_batch((4,), 6)
+  for _ in range(4):
+    params, state, _ = step(params, state, x, y)
+  kron = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
+      s, kronecker.KroneckerState)) if isinstance(s, kronecker.KroneckerState)]
+  assert len(kron) == 2
+  assert all(int(s.count) == 4 and int(s.updates) == 2 for s in kron)
+  with pytest.raises(ValueError, match="needs the kfac or ekfac curvature"):
+    train.make_step("gr-adam/3", game, None, 0.0)

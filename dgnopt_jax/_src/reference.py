@@ -133,12 +133,16 @@ def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples:
   g = np.concatenate([np.asarray(s.output_grads) for s in stats], axis=-1)
   batch, positions = a.shape[:2]
   ema = lambda old, new: decay * np.asarray(old) + (1 - decay) * new
-  input_cov = ema(state.input_cov, np.einsum("bpi,bpj->ij", a, a) / (batch * positions))
-  output_cov = ema(state.output_cov, batch * np.einsum("bpo,bpq->oq", g, g))
   refresh = (count - 1) % curvature.inverse_every == 0
+  collect = refresh or (count - 1) % curvature.statistics_every == 0
+  updates = int(state.updates) + int(collect)
+  input_cov, output_cov = np.asarray(state.input_cov), np.asarray(state.output_cov)
+  if collect:
+    input_cov = ema(input_cov, np.einsum("bpi,bpj->ij", a, a) / (batch * positions))
+    output_cov = ema(output_cov, batch * np.einsum("bpo,bpq->oq", g, g))
 
   def eig(m):
-    w, u = np.linalg.eigh(m / (1 - decay ** count))
+    w, u = np.linalg.eigh(m / (1 - decay ** updates))
     return u, np.maximum(w, 0.0)
 
   if refresh:
@@ -148,12 +152,13 @@ def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples:
                       np.asarray(state.output_basis), np.asarray(state.output_eigenvalues))
   moments, moments_count = np.asarray(state.eigenbasis_moments), int(state.moments_count)
   if curvature.eigenbasis_rescaling:
-    per_sample = np.einsum("bpi,bpo->bio", a, g)  # per-sample gradients, matrix form
-    rotated = np.einsum("ij,bjk,kl->bil", ua.T, per_sample, ug)
     if refresh:
       moments, moments_count = np.zeros_like(moments), 0
-    moments = ema(moments, batch * np.sum(rotated ** 2, axis=0))
-    moments_count += 1
+    if collect:
+      per_sample = np.einsum("bpi,bpo->bio", a, g)  # per-sample gradients, matrix form
+      rotated = np.einsum("ij,bjk,kl->bil", ua.T, per_sample, ug)
+      moments = ema(moments, batch * np.sum(rotated ** 2, axis=0))
+      moments_count += 1
     eigenvalues = moments / (1 - decay ** moments_count)
   else:
     eigenvalues = np.outer(la, lg)
@@ -169,7 +174,7 @@ def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples:
   coords = np.concatenate(coords)
   new = type(state)(*(jnp.asarray(v) for v in (
       input_cov, output_cov, ua, la, ug, lg, moments)), jnp.asarray(count, jnp.int32),
-      jnp.asarray(moments_count, jnp.int32))
+      jnp.asarray(updates, jnp.int32), jnp.asarray(moments_count, jnp.int32))
   if copies > 1:
     single = ((basis * eigenvalues.reshape(-1)) @ basis.T)[np.ix_(coords, coords)]
     joint = np.kron(np.ones((copies, copies)), single) + damping * np.eye(copies * coords.size)
