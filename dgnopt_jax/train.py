@@ -91,6 +91,8 @@ def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
   if "/" in name:
     name, period = name.split("/", 1)
     statistics_every = int(period)
+    if name.split("-", 1)[-1] not in ("kfac", "ekfac"):
+      raise ValueError(f"{name}/{period}: a statistics period needs the kfac or ekfac curvature")
   if "-" in name:
     kind, curvature = name.split("-", 1)
     makers = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}
@@ -99,9 +101,6 @@ def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
     curvature = "identity" if curvature == "sgd" else curvature
     lr = DEFAULT_LR[curvature] if lr is None else lr
     if statistics_every is not None:
-      if curvature not in ("kfac", "ekfac"):
-        raise ValueError(f"{name}/{statistics_every}: a statistics period needs the kfac or "
-                         "ekfac curvature")
       curvature = getattr(dgnopt.curvature, curvature)(statistics_every=statistics_every)
     make = makers[kind]
     tx = make(game, lr, curvature, vxx_reg=vxx_reg, damping=damping)
@@ -112,10 +111,8 @@ def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
       return optax.apply_updates(params, updates), state, state.loss
 
     return tx.init, step, lr
-  if name not in ("sgd", "rmsprop", "adam") or statistics_every is not None:
-    raise ValueError(f"unknown optimizer {name!r}" if statistics_every is None else
-                     f"{name}/{statistics_every}: a statistics period needs the kfac or "
-                     "ekfac curvature")
+  if name not in ("sgd", "rmsprop", "adam"):
+    raise ValueError(f"unknown optimizer {name!r}")
   lr = DEFAULT_LR[name] if lr is None else lr
   tx = getattr(optax, name)(lr)
 

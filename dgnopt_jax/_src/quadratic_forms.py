@@ -131,9 +131,9 @@ class Form(NamedTuple):
     gram: ``v -> G v`` on (B, r) arrays with ``G_ij = q_i^T (C + damping)^-1 q_j``,
       or None where the solver applies ``G`` through the stage's VJP and JVP.
     gradients: the players' :class:`LayerGradients`, :class:`RotatedGradients`
-      or :class:`DenseGradients` where formed (a tuple over the players of a stage), else None. With
-      them ``Z'^T F_theta d`` and ``F_theta^T Z' c`` are contractions instead
-      of a JVP and a VJP.
+      or :class:`DenseGradients` where formed (a tuple over the players of a
+      stage), else None. With them ``Z'^T F_theta d`` and ``F_theta^T Z' c``
+      are contractions instead of a JVP and a VJP.
     jacobian_trace: ``sum_i tr(F_theta^(i) (C + damping)^-1 F_theta^(i)T)``
       where cheap (dense players), else None: the Tikhonov term's share of
       the coupling matrix's trace (:func:`linearise.guarded_factor_update`).
@@ -319,19 +319,19 @@ def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: 
     g_rot = g @ step.output_basis  # (B, r, k)
     weights = ((a @ step.input_basis) ** 2) @ inverse  # (B, k)
     return Form(_gram_blocks(g_rot, g_rot * weights[:, None]).astype(dtype))
-  # Per-sample gradients in the eigenbasis, U_A^T (sum_p a_p (U_G^T g_p)^T):
-  # the column derivatives are rotated first (B r P O^2 multiplications),
-  # the sum over positions rotated on the input side after (two large
-  # matrix products over all samples and columns); rotating the layer
-  # inputs first (B P Ka^2) cost several times more.
+  # Per-sample gradients in the eigenbasis, U_A^T (sum_p a_p g_p^T) U_G: the
+  # sum over positions first, then two large matrix products over all
+  # samples and columns, where rotating the layer inputs first (B P Ka^2
+  # multiplications) cost several times more. (Rotating g first would make
+  # the sum over positions as wide as all the stacked players' outputs.)
   rows = cols = 0
   q = 0.0
   for n in players:
     a, g = stats[n].inputs[:, 0], stats[n].output_grads  # a does not depend on the column
     ka, o = a.shape[-1], g.shape[-1]
-    g_rot = g @ step.output_basis[cols:cols + o]  # (B, r, P, O_all)
-    summed = jnp.einsum("bpk,brpo->brko", a, g_rot)
-    q = q + jnp.einsum("kj,brko->brjo", step.input_basis[rows:rows + ka], summed)
+    summed = jnp.einsum("bpk,brpo->brko", a, g)
+    rotated = jnp.einsum("kj,brko->brjo", step.input_basis[rows:rows + ka], summed)
+    q = q + jnp.einsum("brjo,ol->brjl", rotated, step.output_basis[cols:cols + o])
     rows, cols = rows + ka, cols + o
 
   def gram(v: jax.Array) -> jax.Array:
