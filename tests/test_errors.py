@@ -117,6 +117,25 @@ def test_non_finite_loss_skips_the_step(setup):
   assert any(float(jnp.max(jnp.abs(u))) > 0 for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.parametrize("curvature", ["adam", "kfac"])
+def test_skipped_step_keeps_every_statistic(curvature):
+  # Four equal hidden layers are one scanned segment, the first and last
+  # layers segments of their own: both kinds keep their old state exactly.
+  game = G.sequential([G.Dense(6, "tanh")] + [G.Dense(6, "tanh") for _ in range(4)]
+                      + [G.Dense(3)], (4,))
+  params = h.perturbed_params(game)
+  x, y = h.classification_batch((4,), 5)
+  tx = dgnopt.fne(game, 0.1, curvature)
+  _, state = h.step(tx, params, (x, y))
+  before = state.curvature
+  updates, state = h.step(tx, params, (x.at[1, 2].set(jnp.inf), y), state)
+  assert int(state.skipped) == 1
+  assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates))
+  assert jax.tree.structure(state.curvature) == jax.tree.structure(before)
+  for new, old in zip(jax.tree.leaves(state.curvature), jax.tree.leaves(before)):
+    assert bool(jnp.array_equal(new, old))
+
+
 @pytest.mark.parametrize("curvature,lr", [("identity", 1e4), ("rmsprop", 10.0),
                                           ("dense", 1e3)])
 def test_huge_steps_never_produce_nan(setup, curvature, lr):

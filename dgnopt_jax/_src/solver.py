@@ -242,6 +242,43 @@ def _updates_finite(thetas: Any, deltas: Any) -> jax.Array:
   return all_finite((deltas, new))
 
 
+def _keep_if_finite(finite: jax.Array, segments, seg_deltas, seg_new_cstates, seg_cstates):
+  """(updates, curvature states) of a step, or (zeros, the old states) when not ``finite``.
+
+  The updates are selected leaf by leaf on their arrays stacked over
+  repeats. So are the states of a segment that is not repeated; those of the
+  repeated segments go through one branch on their stacked arrays. A branch
+  over everything copies every buffer it passes through (peak memory: MLP
+  gr-kfac 0.748 MB against 0.676 MB as here, residual CNN gr-kfac 21.71 MB
+  against 20.84 MB); a select per leaf of the repeated segments' states
+  costs compile time (residual network of 32 blocks under gr-kfac: 6.0-6.3 s,
+  against 5.2-5.5 s with one branch over everything and 5.4-5.8 s as here).
+
+  Args:
+    finite: whether the step's loss, updates and new params are finite.
+    segments: the step's :class:`Segment` s.
+    seg_deltas: per segment, the updates stacked over its repeats.
+    seg_new_cstates: per segment, the new curvature states, stacked likewise.
+    seg_cstates: per segment, the curvature states the step started from.
+
+  Returns:
+    ``(seg_deltas, seg_cstates)`` to apply.
+  """
+  seg_deltas = jax.tree.map(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), seg_deltas)
+  kept = list(seg_new_cstates)
+  repeated = [j for j, s in enumerate(segments) if s.repeats > 1]
+  for j, s in enumerate(segments):
+    if s.repeats == 1:
+      kept[j] = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                             seg_new_cstates[j], seg_cstates[j])
+  if repeated:
+    chosen = jax.lax.cond(finite, lambda: [seg_new_cstates[j] for j in repeated],
+                          lambda: [seg_cstates[j] for j in repeated])
+    for j, c in zip(repeated, chosen):
+      kept[j] = c
+  return seg_deltas, kept
+
+
 def _scan(body, carry, xs, length: int, reverse: bool = False):
   """lax.scan, or a direct call for a run of length one."""
   if length == 1:
@@ -354,11 +391,8 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
     seg_deltas_all.append(seg_deltas)
 
   # A step that is not finite changes nothing: zero updates, statistics kept.
-  # One branch on the stacked arrays, before they are split per stage (a
-  # select per leaf costs compile time in proportion to the depth).
-  seg_deltas_all, seg_new_cstates = jax.lax.cond(
-      finite, lambda: (seg_deltas_all, seg_new_cstates),
-      lambda: (jax.tree.map(jnp.zeros_like, seg_deltas_all), seg_cstates))
+  seg_deltas_all, seg_new_cstates = _keep_if_finite(
+      finite, segments, seg_deltas_all, seg_new_cstates, seg_cstates)
   deltas, new_cstates = {}, {}
   for j, s in enumerate(segments):
     for t, per_stage in for_each_stage(s, seg_deltas_all[j]):
