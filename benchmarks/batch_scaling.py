@@ -4,11 +4,14 @@
         [--rounds 15] [--repeats 10]
 
 Times the jit-compiled train step on the DIGITS MLP (4 tanh layers + linear
-head) at every batch size: all steps are compiled and warmed up first, then
-timed in interleaved rounds (every optimizer at every batch size once per
-round: one untimed step, then --repeats timed steps, block_until_ready), so
-that a slow spell of the machine falls on all of them; the per-step time is
-the median over rounds.
+head; batches drawn from the DIGITS training set) at every batch size: all
+steps are compiled and warmed up first, then timed in interleaved rounds
+(every optimizer at every batch size once per round: one untimed step, then
+--repeats timed steps, block_until_ready), so that a slow spell of the
+machine falls on all of them; the per-step time is the median over rounds.
+Every case starts its rounds from where ``--trained-steps`` steps on other
+batches of its size left it (default 30, as ``step_time.py``; 0: from the
+initial params and fresh state).
 Prints a table of per-step times and of time(B)/time(smallest B) for each
 optimizer next to optax.sgd's, and writes JSON. Linear cost in the batch
 shows as growth ratios close to sgd's.
@@ -25,6 +28,7 @@ import numpy as np
 import optax
 
 import dgnopt_jax as dgnopt
+from dgnopt_jax import datasets
 
 import timing
 
@@ -37,8 +41,12 @@ def main():
   p.add_argument("--width", type=int, default=64)
   p.add_argument("--rounds", type=int, default=15)
   p.add_argument("--repeats", type=int, default=10, help="steps per round")
+  p.add_argument("--trained-steps", type=int, default=30,
+                 help="training steps on other batches before the timed rounds")
   p.add_argument("--out", default="runs/benchmarks/batch_scaling.json")
   args = p.parse_args()
+  if args.trained_steps < 0:
+    p.error("--trained-steps must be >= 0")
   sizes = [int(b) for b in args.batches.split(",")]
   game = G.sequential([G.Dense(args.width, "tanh") for _ in range(4)] + [G.Dense(10)], (64,))
   params = game.init(jax.random.PRNGKey(0))
@@ -62,17 +70,25 @@ def main():
                 "fne-sgd exact": ours(dgnopt.fne(game, 0.1, vxx_rank="exact")),
                 "fne-adam": ours(dgnopt.fne(game, 1e-3, "adam"))}
   rng = np.random.default_rng(0)
+  data = datasets.load("digits")
+
+  def digits_batch(b):
+    idx = rng.choice(len(data.x_train), b, replace=b > len(data.x_train))
+    return (jnp.asarray(data.x_train[idx], jnp.float32), jnp.asarray(data.y_train[idx]))
+
   cases = {}
   for b in sizes:
-    x = jnp.asarray(rng.normal(size=(b, 64)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 10, size=b))
+    x, y = digits_batch(b)
     for name, (init, step) in optimizers.items():
-      cases[name, b] = (step, params, init(params), x, y)
+      p_, s_ = params, init(params)
+      for _ in range(args.trained_steps):
+        p_, s_ = step(p_, s_, *digits_batch(b))
+      cases[name, b] = (step, p_, s_, x, y)
   timings = timing.interleaved_step_times(cases, args.rounds, args.repeats)
   results = {name: {b: timings[name, b] for b in sizes} for name in optimizers}
   print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "
         f"MLP width {args.width}, median over {args.rounds} interleaved rounds of "
-        f"{args.repeats} steps")
+        f"{args.repeats} steps after {args.trained_steps} training steps")
   head = "| optimizer | " + " | ".join(f"B={b} (ms)" for b in sizes) + \
       f" | t({sizes[-1]})/t({sizes[0]}) | vs sgd's ratio | t/sgd at B={sizes[-1]} |"
   print(head)

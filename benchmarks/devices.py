@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         finals[count] = jax.device_get(p)
       times = {}
       for count, (fn, state, params, x, y) in steps.items():
-        times[count] = time_rounds({name: (fn, state)}, params, x, y, args.rounds,
+        times[count] = time_rounds({name: (fn, params, state)}, x, y, args.rounds,
                                    args.steps)[name]
       one, many = finals[1], finals[len(devices)]
       diff = max(float(np.linalg.norm(np.asarray(a, np.float64) - b) /

@@ -17,6 +17,12 @@ network's loss) is compiled ahead of time (compile time measured), then timed
 in interleaved rounds: each round runs ``--steps`` steps of every optimizer in
 turn (``block_until_ready`` after each step) so that machine noise hits all of
 them alike; the reported time is the median over rounds of the mean step time.
+Every round restarts each optimizer from where ``--trained-steps`` steps of
+training on other batches of the data left it (default 30; 0 restarts from
+the initial params and fresh state): the first steps from initialisation are
+not typical of a run (DDP-Adam's first preconditioner is ``1/|g|``, and the
+convexity safeguard's power iteration then runs on every stage, where a few
+steps later it runs on at most one of the DIGITS MLP's five, most steps none).
 Memory is XLA's compiled memory analysis: arguments + outputs + temporaries
 (less aliased buffers), i.e. the peak live bytes of one step.
 
@@ -59,15 +65,36 @@ def compiled_step(name: str, game, params, x, y, vxx_reg: float = 0.0):
   return compiled, state, compile_s, peak
 
 
-def time_rounds(steps: dict, params, x, y, rounds: int, per_round: int) -> dict:
+def time_rounds(steps: dict, x, y, rounds: int, per_round: int) -> dict:
   """Median over interleaved rounds of each step's mean time (seconds).
 
-  Every round restarts each optimizer from the same params and fresh state,
-  so all of them time the same numerical regime (and ``per_round`` steps of
-  a Kronecker curvature include its refreshes at the default period).
+  Every round restarts each optimizer from its own params and state
+  (``steps[name] = (fn, params, state)``), so that every round times the same
+  numerical regime (and ``per_round`` steps of a Kronecker curvature include
+  its refreshes at the default period).
   """
-  cases = {name: (fn, params, state, x, y) for name, (fn, state) in steps.items()}
+  cases = {name: (fn, params, state, x, y) for name, (fn, params, state) in steps.items()}
   return timing.interleaved_step_times(cases, rounds, per_round, warm_each_round=False)
+
+
+def train_first(compiled, params, state, batches, steps: int):
+  """(params, state) after ``steps`` steps of ``compiled`` on ``batches``."""
+  for _ in range(steps):
+    bx, by = next(batches)
+    params, state = compiled(params, state, bx, by)[:2]
+  return jax.block_until_ready((params, state))
+
+
+def training_batches(model: str, batch: int, device):
+  """An endless stream of batches other than the timed one, on ``device``."""
+  rng = np.random.default_rng(1)
+  if model == "resnet18":
+    while True:
+      yield jax.device_put((np.asarray(rng.normal(size=(batch, 32, 32, 3)), np.float32),
+                            rng.integers(0, 10, batch)), device)
+  data = datasets.load("digits", images=model in train.IMAGE_MODELS)
+  for bx, by in datasets.batches(data.x_train, data.y_train, batch, seed=1):
+    yield jax.device_put((np.asarray(bx, np.float32), np.asarray(by)), device)
 
 
 def problem(model: str, batch: int, resnet18_width: int):
@@ -86,17 +113,20 @@ def problem(model: str, batch: int, resnet18_width: int):
 
 
 def run_model(model: str, optimizers: list[str], batch: int, rounds: int, per_round: int,
-              device, resnet18_width: int = 64, vxx_reg: float = 0.0) -> list[dict]:
+              device, resnet18_width: int = 64, vxx_reg: float = 0.0,
+              trained_steps: int = 0) -> list[dict]:
   game, params, x, y = problem(model, batch, resnet18_width)
   params, x, y = jax.device_put((params, x, y), device)
   steps, rows = {}, {}
   for name in optimizers:
     compiled, state, compile_s, peak = compiled_step(name, game, params, x, y, vxx_reg)
-    steps[name] = (compiled, state)
+    start = train_first(compiled, params, state, training_batches(model, batch, device),
+                        trained_steps)
+    steps[name] = (compiled,) + start
     rows[name] = {"model": model, "optimizer": name, "batch": batch, "vxx_reg": vxx_reg,
-                  "compile_s": compile_s, "peak_bytes": peak}
+                  "trained_steps": trained_steps, "compile_s": compile_s, "peak_bytes": peak}
     print(f"  compiled {model}/{name} in {compile_s:.1f} s", flush=True)
-  times = time_rounds(steps, params, x, y, rounds, per_round)
+  times = time_rounds(steps, x, y, rounds, per_round)
   base = {b: times.get(b) for b in ("sgd", "adam")}
   mem_sgd = rows.get("sgd", {}).get("peak_bytes")
   for name in optimizers:
@@ -133,16 +163,22 @@ def main(argv=None) -> int:
   p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
   p.add_argument("--vxx-reg", type=float, default=0.0,
                  help="the fne/gr solvers' value-Hessian Tikhonov term")
+  p.add_argument("--trained-steps", type=int, default=30,
+                 help="training steps on other batches before the timed rounds "
+                      "(0: time from the initial params and fresh state)")
   p.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/...)")
   args = p.parse_args(argv)
+  if args.trained_steps < 0:
+    p.error("--trained-steps must be >= 0")
   device, machine = timing.device_and_machine(args.device)
   optimizers = [o for o in args.optimizers.split(",") if o]
   rows = []
   for model in args.models.split(","):
-    print(f"{model}: batch {args.batch}, {args.rounds} rounds of {args.steps} steps", flush=True)
+    print(f"{model}: batch {args.batch}, {args.rounds} rounds of {args.steps} steps "
+          f"after {args.trained_steps} training steps", flush=True)
     with jax.default_device(device):
       rows += run_model(model, optimizers, args.batch, args.rounds, args.steps, device,
-                        args.resnet18_width, args.vxx_reg)
+                        args.resnet18_width, args.vxx_reg, args.trained_steps)
   print(f"\n{machine}\n\n{table(rows)}")
   timing.write_record(args.out, f"step_time_{args.device}.json",
                       {"machine": machine, "rows": rows})
