@@ -31,6 +31,7 @@ import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
 
 import timing
+from step_time import train_first
 
 G = dgnopt.games
 
@@ -80,10 +81,9 @@ def main():
   for b in sizes:
     x, y = digits_batch(b)
     for name, (init, step) in optimizers.items():
-      p_, s_ = params, init(params)
-      for _ in range(args.trained_steps):
-        p_, s_ = step(p_, s_, *digits_batch(b))
-      cases[name, b] = (step, p_, s_, x, y)
+      start = train_first(step, params, init(params), iter(lambda: digits_batch(b), None),
+                          args.trained_steps)
+      cases[name, b] = (step, *start, x, y)
   timings = timing.interleaved_step_times(cases, args.rounds, args.repeats)
   results = {name: {b: timings[name, b] for b in sizes} for name in optimizers}
   print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "

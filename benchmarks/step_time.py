@@ -33,6 +33,7 @@ compile time and memory relative to optax.sgd; writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -117,11 +118,12 @@ def run_model(model: str, optimizers: list[str], batch: int, rounds: int, per_ro
               trained_steps: int = 0) -> list[dict]:
   game, params, x, y = problem(model, batch, resnet18_width)
   params, x, y = jax.device_put((params, x, y), device)
+  # The same batches for every optimizer, loaded and placed once.
+  first = list(itertools.islice(training_batches(model, batch, device), trained_steps))
   steps, rows = {}, {}
   for name in optimizers:
     compiled, state, compile_s, peak = compiled_step(name, game, params, x, y, vxx_reg)
-    start = train_first(compiled, params, state, training_batches(model, batch, device),
-                        trained_steps)
+    start = train_first(compiled, params, state, iter(first), trained_steps)
     steps[name] = (compiled,) + start
     rows[name] = {"model": model, "optimizer": name, "batch": batch, "vxx_reg": vxx_reg,
                   "trained_steps": trained_steps, "compile_s": compile_s, "peak_bytes": peak}
