@@ -1,7 +1,7 @@
 """Step time against batch size: DGNOpt's fast path beside optax.sgd, one process, one run.
 
     python benchmarks/batch_scaling.py [--batches 32,64,128,256,512] [--width 64]
-        [--rounds 15] [--repeats 10]
+        [--rounds 15] [--repeats 10] [--device gpu]
 
 Times the jit-compiled train step on the DIGITS MLP (4 tanh layers + linear
 head; batches drawn from the DIGITS training set) at every batch size: all
@@ -13,13 +13,12 @@ Every case starts its rounds from where ``--trained-steps`` steps on other
 batches of its size left it (default 30, as ``step_time.py``; 0: from the
 initial params and fresh state).
 Prints a table of per-step times and of time(B)/time(smallest B) for each
-optimizer next to optax.sgd's, and writes JSON. Linear cost in the batch
+optimizer next to optax.sgd's, and writes JSON (default
+``runs/benchmarks/batch_scaling_<device>.json``). Linear cost in the batch
 shows as growth ratios close to sgd's.
 """
 
 import argparse
-import json
-import os
 import platform
 
 import jax
@@ -44,10 +43,35 @@ def main():
   p.add_argument("--repeats", type=int, default=10, help="steps per round")
   p.add_argument("--trained-steps", type=int, default=30,
                  help="training steps on other batches before the timed rounds")
-  p.add_argument("--out", default="runs/benchmarks/batch_scaling.json")
+  p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+  p.add_argument("--out", default=None, help="JSON path (default runs/benchmarks/...)")
   args = p.parse_args()
   if args.trained_steps < 0:
     p.error("--trained-steps must be >= 0")
+  device, machine = timing.device_and_machine(args.device)
+  with jax.default_device(device):
+    results, sizes = run(args)
+  print(f"{machine}, MLP width {args.width}, median over {args.rounds} interleaved rounds of "
+        f"{args.repeats} steps after {args.trained_steps} training steps")
+  head = "| optimizer | " + " | ".join(f"B={b} (ms)" for b in sizes) + \
+      f" | t({sizes[-1]})/t({sizes[0]}) | vs sgd's ratio | t/sgd at B={sizes[-1]} |"
+  print(head)
+  print("|" + "---|" * (len(sizes) + 4))
+  sgd_growth = results["optax.sgd"][sizes[-1]] / results["optax.sgd"][sizes[0]]
+  for name, r in results.items():
+    growth = r[sizes[-1]] / r[sizes[0]]
+    print(f"| {name} | " + " | ".join(f"{1e3 * r[b]:.3f}" for b in sizes) +
+          f" | {growth:.2f} | {growth / sgd_growth:.2f} | "
+          f"{r[sizes[-1]] / results['optax.sgd'][sizes[-1]]:.2f} |")
+  timing.write_record(args.out, f"batch_scaling_{args.device}.json",
+                      {"machine": machine, "platform": platform.platform(),
+                       "backend": args.device, "width": args.width, "rounds": args.rounds,
+                       "repeats": args.repeats, "trained_steps": args.trained_steps,
+                       "seconds": results})
+
+
+def run(args):
+  """(optimizer -> batch size -> seconds per step, batch sizes), on the default device."""
   sizes = [int(b) for b in args.batches.split(",")]
   game = G.sequential([G.Dense(args.width, "tanh") for _ in range(4)] + [G.Dense(10)], (64,))
   params = game.init(jax.random.PRNGKey(0))
@@ -85,24 +109,7 @@ def main():
                           args.trained_steps)
       cases[name, b] = (step, *start, x, y)
   timings = timing.interleaved_step_times(cases, args.rounds, args.repeats)
-  results = {name: {b: timings[name, b] for b in sizes} for name in optimizers}
-  print(f"jax {jax.__version__} on {jax.default_backend()} ({platform.processor() or platform.machine()}), "
-        f"MLP width {args.width}, median over {args.rounds} interleaved rounds of "
-        f"{args.repeats} steps after {args.trained_steps} training steps")
-  head = "| optimizer | " + " | ".join(f"B={b} (ms)" for b in sizes) + \
-      f" | t({sizes[-1]})/t({sizes[0]}) | vs sgd's ratio | t/sgd at B={sizes[-1]} |"
-  print(head)
-  print("|" + "---|" * (len(sizes) + 4))
-  sgd_growth = results["optax.sgd"][sizes[-1]] / results["optax.sgd"][sizes[0]]
-  for name, r in results.items():
-    growth = r[sizes[-1]] / r[sizes[0]]
-    print(f"| {name} | " + " | ".join(f"{1e3 * r[b]:.3f}" for b in sizes) +
-          f" | {growth:.2f} | {growth / sgd_growth:.2f} | "
-          f"{r[sizes[-1]] / results['optax.sgd'][sizes[-1]]:.2f} |")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"machine": platform.platform(), "backend": jax.default_backend(),
-               "width": args.width, "seconds": results}, f, indent=1)
+  return {name: {b: timings[name, b] for b in sizes} for name in optimizers}, sizes
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ Memory is XLA's compiled memory analysis: arguments + outputs + temporaries
 (less aliased buffers), i.e. the peak live bytes of one step.
 
 Prints, per model, a table of step time, ratio to optax.sgd and optax.adam,
-compile time and memory relative to optax.sgd; writes the figures as JSON.
+compile time and memory relative to optax.sgd; writes the figures as JSON
+(after every model, the models done so far).
 """
 
 from __future__ import annotations
@@ -51,18 +52,28 @@ DEFAULT_OPTIMIZERS = ("sgd,adam,olne-sgd,fne-sgd,gr-sgd,olne-adam,fne-adam,gr-ad
                       "fne-kfac,gr-kfac,fne-ekfac,gr-ekfac")
 
 
-def compiled_step(name: str, game, params, x, y, vxx_reg: float = 0.0):
-  """(compiled step, state, compile seconds, peak bytes) of one optimizer."""
-  init, step, _ = train.make_step(name, game, None, vxx_reg)
-  state = init(params)
+def compile_ahead(step, *args):
+  """(compiled ``step`` for ``args``, compile seconds, peak bytes or None).
+
+  Peak bytes: XLA's compiled memory analysis, arguments + outputs +
+  temporaries less aliased buffers.
+  """
   start = time.perf_counter()
-  compiled = step.lower(params, state, x, y).compile()
+  compiled = step.lower(*args).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   peak = None
   if memory is not None:
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
             memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return compiled, compile_s, peak
+
+
+def compiled_step(name: str, game, params, x, y, vxx_reg: float = 0.0):
+  """(compiled step, state, compile seconds, peak bytes) of one optimizer."""
+  init, step, _ = train.make_step(name, game, None, vxx_reg)
+  state = init(params)
+  compiled, compile_s, peak = compile_ahead(step, params, state, x, y)
   return compiled, state, compile_s, peak
 
 
@@ -179,11 +190,13 @@ def main(argv=None) -> int:
     print(f"{model}: batch {args.batch}, {args.rounds} rounds of {args.steps} steps "
           f"after {args.trained_steps} training steps", flush=True)
     with jax.default_device(device):
-      rows += run_model(model, optimizers, args.batch, args.rounds, args.steps, device,
-                        args.resnet18_width, args.vxx_reg, args.trained_steps)
-  print(f"\n{machine}\n\n{table(rows)}")
-  timing.write_record(args.out, f"step_time_{args.device}.json",
-                      {"machine": machine, "rows": rows})
+      done = run_model(model, optimizers, args.batch, args.rounds, args.steps, device,
+                       args.resnet18_width, args.vxx_reg, args.trained_steps)
+    rows += done
+    print(f"\n{machine}\n\n{table(done)}")
+    # Written after every model: an interrupted run keeps the models it finished.
+    timing.write_record(args.out, f"step_time_{args.device}.json",
+                        {"machine": machine, "rows": rows})
   return 0
 
 

@@ -3,7 +3,10 @@
 The test programs are small and mostly compiled once: XLA's CPU backend
 optimisation is switched off (``DGNOPT_TEST_XLA_OPT=1`` keeps it), which cuts
 the suite's time by about a third. Subprocesses (examples, the 8-device run)
-inherit the setting.
+inherit the setting. The setting is meant for the CPU: on a GPU, set
+``DGNOPT_TEST_XLA_OPT=1`` to keep the GPU backend at XLA's default
+(``benchmarks/gpu_check.sh`` does). The header of a run names the backend
+the tests run on.
 """
 
 import os
@@ -19,6 +22,11 @@ jax.config.update("jax_enable_x64", True)
 
 
 import pytest  # noqa: E402
+
+
+def pytest_report_header(config):
+  """Names the backend and devices, so that a run's log shows where the tests ran."""
+  return f"jax {jax.__version__}, default backend {jax.default_backend()}: {jax.devices()}"
 
 
 # Linux's default ``vm.max_map_count`` is 65530; clearing well below it keeps
