@@ -42,15 +42,18 @@ def load_data(name: str, args, images: bool) -> datasets.Dataset:
 
 
 def make_update(game: G.Game, name: str, lr: float, vxx_reg: float = 0.0,
-                vxx_rank: str = "outer"):
+                vxx_rank: str | None = None, trust_region: bool = True):
   """``(init, update)`` of an optimizer name; ``update(params, state, (x, y)) -> (params, state, loss)``.
 
-  ``vxx_reg`` and ``vxx_rank`` are passed to the feedback solvers (fne, gr).
+  ``vxx_reg``, ``vxx_rank`` and ``trust_region`` are passed to the feedback
+  solvers (fne, gr); ``vxx_rank=None`` keeps the solvers' default.
   """
   if "-" in name:
     kind, curvature = name.split("-", 1)
     curvature = "identity" if curvature == "sgd" else curvature
-    kwargs = {} if kind == "olne" else {"vxx_reg": vxx_reg, "vxx_rank": vxx_rank}
+    kwargs = {} if kind == "olne" else {"vxx_reg": vxx_reg, "trust_region": trust_region}
+    if kind != "olne" and vxx_rank is not None:
+      kwargs["vxx_rank"] = vxx_rank
     return transform_update(SOLVERS[kind](game, lr, curvature, **kwargs))
   tx = getattr(optax, name)(lr)
 
@@ -85,9 +88,9 @@ def transform_update(tx, validation: bool = False):
 
 
 def make_run(game: G.Game, name: str, lr: float, vxx_reg: float = 0.0,
-             vxx_rank: str = "outer"):
+             vxx_rank: str | None = None, trust_region: bool = True):
   """A whole training run: ``(params, xs, ys) -> params`` after ``len(xs)`` jit-compiled steps."""
-  init, update = make_update(game, name, lr, vxx_reg, vxx_rank)
+  init, update = make_update(game, name, lr, vxx_reg, vxx_rank, trust_region)
   step = jax.jit(update)
 
   def run(params, xs, ys):

@@ -2,7 +2,8 @@
 
     python experiments/ddpnopt_lr_ablation.py [--lrs 0.4,0.6,0.7,0.8]
         [--vxx-regs 5e-5,1e-4,5e-4,1e-3] [--seeds 5] [--steps 2000]
-        [--dataset digits] [--out runs/experiments/ddpnopt_lr_ablation]
+        [--dataset digits] [--vxx-rank outer] [--unchecked]
+        [--out runs/experiments/ddpnopt_lr_ablation]
 
 DDPNOpt (ICLR 2021) Appendix, Tables 9 (training loss) and 10 (test accuracy):
 on DIGITS, the feedforward tanh network of its Appendix D.1 (4 hidden layers of
@@ -63,7 +64,9 @@ def paper(table: dict, lr: float, column: int, digits: int) -> str:
 
 
 def markdown(results: dict, lrs: list[float], vxx_regs: list[float], args, seconds: float) -> str:
-  names = ["SGD"] + [f"DDP-SGD ε={v:g}" for v in vxx_regs]
+  variant = ((f", {args.vxx_rank}" if args.vxx_rank else "") +
+             (", unchecked" if args.unchecked else ""))
+  names = ["SGD"] + [f"DDP-SGD{variant} ε={v:g}" for v in vxx_regs]
   columns = [None] + list(vxx_regs)
 
   def paper_column(v):
@@ -106,6 +109,10 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--dataset", default="digits")
+  p.add_argument("--vxx-rank", default=None, choices=("projected", "outer", "exact"),
+                 help="DDP-SGD's value-Hessian factor (default: fne's)")
+  p.add_argument("--unchecked", action="store_true",
+                 help="DDP-SGD without the trust region (trust_region=False)")
   p.add_argument("--out", default="runs/experiments/ddpnopt_lr_ablation")
   add_data_arguments(p)
   args = p.parse_args(argv)
@@ -120,7 +127,8 @@ def main(argv=None) -> int:
   results = {}
   for lr in lrs:
     for v in [None] + vxx_regs:
-      run = make_run(game, "sgd", lr) if v is None else make_run(game, "fne-sgd", lr, v)
+      run = (make_run(game, "sgd", lr) if v is None else
+             make_run(game, "fne-sgd", lr, v, args.vxx_rank, not args.unchecked))
       name = "SGD" if v is None else f"DDP-SGD eps={v:g}"
       results[(lr, v)] = r = seeds_of(game, run, streams, data)
       print(f"lr {lr:g}  {name:>18}: test acc {mean_std(r['accuracy'], 2)} %  "

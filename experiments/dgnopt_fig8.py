@@ -83,7 +83,7 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--eval-every", type=int, default=25)
   p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--vxx-rank", default="outer", choices=("outer", "exact"),
+  p.add_argument("--vxx-rank", default="projected", choices=("projected", "outer", "exact"),
                  help="the DGNOpt runs' value Hessian factor (fne/gr vxx_rank)")
   p.add_argument("--out", default="runs/experiments/dgnopt_fig8")
   add_data_arguments(p)

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", type=int, default=4)
   p.add_argument("--steps", type=int, default=1500)
   p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--vxx-rank", default="outer", choices=("outer", "exact"),
+  p.add_argument("--vxx-rank", default="projected", choices=("projected", "outer", "exact"),
                  help="the lifts' value Hessian factor (fne/gr vxx_rank)")
   p.add_argument("--out", default="runs/experiments/dgnopt_tables23")
   add_data_arguments(p)

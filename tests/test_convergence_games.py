@@ -155,7 +155,7 @@ def test_rosenbrock_first_step_matches_the_hand_solved_recursion():
   dy = -(lr * phi_y + lr * phi_y * phi_x * dx)
   start = {"x": jnp.array([x0]), "y": jnp.array([y0])}
   for make in (dgnopt.fne, dgnopt.gr):
-    tx = make(rosenbrock_game(), lr)
+    tx = make(rosenbrock_game(), lr, vxx_rank="outer")
     updates, _ = tx.update(None, tx.init(start), start, batch=ROSENBROCK_BATCH)
     np.testing.assert_allclose([float(updates["x"][0]), float(updates["y"][0])], [dx, dy],
                                rtol=1e-12)

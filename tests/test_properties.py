@@ -105,9 +105,9 @@ def test_a_step_is_finite_or_counted_as_skipped(problem):
   assert jax.tree.structure(new_params) == jax.tree.structure(params)
   for new, old in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)):
     assert new.dtype == old.dtype and new.shape == old.shape
-  skipped = int(state.skipped)
-  assert skipped + int(state.count) == 1
-  if skipped:
+  skipped, rejected = int(state.skipped), int(state.rejected)
+  assert skipped + rejected + int(state.count) == 1
+  if skipped or rejected:
     assert all(float(jnp.max(jnp.abs(u.astype(jnp.float32)))) == 0.0
                for u in jax.tree.leaves(updates))
   else:

@@ -6,10 +6,20 @@ The value recursion starts from the batch-mean terminal cost
     V_x^(i)  = grad phi(x_T^(i)) / B
     V_xx^(i) = Z^(i) Z^(i)^T,        Z^(i) = factor(x_T^(i)) / sqrt(B)
 
-with two choices of factor:
+with three choices of factor, from the per-sample loss Hessian ``H`` and
+gradient ``g = grad phi``:
 
-* ``"outer"``: the rank-1 outer-product (Gauss-Newton) factor ``z = grad phi``
-  of GT-DDP Prop. 5;
+* ``"projected"``: rank 1, ``z = H g / sqrt(g^T H g)`` (0 where
+  ``g^T H g = 0``). ``z z^T`` is ``H`` restricted to the gradient's direction
+  (a rank-one Nystrom approximation): exact along ``g`` and, by
+  Cauchy-Schwarz, ``H - z z^T`` is positive semi-definite, so the model never
+  has more curvature than the loss. One Hessian-vector product a sample.
+* ``"outer"``: rank 1, ``z = g``, the outer-product factor of GT-DDP
+  Prop. 5 (the empirical Fisher). For a confidently wrong sample under
+  softmax cross-entropy ``|g|^2 -> 2`` while ``H -> 0``: the model sees
+  curvature where the loss is flat, which makes the value correction and the
+  feedback cancel most of the gradient of such samples (Kunstner, Balles and
+  Hennig 2019, "Limitations of the empirical Fisher approximation").
 * ``"exact"``: an exact factor of the loss Hessian, ``H = sum_r f_r f_r^T``
   (rank C for softmax cross-entropy, ``f_c = sqrt(p_c) (e_c - p)``).
 """
@@ -187,7 +197,20 @@ def get_loss(loss: LossLike) -> TerminalLoss:
   raise TypeError(f"loss must be a name, a TerminalLoss or a callable, got {type(loss)}")
 
 
-VALUE_RANKS = ("outer", "exact")
+VALUE_RANKS = ("projected", "outer", "exact")
+
+
+def _hessian_vector(loss: TerminalLoss, output: Array, target: Array, v: Array) -> Array:
+  """``H v`` for one sample's loss Hessian in the output (forward over reverse)."""
+  return jax.jvp(jax.grad(lambda o: loss.per_sample(o, target)), (output,), (v,))[1]
+
+
+def _projected_factor(loss: TerminalLoss, output: Array, target: Array, grad: Array) -> Array:
+  """``H g / sqrt(g^T H g)`` for one sample, 0 where ``g^T H g <= 0``."""
+  h_g = _hessian_vector(loss, output, target, grad)
+  along = jnp.vdot(grad, h_g)
+  positive = along > 0
+  return jnp.where(positive, h_g / jnp.sqrt(jnp.where(positive, along, 1.0)), 0.0)
 
 
 def terminal_value(loss: TerminalLoss, outputs: Array, targets: Array,
@@ -198,8 +221,7 @@ def terminal_value(loss: TerminalLoss, outputs: Array, targets: Array,
     loss: the terminal cost.
     outputs: network outputs x_T, shape ``(B, ...)``.
     targets: targets, leading axis ``B``.
-    rank: ``"outer"`` (rank-1 factor grad phi) or ``"exact"`` (exact Hessian
-      factor of the loss).
+    rank: ``"projected"``, ``"outer"`` or ``"exact"`` (module docstring).
 
   Returns:
     ``(mean_loss, V_x, Z)`` with ``V_x`` of the shape of ``outputs`` and ``Z`` of
@@ -211,8 +233,41 @@ def terminal_value(loss: TerminalLoss, outputs: Array, targets: Array,
   scale = 1.0 / jnp.sqrt(jnp.asarray(batch, outputs.dtype))
   if rank == "outer":
     factor = grads[:, None] * scale
+  elif rank == "projected":
+    projected = jax.vmap(lambda o, t, g: _projected_factor(loss, o, t, g))
+    factor = projected(outputs, targets, grads)[:, None] * scale
   elif rank == "exact":
     factor = jax.vmap(loss.hessian_factor)(outputs, targets) * scale
   else:
     raise ValueError(f"vxx_rank must be one of {VALUE_RANKS}, got {rank!r}")
   return jnp.mean(values), v_x, factor.astype(outputs.dtype)
+
+
+def batch_loss(loss: TerminalLoss, outputs: Array, targets: Array) -> Array:
+  """The batch-mean terminal loss."""
+  return jnp.mean(jax.vmap(loss.per_sample)(outputs, targets))
+
+
+def quadratic_model_change(loss: TerminalLoss, outputs: Array, trial_outputs: Array,
+                           targets: Array, v_x: Array) -> Array:
+  """The second-order model of the batch-mean loss at an output change.
+
+  ``m = sum_i V_x^(i)T D_i + 1/2 D_i^T H_i D_i / B`` with ``D = trial_outputs -
+  outputs``, ``V_x = grad phi / B`` (:func:`terminal_value`) and ``H_i`` the
+  exact Hessian of the per-sample loss (one Hessian-vector product a sample,
+  in the output's dimension).
+
+  Args:
+    loss: the terminal cost.
+    outputs: the nominal outputs x_T, shape ``(B, ...)``.
+    trial_outputs: the outputs where the rollout ends, x'_T.
+    targets: the targets.
+    v_x: the terminal value gradient at ``outputs``.
+
+  Returns:
+    The scalar model change.
+  """
+  batch = outputs.shape[0]
+  delta = trial_outputs - outputs
+  h_delta = jax.vmap(lambda o, t, d: _hessian_vector(loss, o, t, d))(outputs, targets, delta)
+  return jnp.sum(v_x * delta) + 0.5 * jnp.sum(delta * h_delta) / batch

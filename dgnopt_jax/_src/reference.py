@@ -187,7 +187,7 @@ def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples:
 def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array, *,
                learning_rate: float, curvature: Any = "identity",
                curvature_state: dict | None = None, damping: float | None = None,
-               vxx_reg: float = 0.0, vxx_rank: str = "outer", feedback: bool = True,
+               vxx_reg: float = 0.0, vxx_rank: str = "projected", feedback: bool = True,
                coupling: str = "block", principle: str = "fne",
                cross_terms: bool = True) -> tuple[Any, dict]:
   """One FNE or GR step (OLNE with ``feedback=False``) with explicit matrices.
@@ -201,8 +201,10 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
     curvature_state: ``{player name: state}``; fresh states when None.
     damping: Tikhonov term on the curvature (the curvature's default if None).
     vxx_reg: Tikhonov term on the value Hessian.
-    vxx_rank: ``"outer"`` (V_XX^T = blockdiag(B grad phi^(i) grad phi^(i)^T / B^2))
-      or ``"exact"`` (the exact Hessian of the batch-mean loss).
+    vxx_rank: ``"projected"`` (per sample ``H g g^T H / (g^T H g)`` of the
+      batch-mean loss's Hessian block H and gradient g), ``"outer"``
+      (V_XX^T = blockdiag(B grad phi^(i) grad phi^(i)^T / B^2)) or ``"exact"``
+      (the exact Hessian of the batch-mean loss).
     feedback: FNE or OLNE.
     coupling: ``"block"`` (block-diagonal V_XX) or ``"full"``.
     principle: ``"fne"`` (a value per player, DGNOpt eq. 9-10) or ``"gr"``
@@ -252,9 +254,18 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
     return jnp.mean(jax.vmap(game.loss.per_sample)(xt_unravel(flat), targets))
 
   v_x = np.asarray(jax.jit(jax.grad(mean_loss))(xt_flat))
-  if vxx_rank == "exact":
+  if vxx_rank in ("exact", "projected"):
     v_xx = np.asarray(jax.jit(jax.hessian(mean_loss))(xt_flat))
-  else:
+  if vxx_rank == "projected":  # per sample H g g^T H / (g^T H g), in the batch-mean scale
+    ids, projected = _sample_ids(x), np.zeros_like(v_xx)
+    for sample in range(batch):
+      own = np.flatnonzero(ids == sample)
+      h_g = v_xx[np.ix_(own, own)] @ v_x[own]
+      along = float(v_x[own] @ h_g)
+      if along > 0:
+        projected[np.ix_(own, own)] = np.outer(h_g, h_g) / along
+    v_xx = projected
+  elif vxx_rank == "outer":
     v_xx = batch * np.outer(v_x, v_x) * _block_mask(x)
   streams = [(v_x, v_xx) for _ in range(game.num_streams)]
 

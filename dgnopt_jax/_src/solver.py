@@ -15,6 +15,11 @@ One step on a batch:
        theta   <- theta - (k + K dx)
        x'_{t+1} = F_t(x'_t, theta)
 
+4. check (``trust_region``, feedback only; :mod:`trust_region`): the step
+   is applied only if the batch objective at ``x'_T`` (loss plus stage
+   costs) is no larger than at ``x_T``; its change and the change its
+   second-order model predicts drive the next step's learning-rate scale.
+
 With ``feedback=False`` (the open-loop baselines, DGNOpt Prop. 2 / Theorem 6:
 Q_theta_x := 0) there is no feedback gain, ``V_x`` is the back-propagated
 co-state and the rollout is skipped.
@@ -41,6 +46,7 @@ from dgnopt_jax._src import feedback_nash
 from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import group_rational
 from dgnopt_jax._src import losses as losses_lib
+from dgnopt_jax._src import trust_region
 
 Params = Any
 State = Any
@@ -66,14 +72,18 @@ class SolverConfig:
     cross_terms: GR only: keep the players' cross curvature P_uv (dense).
     coupling_iterations: power iterations estimating lambda_max(G) for the
       convexity safeguard (:func:`linearise.coupling_scale`).
+    trust_region: apply a feedback step only where the rollout did not raise
+      the batch objective (:func:`trust_region.accepts`); set only with
+      ``feedback`` (an open-loop step has no rollout).
   """
 
   curvature: Any
   feedback: bool = True
-  vxx_rank: str = "outer"
+  vxx_rank: str = "projected"
   principle: str = "fne"
   cross_terms: bool = True
   coupling_iterations: int = 8
+  trust_region: bool = False
 
   @property
   def needs_factor(self) -> bool:
@@ -110,12 +120,25 @@ class StepResult(NamedTuple):
     loss: the batch-mean terminal loss.
     finite: whether the loss, every player's update and updated params are
       finite.
+    applied: whether the updates are applied: finite and, under the trust
+      region, accepted (a rejected step's updates are zeros, its curvature
+      statistics are kept).
+    actual_change: the change of the objective, the batch-mean loss where
+      the rollout ends less the nominal one plus the change of the stage
+      costs (under the trust region; None otherwise).
+    model_change: its second-order model: the terminal loss's at the
+      rollout's output change (:func:`losses.quadratic_model_change`) plus
+      the (quadratic) stage costs' change (under the trust region; None
+      otherwise).
   """
 
   updates: Params
   curvature_state: dict
   loss: jax.Array
   finite: jax.Array
+  applied: jax.Array
+  actual_change: jax.Array | None
+  model_change: jax.Array | None
 
 
 # ----------------------------------------------------------------------------
@@ -242,8 +265,13 @@ def _updates_finite(thetas: Any, deltas: Any) -> jax.Array:
   return all_finite((deltas, new))
 
 
-def _keep_if_finite(finite: jax.Array, segments, seg_deltas, seg_new_cstates, seg_cstates):
-  """(updates, curvature states) of a step, or (zeros, the old states) when not ``finite``.
+def _keep_if_applied(applied: jax.Array, finite: jax.Array, segments, seg_deltas,
+                     seg_new_cstates, seg_cstates):
+  """The step's updates, or zeros where not ``applied``; its curvature states, or the old ones where not ``finite``.
+
+  A step the trust region rejects keeps its statistics: they describe the
+  batch, not the step, and a momentum that points uphill must see the new
+  gradients to turn.
 
   The updates are selected leaf by leaf on their arrays stacked over
   repeats. So are the states of a segment that is not repeated; those of the
@@ -255,6 +283,8 @@ def _keep_if_finite(finite: jax.Array, segments, seg_deltas, seg_new_cstates, se
   against 5.2-5.5 s with one branch over everything and 5.4-5.8 s as here).
 
   Args:
+    applied: whether the step is applied (finite and, under the trust region,
+      accepted).
     finite: whether the step's loss, updates and new params are finite.
     segments: the step's :class:`Segment` s.
     seg_deltas: per segment, the updates stacked over its repeats.
@@ -264,7 +294,7 @@ def _keep_if_finite(finite: jax.Array, segments, seg_deltas, seg_new_cstates, se
   Returns:
     ``(seg_deltas, seg_cstates)`` to apply.
   """
-  seg_deltas = jax.tree.map(lambda d: jnp.where(finite, d, jnp.zeros_like(d)), seg_deltas)
+  seg_deltas = jax.tree.map(lambda d: jnp.where(applied, d, jnp.zeros_like(d)), seg_deltas)
   kept = list(seg_new_cstates)
   repeated = [j for j, s in enumerate(segments) if s.repeats > 1]
   for j, s in enumerate(segments):
@@ -277,6 +307,19 @@ def _keep_if_finite(finite: jax.Array, segments, seg_deltas, seg_new_cstates, se
     for j, c in zip(repeated, chosen):
       kept[j] = c
   return seg_deltas, kept
+
+
+def _stage_cost_change(game: games_lib.Game, segments, seg_thetas, seg_deltas) -> jax.Array:
+  """``sum_n l_n(theta_n + d_n) - l_n(theta_n) = sum_n wd_n (theta_n . d_n + |d_n|^2 / 2)``."""
+  change = jnp.zeros([])
+  for s, thetas, deltas in zip(segments, seg_thetas, seg_deltas):
+    for position, stage in enumerate(game.stages[s.start:s.start + s.period]):
+      for player, theta, delta in zip(stage.players, thetas[position], deltas[position]):
+        if player.weight_decay:
+          change = change + player.weight_decay * sum(
+              jnp.sum(t * d + 0.5 * d * d) for t, d in
+              zip(jax.tree.leaves(theta), jax.tree.leaves(delta)))
+  return change
 
 
 def _scan(body, carry, xs, length: int, reverse: bool = False):
@@ -390,9 +433,19 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
     finite = finite & _updates_finite(seg_thetas[j], seg_deltas)
     seg_deltas_all.append(seg_deltas)
 
-  # A step that is not finite changes nothing: zero updates, statistics kept.
-  seg_deltas_all, seg_new_cstates = _keep_if_finite(
-      finite, segments, seg_deltas_all, seg_new_cstates, seg_cstates)
+  # Where the rollout ends: the objective's change and its quadratic model.
+  actual_change = model_change = None
+  applied = finite
+  if cfg.trust_region:
+    stage_costs = _stage_cost_change(game, segments, seg_thetas, seg_deltas_all)
+    actual_change = losses_lib.batch_loss(game.loss, x_new, targets) - loss + stage_costs
+    model_change = (losses_lib.quadratic_model_change(game.loss, x, x_new, targets, v_x) +
+                    stage_costs)
+    applied = finite & trust_region.accepts(actual_change, trust_region.roundoff(loss))
+
+  # A step not applied changes no params; one that is not finite no statistics.
+  seg_deltas_all, seg_new_cstates = _keep_if_applied(
+      applied, finite, segments, seg_deltas_all, seg_new_cstates, seg_cstates)
   deltas, new_cstates = {}, {}
   for j, s in enumerate(segments):
     for t, per_stage in for_each_stage(s, seg_deltas_all[j]):
@@ -402,4 +455,4 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
       new_cstates.update(zip(keys[t], per_stage))
 
   updates = games_lib.scatter_players(params, deltas, jnp.zeros_like)
-  return StepResult(updates, new_cstates, loss, finite)
+  return StepResult(updates, new_cstates, loss, finite, applied, actual_change, model_change)

@@ -12,6 +12,7 @@ from dgnopt_jax._src import curvature as curvature_lib
 from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import losses as losses_lib
 from dgnopt_jax._src import solver
+from dgnopt_jax._src import trust_region as trust_region_lib
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -20,17 +21,25 @@ class DGNOptState(NamedTuple):
   """Optimizer state.
 
   Attributes:
-    count: steps applied so far (skipped steps not counted); drives schedules.
+    count: steps applied so far (skipped and rejected steps not counted);
+      drives schedules.
     curvature: ``{player name: curvature statistics}``.
     skipped: steps skipped because the loss, the update or the updated params
       were not finite (``nonfinite="skip"``).
     loss: the batch-mean terminal loss of the last step (NaN before the first).
+    rejected: feedback steps not applied because the rollout raised the
+      batch objective (:mod:`trust_region`; always 0 with
+      ``trust_region=False`` and for open-loop steps).
+    step_scale: ``alpha``, the trust region's factor on the learning rate of
+      the next step (1 with ``trust_region=False`` and for open-loop steps).
   """
 
   count: jax.Array
   curvature: dict
   skipped: jax.Array
   loss: jax.Array
+  rejected: jax.Array
+  step_scale: jax.Array
 
 
 def _value(x: ScalarOrSchedule, count: jax.Array) -> jax.Array:
@@ -133,8 +142,8 @@ def _raise_if_not_finite(finite: jax.Array, loss: jax.Array) -> None:
 def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
           damping: ScalarOrSchedule | None, vxx_reg: float, vxx_rank: str,
           feedback: bool, principle: str = "fne", cross_terms: bool = True,
-          coupling_iterations: int = 8,
-          nonfinite: str = "skip") -> optax.GradientTransformationExtraArgs:
+          coupling_iterations: int = 8, nonfinite: str = "skip",
+          trust_region: bool = True) -> optax.GradientTransformationExtraArgs:
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
   if not isinstance(game, games_lib.Game):
@@ -149,8 +158,9 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
     raise ValueError(f"vxx_rank must be one of {losses_lib.VALUE_RANKS}, got {vxx_rank!r}")
   if int(coupling_iterations) < 1:
     raise ValueError(f"coupling_iterations must be >= 1, got {coupling_iterations!r}")
+  checked = bool(trust_region) and feedback  # open-loop steps have no rollout to check
   cfg = solver.SolverConfig(curvature, feedback, vxx_rank, principle, cross_terms,
-                            int(coupling_iterations))
+                            int(coupling_iterations), checked)
 
   def init_fn(params):
     for player in game.players:
@@ -158,14 +168,17 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
     cstate = solver.init_curvature_state(game, cfg, params)
     dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else jnp.float32
     return DGNOptState(jnp.zeros([], jnp.int32), cstate, jnp.zeros([], jnp.int32),
-                       jnp.full([], jnp.nan, dtype))
+                       jnp.full([], jnp.nan, dtype), jnp.zeros([], jnp.int32),
+                       jnp.ones([], dtype))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del updates, extra_args  # the step comes from the game, not from incoming gradients
     inputs, targets = _unpack_batch(batch)
     validate(game, params, inputs, targets, curvature)
-    hyper = solver.Hyper(_value(learning_rate, state.count), _value(damping, state.count),
-                         vxx_reg)
+    eta = _value(learning_rate, state.count)
+    if checked:
+      eta = state.step_scale * eta
+    hyper = solver.Hyper(eta, _value(damping, state.count), vxx_reg)
     result = solver.solve_step(game, cfg, hyper, params, state.curvature, inputs, targets)
     updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), result.updates, params)
     # Whether the loss, every player's update and updated params are finite
@@ -174,11 +187,19 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
     finite = result.finite
     if nonfinite == "raise":
       jax.debug.callback(_raise_if_not_finite, finite, result.loss)
+    scale = state.step_scale
+    if checked:
+      scale = trust_region_lib.next_scale(state.step_scale, result.actual_change,
+                                          result.model_change, result.applied,
+                                          trust_region_lib.roundoff(result.loss))
+    rejected = finite & ~result.applied
     new_state = DGNOptState(
-        count=state.count + finite.astype(jnp.int32),
+        count=state.count + result.applied.astype(jnp.int32),
         curvature=result.curvature_state,
         skipped=state.skipped + (~finite).astype(jnp.int32),
-        loss=result.loss.astype(state.loss.dtype))
+        loss=result.loss.astype(state.loss.dtype),
+        rejected=state.rejected + rejected.astype(jnp.int32),
+        step_scale=scale)
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -186,9 +207,9 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
 
 def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
         curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
-        vxx_reg: float = 0.0, vxx_rank: str = "outer",
-        coupling_iterations: int = 8,
-        nonfinite: str = "skip") -> optax.GradientTransformationExtraArgs:
+        vxx_reg: float = 0.0, vxx_rank: str = "projected",
+        coupling_iterations: int = 8, nonfinite: str = "skip",
+        trust_region: bool = True) -> optax.GradientTransformationExtraArgs:
   r"""DGNOpt for the feedback Nash equilibrium (Isaacs-Bellman, DGNOpt eq. 6, 9, 10).
 
   Each player n at stage t solves its own second-order expansion of
@@ -226,29 +247,45 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       dense layer under a diagonal curvature, and every other stage runs
       its power iteration (``coupling_iterations`` VJP/JVP pairs) at every
       step.
-    vxx_rank: ``"outer"`` (rank-1 Gauss-Newton factor, GT-DDP Prop. 5) or
-      ``"exact"`` (the loss's exact Hessian factor, rank C for softmax CE).
+    vxx_rank: the terminal value-Hessian factor ``V_xx^(i) = z z^T / B``
+      of each sample's loss Hessian ``H`` and gradient ``g``:
+      ``"projected"`` (rank 1, ``z = H g / sqrt(g^T H g)``: ``H`` restricted
+      to the gradient's direction, exact along ``g`` and never above ``H``),
+      ``"outer"`` (rank 1, ``z = g``: the outer-product factor of GT-DDP
+      Prop. 5, the empirical Fisher, which exceeds ``H`` where a sample is
+      confidently wrong) or ``"exact"`` (``H`` itself, rank C for softmax
+      cross-entropy, C times the factor's cost).
     coupling_iterations: power iterations estimating ``lambda_max(G)``.
     nonfinite: what a step whose loss, update or updated params are not
       finite does: ``"skip"`` (zero updates, statistics unchanged,
       ``state.skipped`` incremented, ``state.count`` not) or ``"raise"`` (a
       ``FloatingPointError`` from the compiled step, surfaced by JAX as a
       runtime error when the result is read).
+    trust_region: check each step where its rollout ends
+      (:mod:`dgnopt_jax._src.trust_region`): a step that raises the batch
+      objective (loss plus weight decay) is not applied (``state.rejected``
+      counts it; its curvature statistics are kept), and the next step's
+      learning rate is ``state.step_scale * learning_rate``, with the scale
+      halved after a rejected step or a poor reduction ratio against the
+      loss's quadratic model and grown back towards 1 after a good one.
+      False gives the unchecked step of the papers.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``update(updates, state,
     params, *, batch)`` ignores ``updates`` (pass ``None`` or the gradients),
     needs ``params`` and ``batch=(inputs, targets)``, and returns exactly the
     change the rollout applied. A step whose loss, update or updated params
-    are not finite is skipped or raises (``nonfinite``).
+    are not finite is skipped or raises (``nonfinite``); one the trust region
+    rejects returns zero updates.
   """
   return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, True,
-               coupling_iterations=coupling_iterations, nonfinite=nonfinite)
+               coupling_iterations=coupling_iterations, nonfinite=nonfinite,
+               trust_region=trust_region)
 
 
 def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
          curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
-         vxx_reg: float = 0.0, vxx_rank: str = "outer",
+         vxx_reg: float = 0.0, vxx_rank: str = "projected",
          nonfinite: str = "skip") -> optax.GradientTransformationExtraArgs:
   r"""The open-loop Nash baseline (DGNOpt eq. 5, Prop. 2): the same machinery with no feedback.
 
@@ -256,7 +293,8 @@ def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
   is ``-M^{-1} d``: with the identity curvature it is SGD, with ``rmsprop`` /
   ``adam`` it is exactly ``optax.rmsprop`` / ``optax.adam`` (DGNOpt Theorem 6),
   with ``dense`` a layer-wise Gauss-Newton step. Arguments as :func:`fne`
-  (``vxx_reg`` and ``vxx_rank`` only matter for the dense curvature).
+  (``vxx_reg`` and ``vxx_rank`` only matter for the dense curvature; an
+  open-loop step has no rollout, so no trust region).
   """
   return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, False,
                nonfinite=nonfinite)
@@ -264,9 +302,10 @@ def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
 
 def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
        curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
-       vxx_reg: float = 0.0, vxx_rank: str = "outer", feedback: bool = True,
+       vxx_reg: float = 0.0, vxx_rank: str = "projected", feedback: bool = True,
        cross_terms: bool = True, coupling_iterations: int = 8,
-       nonfinite: str = "skip") -> optax.GradientTransformationExtraArgs:
+       nonfinite: str = "skip", trust_region: bool = True
+       ) -> optax.GradientTransformationExtraArgs:
   r"""DGNOpt for the cooperative game: group rationality (group Bellman, DGNOpt eq. 7, 11, 22-25).
 
   The players of each stage minimise the group objective
@@ -289,10 +328,10 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
 
   Args:
     game, learning_rate, curvature, damping, vxx_reg, vxx_rank,
-      coupling_iterations, nonfinite: as :func:`fne` (the safeguard uses the
-      joint G).
+      coupling_iterations, nonfinite, trust_region: as :func:`fne` (the
+      safeguard uses the joint G).
     feedback: False gives the cooperative open-loop update (with the identity
-      curvature, exactly SGD).
+      curvature, exactly SGD; no rollout, so no trust region).
     cross_terms: keep ``P_uv`` (dense, kfac, ekfac); False sets it to zero
       (DGNOpt Theorem 6).
 
@@ -300,4 +339,4 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
     An ``optax.GradientTransformationExtraArgs`` with the surface of :func:`fne`.
   """
   return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, feedback,
-               "gr", cross_terms, coupling_iterations, nonfinite)
+               "gr", cross_terms, coupling_iterations, nonfinite, trust_region)

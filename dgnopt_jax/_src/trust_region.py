@@ -1,0 +1,107 @@
+"""Step acceptance for the feedback solvers: the rollout's batch loss against the quadratic model.
+
+The feedback policy ``theta <- theta - (k + K dx)`` is the minimiser of a
+quadratic model of the value; its deviation term ``K dx`` trusts that model
+over the whole change the rollout makes to the network's outputs. Where the
+outputs move further than the terminal loss is quadratic (a large learning
+rate; cross-entropy is asymptotically linear in the logits), the feedback
+acts on a model that no longer describes the loss, and a step can raise the
+very batch it was solved on. As iLQR does after its forward pass (Tassa,
+Erez and Todorov 2012, §II-F; Levenberg-Marquardt's schedule), every step
+is checked where the rollout ends:
+
+* **acceptance**: the step is applied only if the objective on the batch did
+  not rise, ``J' <= J`` with ``J = L(x_T) + sum_n l_n(theta_n)`` the
+  batch-mean terminal loss plus the stage costs (Armijo on the batch with
+  constant 0). A rejected step changes no params; the curvature statistics
+  still take in the batch (a momentum that points uphill must see the new
+  gradients to turn).
+* **step scale** ``alpha`` in ``[MIN_SCALE, 1]``: the effective learning rate
+  of the next step is ``alpha * learning_rate`` (``M = C / (alpha eta)``:
+  the whole step, feedforward, feedback and the value updates, is solved
+  for the smaller step). With the reduction ratio
+
+  .. math::
+     \\rho = \\frac{L(x'_T) - L(x_T)}{m}, \\qquad
+     m = \\sum_i V_x^{(i)\\top} \\Delta_i
+         + \\tfrac12 \\Delta_i^\\top \\nabla^2 \\phi^{(i)} \\Delta_i / B,
+     \\quad \\Delta = x'_T - x_T,
+
+  the second-order model of the batch-mean loss at the realised output change,
+  ``alpha`` is halved when the step is rejected or ``rho < 1/4`` and grown by
+  ``GROW`` (at most to 1) when ``rho > 3/4``.
+
+Where the model is exact (a quadratic loss and linear dynamics, the LQ case)
+``rho = 1``, every step is accepted and ``alpha`` stays 1: the exact step is
+untouched. Open-loop steps (no rollout) are not checked.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Reduction ratios below LOW shrink the step scale, above HIGH grow it.
+LOW = 0.25
+HIGH = 0.75
+SHRINK = 0.5
+GROW = 1.2
+# The scale never falls below this (a step of 2^-20 of the learning rate).
+MIN_SCALE = 2.0 ** -20
+# Changes within this many units of round-off of the nominal loss are noise.
+ROUNDOFF_UNITS = 16
+
+
+def roundoff(loss: jax.Array) -> jax.Array:
+  """The round-off of an objective change near ``loss``: ``ROUNDOFF_UNITS eps |loss|``.
+
+  ``J' - J`` is a difference of two sums near ``loss``; a change below this
+  says nothing about the step (a converged step on a loss with a positive
+  minimum), so it neither rejects the step nor moves the scale.
+  """
+  return ROUNDOFF_UNITS * jnp.finfo(jnp.result_type(loss)).eps * jnp.abs(loss)
+
+
+def reduction_ratio(actual: jax.Array, model_change: jax.Array) -> jax.Array:
+  """``rho = actual / m``; 1 where the model predicts no decrease and the objective did not rise.
+
+  Args:
+    actual: the objective's change over the step, ``J' - J``.
+    model_change: ``m``, its second-order model's change.
+
+  Returns:
+    The scalar ratio; ``-1`` where the model predicts no decrease and the
+    objective rose, and not finite where ``actual`` is not.
+  """
+  predicted_decrease = model_change < 0
+  safe = jnp.where(predicted_decrease, model_change, -1.0)
+  return jnp.where(predicted_decrease, actual / safe, jnp.where(actual <= 0, 1.0, -1.0))
+
+
+def accepts(actual: jax.Array, noise: jax.Array) -> jax.Array:
+  """Whether a step is applied: the objective did not rise over the rollout, ``J' - J <= noise``."""
+  return actual <= noise
+
+
+def next_scale(scale: jax.Array, actual: jax.Array, model_change: jax.Array,
+               applied: jax.Array, noise: jax.Array) -> jax.Array:
+  """The step scale of the next step.
+
+  Args:
+    scale: this step's ``alpha``.
+    actual, model_change: as :func:`reduction_ratio`.
+    applied: whether this step was applied (finite and accepted).
+    noise: :func:`roundoff` of the nominal loss.
+
+  Returns:
+    ``alpha / 2`` after a step not applied or with ``rho < LOW``,
+    ``min(1, GROW alpha)`` after one with ``rho > HIGH``, else (and where
+    both changes are within ``noise``) ``alpha``.
+  """
+  applied = jnp.asarray(applied, bool)
+  rho = reduction_ratio(actual, model_change)
+  shrink = ~applied | ~(rho >= LOW)
+  grown = jnp.where(rho > HIGH, jnp.minimum(1.0, scale * GROW), scale)
+  changed = jnp.where(shrink, jnp.maximum(MIN_SCALE, scale * SHRINK), grown)
+  negligible = applied & (jnp.abs(actual) <= noise) & (jnp.abs(model_change) <= noise)
+  return jnp.where(negligible, scale, changed).astype(scale.dtype)
