@@ -10,7 +10,8 @@
 # Sections, in order, each under its own time limit, each run even if an
 # earlier one failed:
 #   tests              the float64 reference-equivalence and Theorem 6 tests
-#                      (tests/test_reference_equivalence.py, tests/test_theorem6.py)
+#                      (tests/test_reference_equivalence.py, tests/test_theorem6.py,
+#                      and the reference tests of tests/test_large_steps.py)
 #   step_time          benchmarks/step_time.py: DIGITS MLP and residual CNN,
 #                      every optimizer of its default list
 #   step_time_resnet18 benchmarks/step_time.py --models resnet18 (width 64,
@@ -151,7 +152,7 @@ else
   # The reference-equivalence and Theorem 6 tests of the default (not slow)
   # run; the "reference" tests of other modules are left out for time.
   TEST_ARGS=(-k "reference or theorem6" tests/test_reference_equivalence.py
-             tests/test_theorem6.py)
+             tests/test_theorem6.py tests/test_large_steps.py)
   STEP_TIME_ARGS=(--models mlp,resnet --rounds 5 --steps 10)
   RESNET18_ARGS=(--resnet18-width 64 --batch 128 --optimizers "$RESNET18_OPTIMIZERS"
                  --rounds 3 --steps 10)
