@@ -149,7 +149,7 @@ def main():
   if args.seeds < 1 or args.steps < 1 or args.batch < 1:
     raise SystemExit("--seeds, --steps and --batch must be positive")
   # The Kronecker curvatures' eigendecompositions run on the host LAPACK:
-  # vmapped over runs, a multi-threaded OpenBLAS stalled this program.
+  # one thread, as in the main job and the other benchmarks.
   dgnopt.limit_lapack_threads()
   seeds = list(range(args.seeds))
   variants = [(solver, rank, True) for solver, rank in
