@@ -1,4 +1,4 @@
-"""Step acceptance for the feedback solvers: the rollout's batch loss against the quadratic model.
+"""Step acceptance for the feedback solvers: the rollout's batch objective against its quadratic model.
 
 The feedback policy ``theta <- theta - (k + K dx)`` is the minimiser of a
 quadratic model of the value; its deviation term ``K dx`` trusts that model
@@ -22,14 +22,17 @@ is checked where the rollout ends:
   for the smaller step). With the reduction ratio
 
   .. math::
-     \\rho = \\frac{L(x'_T) - L(x_T)}{m}, \\qquad
+     \\rho = \\frac{J' - J}{m}, \\qquad
      m = \\sum_i V_x^{(i)\\top} \\Delta_i
-         + \\tfrac12 \\Delta_i^\\top \\nabla^2 \\phi^{(i)} \\Delta_i / B,
+         + \\tfrac12 \\Delta_i^\\top \\nabla^2 \\phi^{(i)} \\Delta_i / B
+         + \\sum_n \\Delta l_n,
      \\quad \\Delta = x'_T - x_T,
 
-  the second-order model of the batch-mean loss at the realised output change,
+  the second-order model of the objective at the realised output change (the
+  stage costs are quadratic, so their change ``Delta l_n`` is exact),
   ``alpha`` is halved when the step is rejected or ``rho < 1/4`` and grown by
-  ``GROW`` (at most to 1) when ``rho > 3/4``.
+  ``GROW`` (at most to 1) when ``rho > 3/4``; changes within the round-off of
+  the loss move neither.
 
 Where the model is exact (a quadratic loss and linear dynamics, the LQ case)
 ``rho = 1``, every step is accepted and ``alpha`` stays 1: the exact step is
