@@ -1,4 +1,4 @@
-"""Linear-quadratic games and their least-squares minimiser (the LQ oracle of DESIGN §5)."""
+"""Linear-quadratic games and their least-squares minimiser (the LQ oracle)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""LQ oracle: one exact FNE step lands on the least-squares minimiser (DESIGN §5)."""
+"""LQ oracle: one exact FNE step lands on the least-squares minimiser."""
 
 import numpy as np
 import pytest

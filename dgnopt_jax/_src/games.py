@@ -73,7 +73,7 @@ class Dense:
   Its per-sample parameter derivative has Kronecker structure
   ``f_theta^T z = [a (x) g, g]`` with ``a = flatten(x)`` and
   ``g = activation'(h) * z``, which the solver uses to form per-sample
-  quadratic forms without materialising per-sample gradients (DESIGN §4).
+  quadratic forms without materialising per-sample gradients.
   """
 
   features: int
