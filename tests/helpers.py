@@ -96,8 +96,10 @@ def reference_trust_region(game, params, batch, updates, step_scale):
   """``(accept, next step scale)`` of a step, from a dense forward pass and the loss's Hessian.
 
   The rule of ``dgnopt_jax._src.trust_region``, computed independently: the
-  objective (batch-mean loss plus the players' weight decay) at ``params +
-  updates`` against the one at ``params``; the reduction ratio against
+  objective's change (batch-mean loss plus the players' weight decay) from
+  ``params`` to ``params + updates``, accepted where it is at most ``ACCEPT``
+  times the model's change (no rise where the model predicts none); the
+  reduction ratio against
   ``m = grad f . D + D^T (hess f) D / 2`` of the batch-mean loss ``f`` of the
   outputs, with ``D`` the change of the outputs, from ``jax.hessian`` of ``f``
   over the whole flattened batch, plus the weight decay's change.
@@ -120,16 +122,13 @@ def reference_trust_region(game, params, batch, updates, step_scale):
   model = (float(jax.grad(f)(flat) @ delta + 0.5 * delta @ jax.hessian(f)(flat) @ delta) +
            decay(new_params) - decay(params))
   noise = trust_region.ROUNDOFF_UNITS * float(jnp.finfo(outputs.dtype).eps) * abs(loss)
-  accept = actual <= noise
-  if accept and abs(actual) <= noise and abs(model) <= noise:
-    return accept, step_scale
-  if model < 0:
-    rho = actual / model
-  else:
-    rho = 1.0 if actual <= 0 else -1.0
-  if not accept or rho < trust_region.LOW:
+  # Sufficient decrease: at least ACCEPT of the model's decrease, no rise where it predicts none.
+  accept = actual <= noise and (model >= 0 or actual <= trust_region.ACCEPT * model + noise)
+  if not accept:
     return accept, max(trust_region.MIN_SCALE, step_scale * trust_region.SHRINK)
-  if rho > trust_region.HIGH:
+  if abs(actual) <= noise and abs(model) <= noise:
+    return accept, step_scale
+  if (actual / model if model < 0 else (1.0 if actual <= 0 else -1.0)) > trust_region.HIGH:
     return accept, min(1.0, step_scale * trust_region.GROW)
   return accept, step_scale
 

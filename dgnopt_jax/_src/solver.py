@@ -67,14 +67,15 @@ class SolverConfig:
   Attributes:
     curvature: the curvature object used for every player.
     feedback: closed-loop (True) or open-loop (False) information structure.
-    vxx_rank: ``"outer"`` or ``"exact"`` terminal value-Hessian factor.
+    vxx_rank: ``"projected"``, ``"outer"`` or ``"exact"`` terminal value-Hessian factor.
     principle: ``"fne"`` (one value per player) or ``"gr"`` (one joint value).
     cross_terms: GR only: keep the players' cross curvature P_uv (dense).
     coupling_iterations: power iterations estimating lambda_max(G) for the
       convexity safeguard (:func:`linearise.coupling_scale`).
-    trust_region: apply a feedback step only where the rollout did not raise
-      the batch objective (:func:`trust_region.accepts`); set only with
-      ``feedback`` (an open-loop step has no rollout).
+    trust_region: apply a feedback step only where the rollout lowered the
+      batch objective by at least half of its model's decrease
+      (:func:`trust_region.accepts`); set only with ``feedback`` (an
+      open-loop step has no rollout).
   """
 
   curvature: Any
@@ -441,7 +442,8 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
     actual_change = losses_lib.batch_loss(game.loss, x_new, targets) - loss + stage_costs
     model_change = (losses_lib.quadratic_model_change(game.loss, x, x_new, targets, v_x) +
                     stage_costs)
-    applied = finite & trust_region.accepts(actual_change, trust_region.roundoff(loss))
+    applied = finite & trust_region.accepts(actual_change, model_change,
+                                                 trust_region.roundoff(loss))
 
   # A step not applied changes no params; one that is not finite no statistics.
   seg_deltas_all, seg_new_cstates = _keep_if_applied(

@@ -262,12 +262,13 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       ``FloatingPointError`` from the compiled step, surfaced by JAX as a
       runtime error when the result is read).
     trust_region: check each step where its rollout ends
-      (:mod:`dgnopt_jax._src.trust_region`): a step that raises the batch
-      objective (loss plus weight decay) is not applied (``state.rejected``
-      counts it; its curvature statistics are kept), and the next step's
-      learning rate is ``state.step_scale * learning_rate``, with the scale
-      halved after a rejected step or a poor reduction ratio against the
-      loss's quadratic model and grown back towards 1 after a good one.
+      (:mod:`dgnopt_jax._src.trust_region`): a step that lowers the batch
+      objective (loss plus weight decay) by less than half of what its
+      quadratic model predicts is not applied (``state.rejected`` counts it;
+      its curvature statistics are kept), and the next step's learning rate
+      is ``state.step_scale * learning_rate``, with the scale halved after a
+      rejected step and grown back towards 1 after one its model predicted
+      well (``rho > 3/4``).
       False gives the unchecked step of the papers.
 
   Returns:

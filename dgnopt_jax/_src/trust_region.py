@@ -10,29 +10,38 @@ very batch it was solved on. As iLQR does after its forward pass (Tassa,
 Erez and Todorov 2012, §II-F; Levenberg-Marquardt's schedule), every step
 is checked where the rollout ends:
 
-* **acceptance**: the step is applied only if the objective on the batch did
-  not rise, ``J' <= J`` with ``J = L(x_T) + sum_n l_n(theta_n)`` the
-  batch-mean terminal loss plus the stage costs (Armijo on the batch with
-  constant 0). A rejected step changes no params; the curvature statistics
-  still take in the batch (a momentum that points uphill must see the new
-  gradients to turn).
-* **step scale** ``alpha`` in ``[MIN_SCALE, 1]``: the effective learning rate
-  of the next step is ``alpha * learning_rate`` (``M = C / (alpha eta)``:
-  the whole step, feedforward, feedback and the value updates, is solved
-  for the smaller step). With the reduction ratio
+* **acceptance** (sufficient decrease): with the second-order model of the
+  objective at the realised output change
 
   .. math::
-     \\rho = \\frac{J' - J}{m}, \\qquad
      m = \\sum_i V_x^{(i)\\top} \\Delta_i
          + \\tfrac12 \\Delta_i^\\top \\nabla^2 \\phi^{(i)} \\Delta_i / B
          + \\sum_n \\Delta l_n,
-     \\quad \\Delta = x'_T - x_T,
+     \\quad \\Delta = x'_T - x_T
 
-  the second-order model of the objective at the realised output change (the
-  stage costs are quadratic, so their change ``Delta l_n`` is exact),
-  ``alpha`` is halved when the step is rejected or ``rho < 1/4`` and grown by
-  ``GROW`` (at most to 1) when ``rho > 3/4``; changes within the round-off of
-  the loss move neither.
+  (the stage costs are quadratic, so their change ``Delta l_n`` is exact),
+  the step is applied only if ``J' - J <= ACCEPT min(m, 0)``, i.e. the
+  reduction ratio ``rho = (J' - J) / m`` is at least ``ACCEPT = 1/2`` where
+  the model predicts a decrease, and the objective did not rise where it
+  does not; ``J = L(x_T) + sum_n l_n(theta_n)`` is the batch-mean terminal
+  loss plus the stage costs. A rejected step changes no params; the
+  curvature statistics still take in the batch (a momentum that points
+  uphill must see the new gradients to turn).
+* **step scale** ``alpha`` in ``[MIN_SCALE, 1]``: the effective learning rate
+  of the next step is ``alpha * learning_rate`` (``M = C / (alpha eta)``:
+  the whole step, feedforward, feedback and the value updates, is solved
+  for the smaller step). ``alpha`` is halved after a rejected step and
+  grown by ``GROW`` (at most to 1) after one with ``rho > HIGH``; changes
+  within the round-off of the loss move neither.
+
+Why half the model's decrease and not merely no increase: ``rho`` says how
+far the step went beyond where its model holds. A step whose batch objective
+falls by less than half of what its own model predicts has moved the outputs
+into the range where the loss is no longer quadratic (the cross-entropy of a
+confidently wrong sample is linear in its logits), and these are the steps
+that lower their batch a little while raising the loss on the rest of the
+data. Any step its model describes, and every step near a minimiser, has
+``rho`` near 1 and passes.
 
 Where the model is exact (a quadratic loss and linear dynamics, the LQ case)
 ``rho = 1``, every step is accepted and ``alpha`` stays 1: the exact step is
@@ -44,8 +53,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Reduction ratios below LOW shrink the step scale, above HIGH grow it.
-LOW = 0.25
+# A step is applied only if it achieves this fraction of its model's decrease.
+ACCEPT = 0.5
+# Reduction ratios above HIGH grow the step scale.
 HIGH = 0.75
 SHRINK = 0.5
 GROW = 1.2
@@ -81,9 +91,18 @@ def reduction_ratio(actual: jax.Array, model_change: jax.Array) -> jax.Array:
   return jnp.where(predicted_decrease, actual / safe, jnp.where(actual <= 0, 1.0, -1.0))
 
 
-def accepts(actual: jax.Array, noise: jax.Array) -> jax.Array:
-  """Whether a step is applied: the objective did not rise over the rollout, ``J' - J <= noise``."""
-  return actual <= noise
+def accepts(actual: jax.Array, model_change: jax.Array, noise: jax.Array) -> jax.Array:
+  """Whether a step is applied: ``J' - J <= ACCEPT min(m, 0) + noise``.
+
+  Args:
+    actual: the objective's change over the step, ``J' - J``.
+    model_change: ``m``, its second-order model's change.
+    noise: :func:`roundoff` of the nominal loss.
+
+  Returns:
+    A scalar bool, False where ``actual`` is not finite.
+  """
+  return actual <= ACCEPT * jnp.minimum(model_change, 0.0) + noise
 
 
 def next_scale(scale: jax.Array, actual: jax.Array, model_change: jax.Array,
@@ -97,14 +116,13 @@ def next_scale(scale: jax.Array, actual: jax.Array, model_change: jax.Array,
     noise: :func:`roundoff` of the nominal loss.
 
   Returns:
-    ``alpha / 2`` after a step not applied or with ``rho < LOW``,
-    ``min(1, GROW alpha)`` after one with ``rho > HIGH``, else (and where
-    both changes are within ``noise``) ``alpha``.
+    ``max(MIN_SCALE, alpha / 2)`` after a step not applied,
+    ``min(1, GROW alpha)`` after an applied one with ``rho > HIGH``, else
+    (and where both changes are within ``noise``) ``alpha``.
   """
   applied = jnp.asarray(applied, bool)
-  rho = reduction_ratio(actual, model_change)
-  shrink = ~applied | ~(rho >= LOW)
-  grown = jnp.where(rho > HIGH, jnp.minimum(1.0, scale * GROW), scale)
-  changed = jnp.where(shrink, jnp.maximum(MIN_SCALE, scale * SHRINK), grown)
+  grown = jnp.where(reduction_ratio(actual, model_change) > HIGH,
+                    jnp.minimum(1.0, scale * GROW), scale)
+  changed = jnp.where(applied, grown, jnp.maximum(MIN_SCALE, scale * SHRINK))
   negligible = applied & (jnp.abs(actual) <= noise) & (jnp.abs(model_change) <= noise)
   return jnp.where(negligible, scale, changed).astype(scale.dtype)
