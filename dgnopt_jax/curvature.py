@@ -1,6 +1,7 @@
 """Curvatures C ~ Q_theta_theta for the players (DGNOpt eq. 13; DDPNOpt Table 2)."""
 
 from dgnopt_jax._src.curvature import Adam
+from dgnopt_jax._src.curvature_base import Curvature
 from dgnopt_jax._src.curvature import AdamState
 from dgnopt_jax._src.curvature import DenseExact
 from dgnopt_jax._src.curvature import Identity
@@ -17,6 +18,6 @@ from dgnopt_jax._src.kronecker import KroneckerState
 from dgnopt_jax._src.kronecker import ekfac
 from dgnopt_jax._src.kronecker import kfac
 
-__all__ = ["Adam", "AdamState", "DenseExact", "DiagonalState", "Identity", "Kronecker",
+__all__ = ["Adam", "AdamState", "Curvature", "DenseExact", "DiagonalState", "Identity", "Kronecker",
            "KroneckerState", "RMSProp", "RMSPropState", "adam", "dense", "ekfac",
            "get_curvature", "identity", "kfac", "rmsprop"]

@@ -517,14 +517,14 @@ def test_repeated_residual_blocks_are_one_scanned_segment():
   # Four equal residual blocks read from Flax are one block of two stages
   # repeated four times, solved with lax.scan like the hand-written network
   # (compile time does not grow with depth: benchmarks/compile_depth.py).
-  from dgnopt_jax._src import solver
+  from dgnopt_jax._src import segments as segments_lib
   model = models.Chain([nn.Conv(3, (3, 3)), nn.relu] +
                        [models.basic_block(3, batch_norm=False) for _ in range(4)] +
                        [models.global_average_pool, nn.Dense(3)])
   x, _ = images(2, (4, 4, 1))
   game = G.from_flax(model, x)
   variables = variables_of(model, x)
-  segments = solver.plan_segments(game, variables, x)
+  segments = segments_lib.plan_segments(game, variables, x)
   assert (2, 4) in [(s.period, s.repeats) for s in segments]
   assert sum(s.period * s.repeats for s in segments) == len(game.stages)
 
@@ -537,17 +537,17 @@ def batch_norm_blocks_model():
 def test_repeated_batch_norm_blocks_are_one_scanned_segment():
   # With train-mode BatchNorm a basic block is six stages (conv, statistics,
   # normalisation, twice); the BatchNorms' paths differ from block to block.
-  from dgnopt_jax._src import solver
+  from dgnopt_jax._src import segments as segments_lib
   model = batch_norm_blocks_model()
   x, _ = images(2, (4, 4, 1))
   game = G.from_flax(model, x)
-  segments = solver.plan_segments(game, variables_of(model, x, train=True), x)
+  segments = segments_lib.plan_segments(game, variables_of(model, x, train=True), x)
   assert (6, 4) in [(s.period, s.repeats) for s in segments]
 
 
 @SLOW
 def test_scanned_batch_norm_blocks_equal_gradient_and_unrolled_blocks(monkeypatch):
-  from dgnopt_jax._src import solver
+  from dgnopt_jax._src import segments as segments_lib
   model = batch_norm_blocks_model()
   x, y = images(3, (4, 4, 1))
   game = G.from_flax(model, x)
@@ -556,6 +556,6 @@ def test_scanned_batch_norm_blocks_equal_gradient_and_unrolled_blocks(monkeypatc
   olne = h.step(dgnopt.olne(game, 0.1), variables, (x, y))[0]["params"]
   h.assert_trees_close(olne, jax.tree.map(lambda g: -0.1 * g, true), 1e-10)
   scanned = h.step(dgnopt.fne(game, 0.3, vxx_reg=1e-3), variables, (x, y))[0]
-  monkeypatch.setattr(solver, "MIN_BLOCK_REPEATS", 99)
+  monkeypatch.setattr(segments_lib, "MIN_BLOCK_REPEATS", 99)
   unrolled = h.step(dgnopt.fne(game, 0.3, vxx_reg=1e-3), variables, (x, y))[0]
   h.assert_trees_close(scanned, unrolled, 1e-12)

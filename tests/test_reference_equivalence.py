@@ -105,14 +105,14 @@ def test_scanned_stages_match_unrolled(monkeypatch):
   # unrolled. Both must agree.
   game = h.tanh_mlp(widths=(5, 5, 5, 5))
   params = h.perturbed_params(game)
-  from dgnopt_jax._src import solver
-  monkeypatch.setattr(solver, "MIN_STAGE_REPEATS", 3)
-  segments = solver.plan_segments(game, params, jnp.zeros((2, 4)))
+  from dgnopt_jax._src import segments as segments_lib
+  monkeypatch.setattr(segments_lib, "MIN_STAGE_REPEATS", 3)
+  segments = segments_lib.plan_segments(game, params, jnp.zeros((2, 4)))
   assert [s.length for s in segments] == [1, 3, 1]
   unrolled = dgnopt.games.Game(
       tuple(dgnopt.games.Stage(lambda x, th, s=s: s.fn(x, th), s.players) for s in game.stages),
       game.loss)
-  assert [s.length for s in solver.plan_segments(unrolled, params, jnp.zeros((2, 4)))] == [1] * 5
+  assert [s.length for s in segments_lib.plan_segments(unrolled, params, jnp.zeros((2, 4)))] == [1] * 5
   batch = h.classification_batch((4,), 3)
   tx_a = dgnopt.fne(game, 0.3, vxx_reg=1e-2)
   tx_b = dgnopt.fne(unrolled, 0.3, vxx_reg=1e-2)
@@ -213,19 +213,19 @@ def test_scanned_residual_blocks_match_unrolled(make, curvature, lr, monkeypatch
   # stage) are one scanned segment of period 2 (scanned from 3 repeats here);
   # the same network with distinct stage functions is unrolled. Both must
   # agree, over two steps.
-  from dgnopt_jax._src import solver
-  monkeypatch.setattr(solver, "MIN_BLOCK_REPEATS", 3)
+  from dgnopt_jax._src import segments as segments_lib
+  monkeypatch.setattr(segments_lib, "MIN_BLOCK_REPEATS", 3)
   G = dgnopt.games
   game = G.sequential([G.Conv2D(3, (3, 3), activation="relu")] +
                       [G.ResidualBlock(3, shortcut="projection") for _ in range(3)] +
                       [G.AvgPool((2, 2)), G.Dense(3)], (4, 4, 1))
   params = h.perturbed_params(game)
   x, y = h.classification_batch((4, 4, 1), 4)
-  segments = solver.plan_segments(game, params, x)
+  segments = segments_lib.plan_segments(game, params, x)
   assert [(s.period, s.repeats) for s in segments][:2] == [(1, 1), (2, 3)]
   unrolled = G.Game(tuple(G.Stage(lambda x, th, s=s: s.fn(x, th), s.players, s.name,
                                   s.shared_statistics) for s in game.stages), game.loss)
-  assert all(s.repeats == 1 for s in solver.plan_segments(unrolled, params, x))
+  assert all(s.repeats == 1 for s in segments_lib.plan_segments(unrolled, params, x))
   tx_a, tx_b = make(game, lr, curvature), make(unrolled, lr, curvature)
   state_a, state_b = tx_a.init(params), tx_b.init(params)
   for _ in range(2):

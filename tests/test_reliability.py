@@ -86,7 +86,7 @@ def test_nonfinite_raise_policy():
 
 def test_step_that_would_overflow_the_params_is_skipped(monkeypatch):
   """Finite updates whose sum with the params overflows: skipped, params unchanged."""
-  from dgnopt_jax._src import feedback_nash
+  from dgnopt_jax._src import bellman
   game = h.tanh_mlp()
   big = 0.6 * float(jnp.finfo(jnp.float32).max)
   params = jax.tree.map(lambda p: p.astype(jnp.float32), game.init(jax.random.PRNGKey(0)))
@@ -94,13 +94,13 @@ def test_step_that_would_overflow_the_params_is_skipped(monkeypatch):
   params["dense_3"]["bias"] = jnp.full_like(params["dense_3"]["bias"], big)
   x, y = h.classification_batch((4,), 4)
   assert bool(jnp.isfinite(game.loss_value(params, x.astype(jnp.float32), y)))
-  real = feedback_nash.stage_rollout
+  real = bellman.stage_rollout
 
   def overflowing(*args, **kwargs):  # every change finite but huge
     x_next, deltas = real(*args, **kwargs)
     return x_next, jax.tree.map(lambda d: jnp.full_like(d, big), deltas)
 
-  monkeypatch.setattr(feedback_nash, "stage_rollout", overflowing)
+  monkeypatch.setattr(bellman, "stage_rollout", overflowing)
   tx = dgnopt.fne(game, 0.1)
   step = jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b))
   updates, state = step(params, tx.init(params), (x.astype(jnp.float32), y))

@@ -7,23 +7,10 @@ being ``M = (C + damping I) / eta``:
     open gain      k = M^-1 d          (d = Q_theta, or Adam's first moment)
     feedback gain  K = M^-1 Q_theta_x
 
-Each curvature is a small object with
-
-* ``init(theta, player) -> state``: persistent statistics, a pytree;
-* ``update(state, q_theta, ggn_matvec, statistics) -> (state, step)``: new
-  statistics from this step's ``Q_theta`` (for ``dense``, from the
-  Gauss-Newton product ``v -> F_theta^T V~_xx F_theta v + l_theta_theta v``;
-  for ``kfac``/``ekfac`` (:mod:`kronecker`, ``needs_statistics``), from the
-  per-sample layer inputs and value derivatives); ``step`` is what the solves
-  of this step need;
-* ``direction(step, q_theta)``: the vector the open gain preconditions;
-* ``solve(step, v, damping) -> (C + damping I)^-1 v``;
-* ``inverse_diagonal(step, damping, like)``: ``diag((C + damping I)^-1)`` as a
-  pytree shaped like ``like`` when C is diagonal, else ``None``;
-* ``check(player, theta)``: raises a clear error for a player it cannot handle;
-* optionally ``joint(stage, thetas)`` and ``init_joint(stage, thetas)``:
-  whether a GR stage's players are solved as one system with cross terms, and
-  that system's state.
+Each curvature is a :class:`curvature_base.Curvature`: it owns its
+statistics (``init``, ``update``), its inverse (``solve``,
+``inverse_diagonal``) and its quadratic forms (``player_form``; with cross
+terms between a stage's players, ``joint``, ``init_joint``, ``joint_form``).
 """
 
 from __future__ import annotations
@@ -35,21 +22,19 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from dgnopt_jax._src import curvature_base
 from dgnopt_jax._src import kronecker
 
 Params = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class Identity:
+class Identity(curvature_base.Curvature):
   """C = I: DDP-SGD (DDPNOpt Table 2); with no feedback, plain SGD (Theorem 6)."""
 
   name = "identity"
   needs_value_hessian = False
   default_damping = 0.0
-
-  def check(self, player, theta) -> None:
-    del player, theta
 
   def init(self, theta: Params, player: Any = None) -> tuple:
     del theta, player
@@ -58,10 +43,6 @@ class Identity:
   def update(self, state, q_theta, ggn_matvec=None, statistics=None):
     del q_theta, ggn_matvec, statistics
     return state, ()
-
-  def direction(self, step, q_theta: Params) -> Params:
-    del step
-    return q_theta
 
   def solve(self, step, v: Params, damping) -> Params:
     del step
@@ -78,7 +59,7 @@ class RMSPropState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class RMSProp:
+class RMSProp(curvature_base.Curvature):
   """C = diag(sqrt(E[Q_theta^2]) ...): DDP-RMSprop (DGNOpt eq. 13).
 
   The statistics are the exponential moving average of ``Q_theta * Q_theta``
@@ -94,9 +75,6 @@ class RMSProp:
   name = "rmsprop"
   needs_value_hessian = False
   default_damping = 0.0
-
-  def check(self, player, theta) -> None:
-    del player, theta
 
   def init(self, theta: Params, player: Any = None) -> RMSPropState:
     del player
@@ -118,10 +96,6 @@ class RMSProp:
       return jax.tree.map(lambda n: jnp.sqrt(n + self.eps), nu_hat)
     return jax.tree.map(lambda n: jnp.sqrt(n) + self.eps, nu_hat)
 
-  def direction(self, step, q_theta: Params) -> Params:
-    del step
-    return q_theta
-
   def solve(self, step, v: Params, damping) -> Params:
     return jax.tree.map(lambda x, d: x * d, v, self.inverse_diagonal(step, damping, v))
 
@@ -137,7 +111,7 @@ class AdamState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Adam:
+class Adam(curvature_base.Curvature):
   """C = diag(sqrt(nu_hat + eps_root) + eps), direction mu_hat: DDP-Adam.
 
   Moments of ``Q_theta`` with ``optax.adam``'s conventions, so that the
@@ -151,9 +125,6 @@ class Adam:
   name = "adam"
   needs_value_hessian = False
   default_damping = 0.0
-
-  def check(self, player, theta) -> None:
-    del player, theta
 
   def init(self, theta: Params, player: Any = None) -> AdamState:
     del player
@@ -185,7 +156,7 @@ class Adam:
 
 
 @dataclasses.dataclass(frozen=True)
-class DenseExact:
+class DenseExact(curvature_base.Curvature):
   """C = F_theta^T (V_xx + eps I) F_theta + l_theta_theta, materialised: vanilla DDP.
 
   The exact Gauss-Newton curvature of the player's Bellman objective
@@ -230,19 +201,12 @@ class DenseExact:
     u, w = kronecker.psd_eigh(cols)
     return state, (u, w)
 
-  def direction(self, step, q_theta: Params) -> Params:
-    del step
-    return q_theta
-
   def solve(self, step, v: Params, damping) -> Params:
     u, w = step  # float32 or wider, also for half-precision players
     flat, unravel = ravel_pytree(v)
     solved = u @ (kronecker.safe_reciprocal(w + damping) * (u.T @ flat.astype(u.dtype)))
     return unravel(solved.astype(flat.dtype))
 
-  def inverse_diagonal(self, step, damping, like: Params) -> None:
-    del step, damping, like
-    return None
 
 
 def identity() -> Identity:
@@ -278,8 +242,11 @@ def get_curvature(curvature: Any):
       raise ValueError(
           f"unknown curvature {curvature!r}; known: {sorted(_BY_NAME)}")
     return _BY_NAME[curvature]()
-  needed = ("init", "update", "direction", "solve", "inverse_diagonal", "check")
-  missing = [m for m in needed if not hasattr(curvature, m)]
-  if missing:
-    raise TypeError(f"curvature {curvature!r} lacks {missing}")
+  if isinstance(curvature, type):
+    raise TypeError(f"curvature {curvature.__name__} is a class: pass an instance, "
+                    f"e.g. {curvature.__name__}() or a name such as 'adam'")
+  if not isinstance(curvature, curvature_base.Curvature):
+    raise TypeError(f"curvature {curvature!r} is not a dgnopt_jax.curvature.Curvature: "
+                    f"subclass it and implement init, update and solve, or pass a name "
+                    f"{sorted(_BY_NAME)}")
   return curvature

@@ -135,10 +135,8 @@ def per_sample_kernel_gradients(layer: Any, x: jax.Array, output_grads: jax.Arra
   that the patches (B, P, K: ``kh * kw`` times the layer's input) are never
   formed. The input is padded :func:`after` ``output_grads`` and each tap's
   window taken after the previous tap's product, so that one window at a
-  time is alive and the padded input is not kept from the forward pass (on
-  the residual CNN of the benchmarks, 32 MB of peak memory with all patches
-  formed in the forward pass, 16 MB with the windows tied; tying the padding
-  too, 14.05 -> 13.85 MB).
+  time is alive and the padded input is not kept from the forward pass
+  (peak memory; docs/PERFORMANCE.md, "Design choices").
   """
   if layer.kind != "conv":
     return jnp.einsum("bpk,brpo->brko", kernel_rows(layer, x), output_grads)
@@ -160,8 +158,7 @@ def kernel_rows(layer: Any, x: jax.Array, bias_column: bool = False) -> jax.Arra
   For a convolution, the image patches in ``kernel.reshape(-1, O)`` order,
   built from ``kh * kw`` strided slices of the padded input (copies only):
   ``lax.conv_general_dilated_patches`` computes the same as a convolution
-  with a one-hot kernel, ``kh * kw * C`` times more arithmetic (14 ms
-  against well under 1 ms for a 3x3 layer of 12 maps, batch 128, on CPU).
+  with a one-hot kernel, ``kh * kw * C`` times more arithmetic.
   With ``bias_column`` a column of ones is appended in the same copy
   (stacking the patches and then appending the column copied them twice).
   """

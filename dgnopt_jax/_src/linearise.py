@@ -50,79 +50,81 @@ def partition_safe() -> bool:
 
 
 class Linearised:
-  """``F_t`` linearised at ``(x, thetas)``: JVPs and VJPs in x and in one player's theta."""
+  """``F_t`` linearised at ``(x, thetas)``: JVPs and VJPs in x and in players' params.
+
+  ``players`` (a tuple of player indices; None: all of the stage's) selects
+  whose params vary; tangents and cotangents in params are tuples over them.
+  """
 
   def __init__(self, fn: Callable[[State, tuple], State], x: State, thetas: tuple):
     self.fn = fn
     self.x = x
     self.thetas = thetas
 
-  def _of_theta(self, n: int) -> Callable[[Params], State]:
-    return lambda th: self.fn(self.x, _replace(self.thetas, n, th))
+  def _players(self, players: tuple[int, ...] | None) -> tuple[int, ...]:
+    return tuple(range(len(self.thetas))) if players is None else players
+
+  def _with(self, players: tuple[int, ...], own: tuple) -> tuple:
+    """The stage's params with ``players``' replaced by ``own``."""
+    thetas = self.thetas
+    for n, theta in zip(players, own):
+      thetas = _replace(thetas, n, theta)
+    return thetas
+
+  def _of_thetas(self, players: tuple[int, ...]) -> Callable[[tuple], State]:
+    if players == tuple(range(len(self.thetas))):
+      return lambda own: self.fn(self.x, own)
+    return lambda own: self.fn(self.x, self._with(players, own))
 
   def jvp_x(self, dx: State) -> State:
     """F_x dx (per sample)."""
     return jax.jvp(lambda x: self.fn(x, self.thetas), (self.x,), (dx,))[1]
 
-  def jvp_theta(self, n: int, dtheta: Params) -> State:
-    """F_theta_n dtheta (per sample; dtheta shared by the batch)."""
-    return jax.jvp(self._of_theta(n), (self.thetas[n],), (dtheta,))[1]
-
   def vjp_x(self, cotangent: State) -> State:
     """F_x^T c (per sample)."""
     return jax.vjp(lambda x: self.fn(x, self.thetas), self.x)[1](cotangent)[0]
-
-  def vjp_theta(self, n: int, cotangent: State) -> Params:
-    """sum_i F_theta_n^(i)T c^(i): one batched VJP."""
-    return jax.vjp(self._of_theta(n), self.thetas[n])[1](cotangent)[0]
-
-  def vjp_x_theta(self, n: int, cotangent: State) -> tuple[State, Params]:
-    """(F_x^T c, sum_i F_theta_n^T c) from one pullback."""
-    fn = lambda x, th: self.fn(x, _replace(self.thetas, n, th))
-    return jax.vjp(fn, self.x, self.thetas[n])[1](cotangent)
 
   def vjp_x_columns(self, factor: State) -> State:
     """F_x^T Z column by column: the factor q_x of Q_xx = q_x q_x^T."""
     return jax.vmap(self.vjp_x, in_axes=1, out_axes=1)(factor)
 
-  def jvp_thetas(self, dthetas: tuple) -> State:
-    """sum_n F_theta_n dtheta_n: all players' parameter changes at once."""
-    return jax.jvp(lambda ths: self.fn(self.x, ths), (self.thetas,), (dthetas,))[1]
+  def jvp_thetas(self, dthetas: tuple, players: tuple[int, ...] | None = None) -> State:
+    """sum_n F_theta_n dtheta_n over ``players`` (per sample; dtheta shared by the batch)."""
+    players = self._players(players)
+    own = tuple(self.thetas[n] for n in players)
+    return jax.jvp(self._of_thetas(players), (own,), (tuple(dthetas),))[1]
 
-  def vjp_thetas(self, cotangent: State) -> tuple:
-    """(sum_i F_theta_n^(i)T c^(i))_n for every player."""
-    return jax.vjp(lambda ths: self.fn(self.x, ths), self.thetas)[1](cotangent)[0]
+  def vjp_thetas(self, cotangent: State, players: tuple[int, ...] | None = None) -> tuple:
+    """(sum_i F_theta_n^(i)T c^(i))_n for ``players``: one batched VJP."""
+    players = self._players(players)
+    own = tuple(self.thetas[n] for n in players)
+    return jax.vjp(self._of_thetas(players), own)[1](cotangent)[0]
 
-  def vjp_x_thetas(self, cotangent: State) -> tuple[State, tuple]:
+  def vjp_x_thetas(self, cotangent: State,
+                   players: tuple[int, ...] | None = None) -> tuple[State, tuple]:
     """(F_x^T c, (sum_i F_theta_n^T c)_n) from one pullback."""
-    return jax.vjp(self.fn, self.x, self.thetas)[1](cotangent)
+    players = self._players(players)
+    own = tuple(self.thetas[n] for n in players)
+    fn = lambda x, own: self.fn(x, self._with(players, own))
+    return jax.vjp(fn, self.x, own)[1](cotangent)
 
-  def per_sample_vjp_thetas(self, factor: State) -> tuple:
-    """Per-sample F_theta^(i)T Z^(i) for all players jointly (leaves (B, r, ...))."""
-    players = tuple(range(len(self.thetas)))
-    if partition_safe():
-      return self._per_sample_pullback(players, factor)
-    return self._per_sample_vmap(players, factor)
-
-  def per_sample_vjp_theta(self, n: int, factor: State) -> Params:
-    """Per-sample F_theta_n^(i)T Z^(i): leaves of shape (B, r, *theta.shape).
+  def per_sample_vjp_thetas(self, factor: State, players: tuple[int, ...] | None = None) -> tuple:
+    """Per-sample F_theta_n^(i)T Z^(i) for ``players``: leaves of shape (B, r, *theta.shape).
 
     The generic route for players without a known structure, memory linear
     in B.
     """
+    players = self._players(players)
     if partition_safe():
-      return self._per_sample_pullback((n,), factor)[0]
-    return self._per_sample_vmap((n,), factor)[0]
+      return self._per_sample_pullback(players, factor)
+    return self._per_sample_vmap(players, factor)
 
   def _per_sample_vmap(self, players: tuple[int, ...], factor: State) -> tuple:
     """One VJP of the single-sample stage per sample and column (``vmap``)."""
 
     def one(xi, zi):
       def single(own):
-        thetas = self.thetas
-        for n, theta in zip(players, own):
-          thetas = _replace(thetas, n, theta)
-        return self.fn(jax.tree.map(lambda a: a[None], xi), thetas)
+        return self.fn(jax.tree.map(lambda a: a[None], xi), self._with(players, own))
 
       pull = jax.vjp(single, tuple(self.thetas[n] for n in players))[1]
       return jax.vmap(lambda c: pull(jax.tree.map(lambda a: a[None], c))[0])(zi)
@@ -147,10 +149,7 @@ class Linearised:
                                 self.thetas[n]) for n in players)
 
     def one_sample(xi, own):
-      thetas = self.thetas
-      for n, theta in zip(players, own):
-        thetas = _replace(thetas, n, theta)
-      out = self.fn(jax.tree.map(lambda a: a[None], xi), thetas)
+      out = self.fn(jax.tree.map(lambda a: a[None], xi), self._with(players, own))
       return jax.tree.map(lambda a: a[0], out)
 
     pull = jax.vjp(lambda own: jax.vmap(one_sample)(self.x, own), copies)[1]
@@ -404,10 +403,10 @@ def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
 
     states_start = jax.tree.map(lambda z: jnp.zeros(z.shape[:1] + z.shape[2:], z.dtype),
                                 factor_next)
-    # Unrolled up to 16 iterations: XLA's CPU backend ran the kernel-gradient
-    # convolutions of the stage's VJP about 5x slower inside a loop body
-    # (residual CNN, fne-sgd with eps = 1e-4: 932 ms a step looped, 187 ms
-    # unrolled); more iterations would make the program too long to compile.
+    # Unrolled up to 16 iterations: XLA's CPU backend runs the kernel-gradient
+    # convolutions of the stage's VJP several times slower inside a loop body
+    # (docs/PERFORMANCE.md, "Design choices"); more iterations would make the
+    # program too long to compile.
     scale = coupling_scale(extended_gram, (columns_start, states_start),
                            None if jacobian_trace is None else trace + vxx_reg * jacobian_trace,
                            iterations, unroll=iterations <= 16)

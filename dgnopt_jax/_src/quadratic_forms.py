@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from dgnopt_jax._src import games as games_lib
-from dgnopt_jax._src import kronecker
 from dgnopt_jax._src import layer_taps
 from dgnopt_jax._src import linearise as lin
 
@@ -174,28 +173,27 @@ def sum_forms(forms: list) -> Form:
   return Form(s, gram, gradients, jacobian_trace)
 
 
-def _gram_blocks(a: jax.Array, b: jax.Array) -> jax.Array:
+def gram_blocks(a: jax.Array, b: jax.Array) -> jax.Array:
   """Per-sample ``a_i^T b_i`` over the trailing axes: (B, r, ...), (B, s, ...) -> (B, r, s)."""
   return lin.per_sample_dot(jnp.expand_dims(a, 2), jnp.expand_dims(b, 1), a.ndim - 2)
 
 
-def _apply_gram(q: jax.Array, inverse: jax.Array, v: jax.Array) -> jax.Array:
+def apply_gram(q: jax.Array, inverse: jax.Array, v: jax.Array) -> jax.Array:
   """``(G v)_ir = q_ir^T D (sum_js q_js v_js)`` for gradients q (B, r, ...) and a diagonal D.
 
   Both contractions are matrix-vector products with ``q`` flattened to
   (B r, K O). Written as a per-sample dot over the trailing axes, XLA's CPU
-  backend copied ``q`` into a transposed layout in every power iteration of
-  the convexity safeguard (a (128, 1, 108, 12) conv player: 72 against
-  27 us per iteration in a loop of 8); as a multiply fused with its
-  reduction it was slower still (101 us).
+  backend copies ``q`` into a transposed layout in every power iteration of
+  the convexity safeguard; as a multiply fused with its reduction it is
+  slower still.
   """
   flat = q.reshape(q.shape[0] * q.shape[1], -1)
   u = v.reshape(-1).astype(q.dtype) @ flat  # sum_js v_js q_js
   return (flat @ (inverse * u.reshape(q.shape[2:])).reshape(-1)).reshape(v.shape)
 
 
-def _contract(q: Any, solved: Any) -> jax.Array:
-  parts = [_gram_blocks(a, b) for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(solved))]
+def contract(q: Any, solved: Any) -> jax.Array:
+  parts = [gram_blocks(a, b) for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(solved))]
   return sum(parts[1:], parts[0])
 
 
@@ -221,7 +219,7 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   w = jnp.sum(a * a, axis=-1, keepdims=True) * dk if dk.ndim == 0 else (a * a) @ dk
   if layer.use_bias:
     w = w + inv_diag["bias"]
-  s = _gram_blocks(g, g * jnp.expand_dims(w, 1))
+  s = gram_blocks(g, g * jnp.expand_dims(w, 1))
   jacobian_trace = None
   if layer.activation is None or isinstance(layer.activation, str):  # elementwise
     slope = act_pull(jnp.ones_like(h))[0]  # act'(h)
@@ -280,75 +278,28 @@ def diagonal_layer(f: lin.Linearised, n: int, factor_next: State, theta: Params,
   q = layer_taps.per_sample_kernel_gradients(layer, layer_x, g)
   qb = jnp.sum(g, axis=2) if "bias" in inv else None
   dtype = jax.tree.leaves(factor_next)[0].dtype
-  s = _gram_blocks(q, q * inv_kernel)
+  s = gram_blocks(q, q * inv_kernel)
   if qb is not None:
-    s = s + _gram_blocks(qb, qb * inv["bias"])
+    s = s + gram_blocks(qb, qb * inv["bias"])
 
   def gram(v: jax.Array) -> jax.Array:
-    out = _apply_gram(q, inv_kernel, v)
+    out = apply_gram(q, inv_kernel, v)
     if qb is not None:
-      out = out + _apply_gram(qb, inv["bias"], v)
+      out = out + apply_gram(qb, inv["bias"], v)
     return out.astype(v.dtype)
 
   return Form(s.astype(dtype), gram, LayerGradients(q, qb))
 
 
-def kronecker_players(f: lin.Linearised, players: tuple[int, ...], factor_next: State,
-                      step: kronecker.KroneckerStep, damping: jax.Array) -> Form:
-  """The forms of dense/conv players under a Kronecker curvature, from the factor's taps.
-
-  Per sample and factor column the players' gradients are ``sum_p a_ip g_irp^T``
-  (placed block-diagonally when several players share one stacked layer);
-  in the eigenbasis, ``S_rs = sum_jk Q~_rjk Q~_sjk / (e_jk + damping)`` with
-  ``Q~_r = U_A^T Q_r U_G``. For one dense player (one position) ``Q~_r`` is
-  rank one and never formed: ``S_rs = sum_jk a~_j^2 g~_rk g~_sk / (e_jk + damping)``
-  (and ``G`` is applied through the stage); otherwise ``(G v)_ir = sum_jk
-  Q~_irjk u_jk / (e_jk + damping)`` with ``u = sum_js Q~_js v_js``.
-  """
-  copies = 1
-  if isinstance(step, kronecker.SharedKroneckerStep):
-    # N players with one gradient q each: S = N q^T (N K + damping)^-1 q.
-    players, copies = players[:1], len(players)
-  stats = jax.vmap(lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, players,
-                                                   marker=factor_next),
-                   in_axes=1, out_axes=1)(factor_next)  # leaves (B, r, P, .)
-  inverse = copies * kronecker.safe_reciprocal(copies * step.eigenvalues + damping)
-  dtype = jax.tree.leaves(factor_next)[0].dtype
-  if len(players) == 1 and stats[players[0]].inputs.shape[2] == 1:
-    a, g = stats[players[0]].inputs[:, 0, 0], stats[players[0]].output_grads[:, :, 0]
-    g_rot = g @ step.output_basis  # (B, r, k)
-    weights = ((a @ step.input_basis) ** 2) @ inverse  # (B, k)
-    return Form(_gram_blocks(g_rot, g_rot * weights[:, None]).astype(dtype))
-  # Per-sample gradients in the eigenbasis, U_A^T (sum_p a_p g_p^T) U_G: the
-  # sum over positions first, then two large matrix products over all
-  # samples and columns, where rotating the layer inputs first (B P Ka^2
-  # multiplications) cost several times more. (Rotating g first would make
-  # the sum over positions as wide as all the stacked players' outputs.)
-  rows = cols = 0
-  q = 0.0
-  for n in players:
-    a, g = stats[n].inputs[:, 0], stats[n].output_grads  # a does not depend on the column
-    ka, o = a.shape[-1], g.shape[-1]
-    summed = jnp.einsum("bpk,brpo->brko", a, g)
-    rotated = jnp.einsum("kj,brko->brjo", step.input_basis[rows:rows + ka], summed)
-    q = q + jnp.einsum("brjo,ol->brjl", rotated, step.output_basis[cols:cols + o])
-    rows, cols = rows + ka, cols + o
-
-  def gram(v: jax.Array) -> jax.Array:
-    return _apply_gram(q, inverse, v).astype(v.dtype)
-
-  gradients = None
-  if len(players) == 1 and copies == 1:
-    gradients = RotatedGradients(q, step.input_basis, step.output_basis)
-  return Form(_gram_blocks(q, q * inverse).astype(dtype), gram, gradients)
-
-
 def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
            factor_next: State, step: Any, damping: jax.Array) -> Form:
-  """The forms of one player of stage ``f`` (the Kronecker routes where they apply)."""
+  """The forms of one player of stage ``f`` under a curvature of its own.
+
+  A diagonal curvature (``inverse_diagonal`` not None) has closed forms for
+  dense and conv players (:func:`dense_layer`, :func:`diagonal_layer`); any
+  other player or curvature solves with each per-sample gradient.
+  """
   theta = f.thetas[n]
-  if isinstance(step, kronecker.KroneckerStep):
-    return kronecker_players(f, (n,), factor_next, step, damping)
   inv_diag = curvature.inverse_diagonal(step, damping, theta)
   if (inv_diag is not None and isinstance(player_.layer, games_lib.Dense) and
       f.fn is games_lib.layer_stage_fn(player_.layer)):
@@ -356,18 +307,8 @@ def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
   if (inv_diag is not None and layer_taps.has_kronecker_structure(player_, theta) and
       (lin.partition_safe() or explicit_gradients_pay(f, n, factor_next))):
     return diagonal_layer(f, n, factor_next, theta, inv_diag)
-  q = f.per_sample_vjp_theta(n, factor_next)
+  (q,) = f.per_sample_vjp_thetas(factor_next, (n,))
   if inv_diag is not None:
-    return Form(_contract(q, jax.tree.map(lambda a, d: a * d, q, inv_diag)))
+    return Form(contract(q, jax.tree.map(lambda a, d: a * d, q, inv_diag)))
   solved = jax.vmap(jax.vmap(lambda v: curvature.solve(step, v, damping)))(q)
-  return Form(_contract(q, solved))
-
-
-def joint(curvature: Any, f: lin.Linearised, factor_next: State, step: Any,
-          damping: jax.Array) -> Form:
-  """The forms of all players of a stage with one joint (non block-diagonal) curvature."""
-  if isinstance(step, kronecker.KroneckerStep):
-    return kronecker_players(f, tuple(range(len(f.thetas))), factor_next, step, damping)
-  q = f.per_sample_vjp_thetas(factor_next)
-  solved = jax.vmap(jax.vmap(lambda v: curvature.solve(step, v, damping)))(q)
-  return Form(_contract(q, solved))
+  return Form(contract(q, solved))
