@@ -36,8 +36,8 @@ def _train(tx, params, state, batches):
 def test_restored_run_continues_bit_for_bit(tmp_path, curvature):
   game = _game()
   params = game.init(jax.random.PRNGKey(0))
-  tx = optax.chain(optax.clip_by_global_norm(10.0),
-                   dgnopt.gr(game, 0.05 if curvature == "ekfac" else 1e-3, curvature))
+  tx = optax.chain(dgnopt.gr(game, 0.05 if curvature == "ekfac" else 1e-3, curvature),
+                   optax.clip_by_global_norm(10.0))
   batches = _batches(6)
   want_params, want_state = _train(tx, params, tx.init(params), batches)
 

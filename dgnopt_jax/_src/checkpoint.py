@@ -22,9 +22,10 @@ import numpy as np
 def _serialization():
   try:
     from flax import serialization  # pylint: disable=g-import-not-at-top
-  except ImportError as e:  # flax is an optional dependency
+  except ImportError as e:  # a dependency of dgnopt-jax, missing from a broken install
     raise ImportError(
-        "checkpoints need flax (pip install 'dgnopt-jax[flax]')") from e
+        "checkpoints need flax, a dependency of dgnopt-jax that is not installed: "
+        "pip install 'flax>=0.10' (or reinstall dgnopt-jax)") from e
   return serialization
 
 

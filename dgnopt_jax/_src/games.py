@@ -408,6 +408,103 @@ def sequential(layers: Sequence[Any], input_shape: Sequence[int],
   return Game(tuple(stages), losses_lib.get_loss(loss), jax.jit(init_fn), input_shape)
 
 
+def with_weight_decay(game: Game, weight_decay: float) -> Game:
+  """The game with the stage cost ``weight_decay/2 |theta|^2`` on every player.
+
+  Equal to building it with ``weight_decay=`` (:func:`sequential`): the
+  stage functions are kept, so repeated stages still share a scanned body.
+
+  Args:
+    game: a game whose players have no stage cost yet.
+    weight_decay: the coefficient, >= 0.
+
+  Returns:
+    A :class:`Game`.
+
+  Raises:
+    ValueError: a player already has a stage cost (set it in one place).
+  """
+  priced = [p.name for p in game.players if p.weight_decay]
+  if priced:
+    raise ValueError(
+        f"weight_decay={weight_decay!r} is given to the transformation, but players "
+        f"{priced} of the game already have a stage cost (weight_decay when the game "
+        "was built); set it in one place")
+  stages = tuple(dataclasses.replace(s, players=tuple(
+      dataclasses.replace(p, weight_decay=weight_decay) for p in s.players))
+                 for s in game.stages)
+  return dataclasses.replace(game, stages=stages)
+
+
+def player_paths(game: Game, names: Sequence[Union[str, Path]], what: str) -> frozenset:
+  """The paths of the players that ``names`` (paths or ``"a/b"`` strings, or prefixes of them) cover.
+
+  Raises:
+    ValueError: a name covers no player (naming the players there are).
+  """
+  chosen = set()
+  for name in names:
+    prefix = tuple(name.split("/")) if isinstance(name, str) else tuple(name)
+    hit = [p.path for p in game.players if p.path[:len(prefix)] == prefix]
+    if not hit:
+      raise ValueError(
+          f"{what} names {'/'.join(map(str, prefix))!r}, which is no player's params (nor "
+          f"a prefix of them); the players are {[p.name for p in game.players]}")
+    chosen.update(hit)
+  return frozenset(chosen)
+
+
+def _bind_stage(stage: Stage, keep: tuple[int, ...], constants: dict) -> Stage:
+  """``stage`` played by its players ``keep``; the others' params are the fixed ``constants``."""
+
+  def bind(fn):
+    if fn is None:
+      return None
+
+    def bound(x, thetas):
+      full, own = [], iter(thetas)
+      for n in range(stage.num_players):
+        full.append(constants[n] if n in constants else next(own))
+      return fn(x, tuple(full))
+
+    return bound
+
+  return Stage(bind(stage.fn), tuple(stage.players[n] for n in keep), stage.name,
+               shared_statistics=stage.shared_statistics and not constants,
+               gradient_fn=bind(stage.gradient_fn))
+
+
+def with_constants(game: Game, constant_paths: frozenset, params: Params) -> Game:
+  """The game in which the players at ``constant_paths`` are fixed constants.
+
+  Their params are read from ``params`` (this step's values) and held fixed:
+  each stage that had such a player is played by the others alone, as a
+  stage without players is when it has none left; the DGNOpt step changes
+  only the remaining players. Stages without such players are kept as they
+  are (and still share scanned bodies).
+
+  Args:
+    game: the game.
+    constant_paths: player paths (from :func:`player_paths`).
+    params: the params pytree whose values the constants take.
+
+  Returns:
+    A :class:`Game` with the same stages and loss.
+  """
+  if not constant_paths:
+    return game
+  stages = []
+  for s in game.stages:
+    fixed = {n: get_path(params, p.path) for n, p in enumerate(s.players)
+             if p.path in constant_paths}
+    if not fixed:
+      stages.append(s)
+      continue
+    keep = tuple(n for n in range(s.num_players) if n not in fixed)
+    stages.append(_bind_stage(s, keep, fixed))
+  return dataclasses.replace(game, stages=tuple(stages))
+
+
 # ----------------------------------------------------------------------------
 # Params paths.
 # ----------------------------------------------------------------------------

@@ -407,9 +407,11 @@ def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
     # convolutions of the stage's VJP several times slower inside a loop body
     # (docs/PERFORMANCE.md, "Design choices"); more iterations would make the
     # program too long to compile.
+    # A traced count (optax.inject_hyperparams) can only run as a loop.
+    unroll = isinstance(iterations, int) and iterations <= 16
     scale = coupling_scale(extended_gram, (columns_start, states_start),
                            None if jacobian_trace is None else trace + vxx_reg * jacobian_trace,
-                           iterations, unroll=iterations <= 16)
+                           iterations, unroll=unroll)
   return scale, mix_columns(q_x, psd_sqrt_of_identity_minus(scale * scale * s))
 
 

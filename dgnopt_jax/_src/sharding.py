@@ -22,7 +22,7 @@ jit-compiled train step with those shardings as ``in_shardings`` and
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -186,3 +186,95 @@ def _children(node: Any) -> list | None:
   if treedef.num_leaves == 1 and treedef.num_nodes == 1:
     return None
   return children
+
+
+# ----------------------------------------------------------------------------
+# Explicit sharding (sharding in types).
+# ----------------------------------------------------------------------------
+
+
+def _explicit_axes(mesh: Any) -> tuple:
+  names = getattr(mesh, "axis_names", ()) or ()
+  types = getattr(mesh, "axis_types", None) or ()
+  explicit = getattr(jax.sharding, "AxisType", None)
+  if explicit is None:
+    return ()
+  return tuple(n for n, t in zip(names, types) if t == explicit.Explicit)
+
+
+def explicit_mesh(tree: Any) -> Any:
+  """The (abstract) mesh with ``Explicit`` axes that ``tree``'s arrays are typed on, or None.
+
+  Looks at the context mesh (``jax.set_mesh``) and at the sharding in the
+  type of every array of ``tree`` (an array placed on an explicit-axes mesh
+  carries it even outside the context). None under the default, ``Auto``,
+  axes, where XLA propagates the shardings itself.
+  """
+  typeof = getattr(jax, "typeof", None)
+  get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+  context = get_mesh() if get_mesh is not None else None
+  if context is not None and _explicit_axes(context):
+    return context
+  if typeof is None:
+    return None
+  for leaf in jax.tree.leaves(tree):
+    mesh = getattr(getattr(typeof(leaf), "sharding", None), "mesh", None)
+    if mesh is not None and _explicit_axes(mesh):
+      return mesh
+  return None
+
+
+def _auto_axes(fn: Callable, out_sharding: Any) -> Callable | None:
+  auto = getattr(jax.sharding, "auto_axes", None)
+  if auto is not None:
+    return auto(fn, out_sharding=out_sharding)
+  try:  # older JAX: the experimental module, whose keyword is plural
+    from jax.experimental.shard import auto_axes  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return auto_axes(fn, out_shardings=out_sharding)
+
+
+def sharding_type_of(tree: Any, mesh: Any) -> Any:
+  """The sharding in the type of each array of ``tree``, on ``mesh`` (replicated where it has none)."""
+  typeof = jax.typeof
+
+  def one(leaf):
+    sharding = getattr(typeof(leaf), "sharding", None)
+    if isinstance(sharding, NamedSharding) and _explicit_axes(sharding.mesh):
+      return sharding
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(one, tree)
+
+
+def call_with_auto_axes(fn: Callable, args: tuple, out_sharding: Callable[[Any], Any]) -> Any:
+  """``fn(*args)``, with a mesh's ``Explicit`` axes switched to ``Auto`` inside.
+
+  Under explicit sharding every operation must say how its output is
+  sharded; a DGNOpt step's per-sample contractions, concatenated layer
+  inputs and vmapped VJPs mix batch-sharded and replicated operands, where
+  that is ambiguous. Inside ``jax.sharding.auto_axes`` XLA propagates the
+  shardings itself, as it does for a jit-compiled step under the default
+  axes (:mod:`sharding`'s data-parallel recipe), and the outputs are given
+  the sharding types ``out_sharding(mesh)`` names, so a step's outputs have
+  the types of its inputs from one step to the next. Without explicit axes
+  ``fn(*args)`` is called as it is.
+
+  Args:
+    fn: the function.
+    args: its positional arguments.
+    out_sharding: ``mesh -> `` a pytree of ``NamedSharding`` shaped like
+      ``fn``'s outputs.
+
+  Returns:
+    ``fn(*args)``.
+  """
+  mesh = explicit_mesh(args)
+  if mesh is None:
+    return fn(*args)
+  wrapped = _auto_axes(fn, out_sharding(mesh))
+  if wrapped is None:
+    raise NotImplementedError(
+        "this JAX has explicit mesh axes but no auto_axes; use Auto axes (the default)")
+  return wrapped(*args)

@@ -1,16 +1,27 @@
-"""The optax surface: ``fne`` and ``olne`` as ``optax.GradientTransformationExtraArgs``."""
+"""The optax surface: ``fne``, ``gr`` and ``olne`` as ``optax.GradientTransformationExtraArgs``.
+
+``update(updates, state, params, *, batch)`` computes the step from ``params``
+and ``batch`` (the game): ``updates`` must be ``None``. Gradients passed in
+would be ignored, and a transformation placed before the step in a chain
+would act on nothing the step reads, so both are refused with an error that
+says what to do (:mod:`composition`); transformations placed after it act on
+the step. How each optax wrapper composes is in the README's optax guide
+(docs/OPTAX.md).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from dgnopt_jax._src import composition
 from dgnopt_jax._src import curvature as curvature_lib
 from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import losses as losses_lib
+from dgnopt_jax._src import sharding as sharding_lib
 from dgnopt_jax._src import solver
 from dgnopt_jax._src import trust_region as trust_region_lib
 
@@ -139,11 +150,75 @@ def _raise_if_not_finite(finite: jax.Array, loss: jax.Array) -> None:
         "the updated params); nonfinite='skip' skips such steps instead")
 
 
-def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
-          damping: ScalarOrSchedule | None, vxx_reg: float, vxx_rank: str,
+def _is_traced(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def _static_count(name: str, value: Any, default: int) -> Any:
+  """An iteration count: ``default`` for None, an int where known, the traced array as it is.
+
+  ``optax.inject_hyperparams`` hands every number to the transformation as an
+  array, traced under ``jit``; a traced count runs as a loop whose trip count
+  is that array.
+  """
+  if value is None:
+    return default
+  if _is_traced(value):
+    return value
+  if int(value) != value or int(value) < 1:
+    raise ValueError(f"{name} must be >= 1 (an integer), got {value!r}")
+  return int(value)
+
+
+def _stage_cost(value: Any) -> float | None:
+  """``weight_decay`` as a Python float (it defines the game's stage costs), or None."""
+  if value is None:
+    return None
+  if _is_traced(value):
+    raise TypeError(
+        "weight_decay defines the game's stage costs, which the solver specialises on, "
+        "and cannot be a traced value: under optax.inject_hyperparams pass "
+        "static_args=('weight_decay',)")
+  value = float(value)
+  if not value >= 0:
+    raise ValueError(f"weight_decay must be >= 0, got {value!r}")
+  return value
+
+
+def _placeholder_state(game: games_lib.Game, init: Callable, placeholder: Any) -> Any:
+  """The state ``init`` makes, with the placeholder wherever it mirrors a player's params.
+
+  ``optax.tree.map_params`` initialises on a placeholder for the params and
+  maps the state's subtrees that ``init`` filled with it. A DGNOptState keeps
+  per-player statistics (the moments of rmsprop and adam mirror one player's
+  params); those subtrees are marked, the rest (counters, Kronecker factors)
+  are left to ``transform_non_params``.
+  """
+  if game.init_fn is None:
+    raise ValueError(
+        "optax.tree.map_params initialises the state on a placeholder; a DGNOpt state "
+        "takes its shapes from the game's init function, which this game lacks "
+        "(build it with games.sequential, games.from_flax or Game(init_fn=...))")
+  params = jax.eval_shape(game.init_fn, jax.random.PRNGKey(0))
+  state = jax.eval_shape(init, params)
+  shapes = lambda t: (jax.tree.structure(t), [jnp.shape(l) for l in jax.tree.leaves(t)])
+  curvature = dict(state.curvature)
+  for player in game.players:
+    if player.name not in curvature:
+      continue
+    want = shapes(games_lib.get_path(params, player.path))
+    mirrors = lambda node, want=want: bool(jax.tree.leaves(node)) and shapes(node) == want
+    curvature[player.name] = jax.tree.map(lambda n: placeholder if mirrors(n) else n,
+                                          curvature[player.name], is_leaf=mirrors)
+  return state._replace(curvature=curvature)
+
+
+def _make(name: str, game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
+          damping: ScalarOrSchedule | None, vxx_reg: float | None, vxx_rank: str,
           feedback: bool, principle: str = "fne", cross_terms: bool = True,
-          coupling_iterations: int = 8, nonfinite: str = "skip",
-          trust_region: bool = True) -> optax.GradientTransformationExtraArgs:
+          coupling_iterations: int | None = None, nonfinite: str = "skip",
+          trust_region: bool = True, weight_decay: float | None = None,
+          frozen: Sequence[Any] = ()) -> optax.GradientTransformationExtraArgs:
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
   if not isinstance(game, games_lib.Game):
@@ -151,35 +226,69 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
   curvature = curvature_lib.get_curvature(curvature)
   if damping is None:
     damping = curvature.default_damping
+  if vxx_reg is None:
+    vxx_reg = 0.0
   _check_positive("learning_rate", learning_rate, allow_zero=False)
   _check_positive("damping", damping, allow_zero=True)
   _check_positive("vxx_reg", vxx_reg, allow_zero=True)
   if vxx_rank not in losses_lib.VALUE_RANKS:
     raise ValueError(f"vxx_rank must be one of {losses_lib.VALUE_RANKS}, got {vxx_rank!r}")
-  if int(coupling_iterations) < 1:
-    raise ValueError(f"coupling_iterations must be >= 1, got {coupling_iterations!r}")
+  coupling_iterations = _static_count("coupling_iterations", coupling_iterations, 8)
+  weight_decay = _stage_cost(weight_decay)
+  if weight_decay is not None:
+    game = games_lib.with_weight_decay(game, weight_decay)
+  if isinstance(frozen, str):
+    frozen = [frozen]
+  constants = games_lib.player_paths(game, frozen, "frozen")
   checked = bool(trust_region) and feedback  # open-loop steps have no rollout to check
   cfg = solver.SolverConfig(curvature, feedback, vxx_rank, principle, cross_terms,
-                            int(coupling_iterations), checked)
+                            coupling_iterations, checked)
 
   def init_fn(params):
-    for player in game.players:
+    composition.check_enclosing_wrappers(name)
+    if composition.is_params_placeholder(params):
+      return _placeholder_state(game, init_fn, params)
+    composition.check_not_masked(game, params, name)
+    played = games_lib.with_constants(game, constants, params)
+    for player in played.players:
       curvature.check(player, games_lib.get_path(params, player.path))
-    cstate = solver.init_curvature_state(game, cfg, params)
+    cstate = solver.init_curvature_state(played, cfg, params)
     dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else jnp.float32
     return DGNOptState(jnp.zeros([], jnp.int32), cstate, jnp.zeros([], jnp.int32),
                        jnp.full([], jnp.nan, dtype), jnp.zeros([], jnp.int32),
                        jnp.ones([], dtype))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
-    del updates, extra_args  # the step comes from the game, not from incoming gradients
+    del extra_args
+    if updates is not None:
+      raise TypeError(
+          f"dgnopt_jax.{name} computes its step from params and batch (the game), not from "
+          f"incoming updates: call tx.update(None, state, params, batch=...); got updates "
+          f"of type {type(updates).__name__}, which would be ignored. Transformations meant "
+          f"for the step go after it in optax.chain (optax.chain(dgnopt.{name}(...), "
+          "optax.clip_by_global_norm(1.0))); weight decay is weight_decay= on the "
+          f"transformation. See {composition.OPTAX_GUIDE}.")
     inputs, targets = _unpack_batch(batch)
-    validate(game, params, inputs, targets, curvature)
+    composition.check_not_masked(game, params, name)
+    played = games_lib.with_constants(game, constants, params)
     eta = _value(learning_rate, state.count)
     if checked:
       eta = state.step_scale * eta
     hyper = solver.Hyper(eta, _value(damping, state.count), vxx_reg)
-    result = solver.solve_step(game, cfg, hyper, params, state.curvature, inputs, targets)
+
+    def solve(hyper, params, curvature_state, inputs, targets):
+      validate(played, params, inputs, targets, curvature)
+      return solver.solve_step(played, cfg, hyper, params, curvature_state, inputs, targets)
+
+    def step_sharding(mesh):  # the updates as the params, the statistics as they were
+      scalar = sharding_lib.sharding_type_of(jnp.zeros([]), mesh)
+      return solver.StepResult(sharding_lib.sharding_type_of(params, mesh),
+                               sharding_lib.sharding_type_of(state.curvature, mesh),
+                               scalar, scalar, scalar, scalar if checked else None,
+                               scalar if checked else None)
+
+    result = sharding_lib.call_with_auto_axes(
+        solve, (hyper, params, state.curvature, inputs, targets), step_sharding)
     updates = jax.tree.map(lambda u, p: u.astype(jnp.result_type(p)), result.updates, params)
     # Whether the loss, every player's update and updated params are finite
     # (leaves of no player get a zero update); a step that is not comes back
@@ -207,9 +316,10 @@ def _make(game: games_lib.Game, learning_rate: ScalarOrSchedule, curvature: Any,
 
 def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
         curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
-        vxx_reg: float = 0.0, vxx_rank: str = "projected",
-        coupling_iterations: int = 8, nonfinite: str = "skip",
-        trust_region: bool = True) -> optax.GradientTransformationExtraArgs:
+        vxx_reg: float | None = None, vxx_rank: str = "projected",
+        coupling_iterations: int | None = None, nonfinite: str = "skip",
+        trust_region: bool = True, weight_decay: float | None = None,
+        frozen: Sequence[str | tuple] = ()) -> optax.GradientTransformationExtraArgs:
   r"""DGNOpt for the feedback Nash equilibrium (Isaacs-Bellman, DGNOpt eq. 6, 9, 10).
 
   Each player n at stage t solves its own second-order expansion of
@@ -241,7 +351,9 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       curvature's (0 for identity/rmsprop/adam, 0.1 for kfac/ekfac, 1e-3 for
       dense).
     vxx_reg: Tikhonov term eps on the value Hessian, ``V~_xx = Z Z^T + eps I``
-      (DDPNOpt §4.2; a state cost at every stage, not propagated). It
+      (DDPNOpt §4.2; a state cost at every stage, not propagated); None is
+      0, kept out of the compiled step (a number, traced under
+      ``optax.inject_hyperparams``, keeps the term in it). It
       enters the convexity safeguard's ``G``; with ``vxx_reg > 0`` the
       safeguard's cheap trace test only exists for a stage that is one
       dense layer under a diagonal curvature, and every other stage runs
@@ -255,7 +367,10 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       Prop. 5, the empirical Fisher, which exceeds ``H`` where a sample is
       confidently wrong) or ``"exact"`` (``H`` itself, rank C for softmax
       cross-entropy, C times the factor's cost).
-    coupling_iterations: power iterations estimating ``lambda_max(G)``.
+    coupling_iterations: power iterations estimating ``lambda_max(G)``;
+      None is 8. (The defaults of these options are None rather than
+      numbers so that ``optax.inject_hyperparams``, which turns every number
+      into a state array, leaves them static.)
     nonfinite: what a step whose loss, update or updated params are not
       finite does: ``"skip"`` (zero updates, statistics unchanged,
       ``state.skipped`` incremented, ``state.count`` not) or ``"raise"`` (a
@@ -270,24 +385,38 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       rejected step and grown back towards 1 after one its model predicted
       well (``rho > 3/4``).
       False gives the unchecked step of the papers.
+    weight_decay: the stage cost ``weight_decay/2 |theta|^2`` on every
+      player, the same as building the game with ``weight_decay=``: the
+      place of optax's ``add_decayed_weights`` (the step then solves the game
+      with the decay, and the trust region counts it). None: the game's own
+      stage costs. Static (part of the game).
+    frozen: players (``"a/b"`` strings or path tuples, or prefixes of them)
+      whose params are fixed constants of the game: read from ``params`` at
+      each step, never changed (zero updates), no statistics kept; the other
+      players solve the game with them held fixed (a stage left without
+      players passes the value derivatives through).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``update(updates, state,
-    params, *, batch)`` ignores ``updates`` (pass ``None`` or the gradients),
-    needs ``params`` and ``batch=(inputs, targets)``, and returns exactly the
-    change the rollout applied. A step whose loss, update or updated params
-    are not finite is skipped or raises (``nonfinite``); one the trust region
-    rejects returns zero updates.
+    params, *, batch)`` needs ``updates=None`` (the step comes from the game;
+    anything else raises a TypeError that says what to do), ``params`` and
+    ``batch=(inputs, targets)``, and returns exactly the change the rollout
+    applied. A step whose loss, update or updated params are not finite is
+    skipped or raises (``nonfinite``); one the trust region rejects returns
+    zero updates. Its ``init`` refuses optax wrappers that would change its
+    meaning (a transformation before it in a chain, ``optax.MultiSteps``,
+    ``optax.apply_if_finite``, masked params), naming what to use instead.
   """
-  return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, True,
+  return _make("fne", game, learning_rate, curvature, damping, vxx_reg, vxx_rank, True,
                coupling_iterations=coupling_iterations, nonfinite=nonfinite,
-               trust_region=trust_region)
+               trust_region=trust_region, weight_decay=weight_decay, frozen=frozen)
 
 
 def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
          curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
-         vxx_reg: float = 0.0, vxx_rank: str = "projected",
-         nonfinite: str = "skip") -> optax.GradientTransformationExtraArgs:
+         vxx_reg: float | None = None, vxx_rank: str = "projected",
+         nonfinite: str = "skip", weight_decay: float | None = None,
+         frozen: Sequence[str | tuple] = ()) -> optax.GradientTransformationExtraArgs:
   r"""The open-loop Nash baseline (DGNOpt eq. 5, Prop. 2): the same machinery with no feedback.
 
   ``Q_theta_x := 0``, so ``V_x`` is the back-propagated co-state and the update
@@ -295,17 +424,19 @@ def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
   ``adam`` it is exactly ``optax.rmsprop`` / ``optax.adam`` (DGNOpt Theorem 6),
   with ``dense`` a layer-wise Gauss-Newton step. Arguments as :func:`fne`
   (``vxx_reg`` and ``vxx_rank`` only matter for the dense curvature; an
-  open-loop step has no rollout, so no trust region).
+  open-loop step has no rollout, so no trust region), ``weight_decay`` and
+  ``frozen`` included.
   """
-  return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, False,
-               nonfinite=nonfinite)
+  return _make("olne", game, learning_rate, curvature, damping, vxx_reg, vxx_rank, False,
+               nonfinite=nonfinite, weight_decay=weight_decay, frozen=frozen)
 
 
 def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
        curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
-       vxx_reg: float = 0.0, vxx_rank: str = "projected", feedback: bool = True,
-       cross_terms: bool = True, coupling_iterations: int = 8,
-       nonfinite: str = "skip", trust_region: bool = True
+       vxx_reg: float | None = None, vxx_rank: str = "projected", feedback: bool = True,
+       cross_terms: bool = True, coupling_iterations: int | None = None,
+       nonfinite: str = "skip", trust_region: bool = True,
+       weight_decay: float | None = None, frozen: Sequence[str | tuple] = ()
        ) -> optax.GradientTransformationExtraArgs:
   r"""DGNOpt for the cooperative game: group rationality (group Bellman, DGNOpt eq. 7, 11, 22-25).
 
@@ -329,8 +460,8 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
 
   Args:
     game, learning_rate, curvature, damping, vxx_reg, vxx_rank,
-      coupling_iterations, nonfinite, trust_region: as :func:`fne` (the
-      safeguard uses the joint G).
+      coupling_iterations, nonfinite, trust_region, weight_decay, frozen: as
+      :func:`fne` (the safeguard uses the joint G).
     feedback: False gives the cooperative open-loop update (with the identity
       curvature, exactly SGD; no rollout, so no trust region).
     cross_terms: keep ``P_uv`` (dense, kfac, ekfac); False sets it to zero
@@ -339,5 +470,6 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with the surface of :func:`fne`.
   """
-  return _make(game, learning_rate, curvature, damping, vxx_reg, vxx_rank, feedback,
-               "gr", cross_terms, coupling_iterations, nonfinite, trust_region)
+  return _make("gr", game, learning_rate, curvature, damping, vxx_reg, vxx_rank, feedback,
+               "gr", cross_terms, coupling_iterations, nonfinite, trust_region,
+               weight_decay, frozen)
