@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from dgnopt_jax._src import guards
 from dgnopt_jax._src import kronecker
 
 Params = Any
@@ -95,6 +96,11 @@ class RMSProp:
   needs_value_hessian = False
   default_damping = 0.0
 
+  def __post_init__(self):
+    guards.check_coefficient("rmsprop", "decay", self.decay, 0.0, 1.0)
+    guards.check_coefficient("rmsprop", "eps", self.eps, 0.0)
+    guards.check_coefficient("rmsprop", "initial_scale", self.initial_scale, 0.0)
+
   def check(self, player, theta) -> None:
     del player, theta
 
@@ -151,6 +157,12 @@ class Adam:
   name = "adam"
   needs_value_hessian = False
   default_damping = 0.0
+
+  def __post_init__(self):
+    for field, value in (("b1", self.b1), ("b2", self.b2)):
+      guards.check_coefficient("adam", field, value, 0.0, 1.0)
+    guards.check_coefficient("adam", "eps", self.eps, 0.0)
+    guards.check_coefficient("adam", "eps_root", self.eps_root, 0.0)
 
   def check(self, player, theta) -> None:
     del player, theta
@@ -278,6 +290,14 @@ def get_curvature(curvature: Any):
       raise ValueError(
           f"unknown curvature {curvature!r}; known: {sorted(_BY_NAME)}")
     return _BY_NAME[curvature]()
+  if isinstance(curvature, type) or (callable(curvature) and not hasattr(curvature, "init")):
+    what = "class" if isinstance(curvature, type) else "function"
+    name = getattr(curvature, "__name__", repr(curvature))
+    by_class = {type(make()).__name__: key for key, make in _BY_NAME.items() if key != "sgd"}
+    key = by_class.get(name, name if name in _BY_NAME else "adam")
+    raise TypeError(
+        f"curvature must be a curvature object or a name, got the {what} {name}: pass an "
+        f"instance such as dgnopt.curvature.{key}() or the name {key!r}")
   needed = ("init", "update", "direction", "solve", "inverse_diagonal", "check")
   missing = [m for m in needed if not hasattr(curvature, m)]
   if missing:
