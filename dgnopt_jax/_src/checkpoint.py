@@ -167,11 +167,10 @@ def restore(path: str | os.PathLike, target: Any) -> Any:
   with open(path, "rb") as f:
     data = f.read()
   serialization = _serialization()
+  payload = _payload(path, data)
   try:
-    saved = serialization.msgpack_restore(_payload(path, data))
-  except ValueError:
-    raise
-  except Exception as e:  # msgpack's own errors on a damaged payload
+    saved = serialization.msgpack_restore(payload)
+  except Exception as e:  # msgpack's or numpy's errors on a payload it did not write
     raise ValueError(f"checkpoint {path!r} cannot be read: {e}") from e
   found = guards.first_mismatch(serialization.to_state_dict(target), saved,
                                 names=("the target", "the checkpoint"))
