@@ -12,37 +12,70 @@ with the empirical Fisher). ``name@lr`` sets one optimizer's learning rate;
 ``name/N`` with a kfac or ekfac curvature folds the batch's Kronecker
 statistics into the running averages every N steps (``statistics_every``),
 e.g. ``gr-kfac/5@0.03``.
-Prints progress, a markdown result table, and writes a JSON record and a PNG of
-the curves to ``--out``.
+
+Every argument and optimizer name is checked before any training; a bad one
+is a one-line error and exit status 2. Each invocation writes to its own run
+folder, ``<out>/<timestamp>-<dataset>-<model>/`` (``<out>/latest`` links to
+it): ``record.json`` (rewritten as each run ends), ``curves.png`` and
+``checkpoints/``. Running the same command again continues the last
+unfinished run folder of that configuration: finished runs are kept, and the
+run in progress continues from its checkpoint exactly as if it had not
+stopped (``--no-resume`` starts a new folder). SIGTERM or Ctrl-C checkpoints
+the run in progress and exits (status 143 or 130); a second Ctrl-C stops at
+once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import itertools
 import json
+import logging
+import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
+from dgnopt_jax._src import checkpoint as checkpoint_lib
 
 G = dgnopt.games
 
 DEFAULT_LR = {"identity": 0.1, "sgd": 0.1, "rmsprop": 1e-3, "adam": 1e-3, "kfac": 0.03,
               "ekfac": 0.03, "dense": 0.3}
-
-
+OPTAX = ("sgd", "rmsprop", "adam")
+SOLVERS = ("olne", "fne", "gr")
+CURVATURES = ("identity", "sgd", "rmsprop", "adam", "kfac", "ekfac", "dense")
 MODELS = ("mlp", "cnn", "resnet", "inception")
 IMAGE_MODELS = ("cnn", "resnet", "inception")
+# The arguments that decide a run's results: a run folder is continued only
+# by a command that agrees on all of them.
+CONFIG_KEYS = ("dataset", "max_train", "max_test", "model", "alignment", "optimizers", "lr",
+               "vxx_reg", "damping", "batch_size", "steps", "eval_every", "seeds")
+RECORD = "record.json"
+FORMAT = 2  # of record.json
+
+
+class UsageError(ValueError):
+  """A bad argument: reported as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------
+# Models and optimizers.
+# ----------------------------------------------------------------------------
 
 
 def make_model(name: str, data: datasets.Dataset, alignment: str = "merge",
@@ -77,32 +110,84 @@ def make_model(name: str, data: datasets.Dataset, alignment: str = "merge",
   raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
+class Optimizer(NamedTuple):
+  """A parsed optimizer name: ``[<solver>-]<curvature>[/<period>][@<lr>]``.
+
+  Attributes:
+    name: the name as given.
+    solver: ``"olne"``, ``"fne"``, ``"gr"``, or None for optax's own.
+    curvature: the curvature name (identity for ``sgd`` under a solver), or
+      optax's optimizer name.
+    learning_rate: from ``@lr``, or None.
+    statistics_every: from ``/N``, or None.
+  """
+
+  name: str
+  solver: str | None
+  curvature: str
+  learning_rate: float | None
+  statistics_every: int | None
+
+
+def parse_optimizer(name: str) -> Optimizer:
+  """Parses an optimizer name; raises a ``ValueError`` that says what is wrong and what is known."""
+  text = name.strip()
+  known = (f"optax's {', '.join(OPTAX)}, or <solver>-<curvature> with solver in "
+           f"{', '.join(SOLVERS)} and curvature in {', '.join(CURVATURES)} "
+           "(syntax: name[/N][@lr])")
+  if not text:
+    raise ValueError(f"an empty optimizer name; use {known}")
+  lr = None
+  if "@" in text:
+    text, given = text.split("@", 1)
+    try:
+      lr = float(given)
+    except ValueError:
+      raise ValueError(f"{name!r}: the learning rate after '@' must be a number, "
+                       f"got {given!r}") from None
+    if not (math.isfinite(lr) and lr > 0):
+      raise ValueError(f"{name!r}: the learning rate must be finite and > 0, got {given!r}")
+  period = None
+  if "/" in text:
+    text, given = text.split("/", 1)
+    if not given.isdigit() or int(given) < 1:
+      raise ValueError(f"{name!r}: the statistics period after '/' must be an integer >= 1, "
+                       f"got {given!r}")
+    period = int(given)
+  if "-" in text:
+    solver, curvature = text.split("-", 1)
+    if solver not in SOLVERS:
+      raise ValueError(f"unknown optimizer {name!r}: unknown solver {solver!r}; use {known}")
+    if curvature not in CURVATURES:
+      raise ValueError(f"unknown optimizer {name!r}: unknown curvature {curvature!r}; "
+                       f"use {known}")
+    curvature = "identity" if curvature == "sgd" else curvature
+  else:
+    solver, curvature = None, text
+    if curvature not in OPTAX:
+      raise ValueError(f"unknown optimizer {name!r}; use {known}")
+  if period is not None and curvature not in ("kfac", "ekfac"):
+    raise ValueError(f"{name!r}: a statistics period (/{period}) needs the kfac or ekfac "
+                     "curvature")
+  return Optimizer(name.strip(), solver, curvature, lr, period)
+
+
 def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
               damping: float | None = None) -> tuple[Callable, Callable, float]:
   """(init, jitted step, learning rate) for an optimizer name.
 
   ``name@lr`` sets the learning rate, ``name/N`` a Kronecker curvature's
-  ``statistics_every``.
+  ``statistics_every``; ``lr`` is the default for names without ``@``. The
+  step maps ``(params, state, x, y)`` to ``(params, state, batch loss)``.
   """
-  if "@" in name:
-    name, lr = name.split("@", 1)
-    lr = float(lr)
-  statistics_every = None
-  if "/" in name:
-    name, period = name.split("/", 1)
-    statistics_every = int(period)
-    if name.split("-", 1)[-1] not in ("kfac", "ekfac"):
-      raise ValueError(f"{name}/{period}: a statistics period needs the kfac or ekfac curvature")
-  if "-" in name:
-    kind, curvature = name.split("-", 1)
-    makers = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}
-    if kind not in makers:
-      raise ValueError(f"unknown optimizer {name!r}")
-    curvature = "identity" if curvature == "sgd" else curvature
-    lr = DEFAULT_LR[curvature] if lr is None else lr
-    if statistics_every is not None:
-      curvature = getattr(dgnopt.curvature, curvature)(statistics_every=statistics_every)
-    make = makers[kind]
+  spec = parse_optimizer(name)
+  lr = spec.learning_rate if spec.learning_rate is not None else lr
+  lr = DEFAULT_LR[spec.curvature] if lr is None else lr
+  if spec.solver is not None:
+    curvature = spec.curvature
+    if spec.statistics_every is not None:
+      curvature = getattr(dgnopt.curvature, curvature)(statistics_every=spec.statistics_every)
+    make = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}[spec.solver]
     tx = make(game, lr, curvature, vxx_reg=vxx_reg, damping=damping)
 
     @jax.jit
@@ -111,10 +196,7 @@ def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
       return optax.apply_updates(params, updates), state, state.loss
 
     return tx.init, step, lr
-  if name not in ("sgd", "rmsprop", "adam"):
-    raise ValueError(f"unknown optimizer {name!r}")
-  lr = DEFAULT_LR[name] if lr is None else lr
-  tx = getattr(optax, name)(lr)
+  tx = getattr(optax, spec.curvature)(lr)
 
   @jax.jit
   def step(params, state, x, y):
@@ -129,141 +211,578 @@ def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
 
 
 def accuracy(game: G.Game, params: Any, x: np.ndarray, y: np.ndarray) -> float:
-  logits = jax.jit(game.apply)(params, x)
-  return float(jnp.mean(jnp.argmax(logits, -1) == y))
+  """Test accuracy in percent."""
+  predicted = np.asarray(jnp.argmax(jax.jit(game.apply)(params, x), -1))
+  return 100.0 * float(np.mean(predicted == np.asarray(y)))
 
 
-def run_one(name: str, game: G.Game, data: datasets.Dataset, seed: int, args) -> dict:
-  init, step, lr = make_step(name, game, args.lr, args.vxx_reg, args.damping)
+# ----------------------------------------------------------------------------
+# Arguments.
+# ----------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with one-line errors: ``train: error: <what> (see --help)``, exit status 2."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind: Callable, low: float, strict: bool) -> Callable[[str], Any]:
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                       f"got {text!r}") from None
+    if not math.isfinite(value) or value < low or (strict and value == low):
+      raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+    return value
+  parse.__name__ = "integer" if kind is int else "number"
+  return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The main job's arguments (bounds checked here; names and combinations by :func:`check_args`)."""
+  p = _Parser(prog="python -m dgnopt_jax.train", description=__doc__.split("\n\n")[0],
+              epilog=__doc__.split("\n\n", 2)[2],
+              formatter_class=argparse.RawDescriptionHelpFormatter)
+  positive_int, count = _number(int, 0, True), _number(int, 0, False)
+  add = p.add_argument
+  add("--dataset", default="digits", choices=datasets.EMBEDDED + datasets.TFDS, metavar="NAME",
+      help="an embedded dataset, or a tensorflow-datasets one read from --data-dir: "
+           "%(choices)s (default: %(default)s)")
+  add("--data-dir", default=None, metavar="DIR",
+      help="tensorflow-datasets data_dir (default: tfds's own, ~/tensorflow_datasets)")
+  add("--max-train", type=positive_int, default=None, metavar="N",
+      help="keep only the first N training examples (default: all)")
+  add("--max-test", type=positive_int, default=None, metavar="N",
+      help="keep only the first N test examples (default: all)")
+  add("--model", default="resnet", choices=MODELS, metavar="NAME",
+      help="the network: %(choices)s (default: %(default)s)")
+  add("--alignment", default="merge", choices=G.RESIDUAL_ALIGNMENTS, metavar="WHERE",
+      help="where a residual block's shortcut plays (resnet): %(choices)s "
+           "(default: %(default)s)")
+  add("--optimizers", default="adam,gr-adam", metavar="NAMES",
+      help="comma-separated names [<solver>-]<curvature>[/N][@lr]: optax's sgd, rmsprop, adam, "
+           "or olne|fne|gr-identity|sgd|rmsprop|adam|kfac|ekfac|dense, e.g. "
+           "sgd,fne-sgd@0.05,gr-kfac/5@0.03; the first is the step-time baseline "
+           "(default: %(default)s)")
+  add("--lr", type=_number(float, 0, True), default=None, metavar="LR",
+      help="one learning rate for names without @lr (default per curvature: "
+           + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items() if k != "sgd") + ")")
+  add("--vxx-reg", type=_number(float, 0, False), default=0.0, metavar="EPS",
+      help="Tikhonov term on V_xx for fne/gr (default: %(default)s)")
+  add("--damping", type=_number(float, 0, False), default=None, metavar="D",
+      help="Tikhonov term on the curvature (default per curvature: 0; kfac/ekfac 0.1, which "
+           "need > 0; dense 1e-3)")
+  add("--batch-size", type=positive_int, default=32, metavar="N",
+      help="examples per step (default: %(default)s)")
+  add("--steps", type=positive_int, default=1500, metavar="N",
+      help="training steps per run (default: %(default)s)")
+  add("--eval-every", type=positive_int, default=250, metavar="N",
+      help="steps between test evaluations; the last step is always evaluated "
+           "(default: %(default)s)")
+  add("--seeds", type=positive_int, default=2, metavar="N",
+      help="number of seeds, 0..n-1, per optimizer (default: %(default)s)")
+  add("--out", default="runs", metavar="DIR",
+      help="folder of the run folders (default: %(default)s)")
+  add("--checkpoint-every", type=count, default=250, metavar="N",
+      help="steps between checkpoints of the run in progress; 0: only when interrupted "
+           "(default: %(default)s)")
+  add("--resume", action=argparse.BooleanOptionalAction, default=True,
+      help="continue the last unfinished run folder of the same configuration in --out "
+           "(default: on)")
+  add("--lapack-threads", type=count, default=1, metavar="N",
+      help="threads of the host LAPACK behind KFAC/EKFAC's eigh on a CPU "
+           "(dgnopt_jax.limit_lapack_threads); 0 leaves OpenBLAS's own default "
+           "(default: %(default)s)")
+  return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> list[Optimizer]:
+  """The optimizers, after checking the names and the arguments' combinations.
+
+  Raises:
+    UsageError: an unknown or malformed optimizer name, a name given twice,
+      or an image model on a dataset without images.
+  """
+  names = [o.strip() for o in args.optimizers.split(",")]
+  if not any(names):
+    raise UsageError("--optimizers is empty; give one or more names, e.g. adam,gr-adam")
+  specs = []
+  for name in names:
+    try:
+      specs.append(parse_optimizer(name))
+    except ValueError as e:
+      raise UsageError(f"--optimizers: {e}") from None
+  seen = [s.name for s in specs]
+  if len(set(seen)) != len(seen):
+    raise UsageError(f"--optimizers names {sorted({n for n in seen if seen.count(n) > 1})} "
+                     "more than once")
+  if args.model in IMAGE_MODELS and args.dataset not in ("digits",) + datasets.TFDS:
+    raise UsageError(f"--model {args.model} needs an image dataset: digits (8x8) or one of "
+                     f"{', '.join(datasets.TFDS)}")
+  return specs
+
+
+def config_of(args: argparse.Namespace, specs: list[Optimizer]) -> dict:
+  """The arguments that decide the results (:data:`CONFIG_KEYS`), optimizers as a list."""
+  config = {k: getattr(args, k) for k in CONFIG_KEYS}
+  config["optimizers"] = [s.name for s in specs]
+  return config
+
+
+# ----------------------------------------------------------------------------
+# The run folder.
+# ----------------------------------------------------------------------------
+
+
+def _now() -> str:
+  return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _json_safe(value: Any) -> Any:
+  """Non-finite floats as null (strict JSON), numpy scalars as Python numbers."""
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, (np.floating, float)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def write_json(path: str, record: dict) -> None:
+  checkpoint_lib.atomic_write(path, json.dumps(_json_safe(record), indent=1,
+                                               allow_nan=False).encode())
+
+
+def _read_record(folder: str) -> dict | None:
+  try:
+    with open(os.path.join(folder, RECORD)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def find_unfinished(out: str, config: dict) -> str | None:
+  """The newest run folder in ``out`` whose record has ``config`` and is not complete."""
+  if not os.path.isdir(out):
+    return None
+  suffix = f"-{config['dataset']}-{config['model']}"
+  for entry in sorted(os.listdir(out), reverse=True):
+    folder = os.path.join(out, entry)
+    if entry.endswith(suffix) and not os.path.islink(folder) and os.path.isdir(folder):
+      record = _read_record(folder)
+      if record and record.get("config") == config and not record.get("complete"):
+        return folder
+  return None
+
+
+def new_run_folder(out: str, config: dict) -> str:
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  base = os.path.join(out, f"{stamp}-{config['dataset']}-{config['model']}")
+  folder, n = base, 1
+  while os.path.exists(folder):
+    n += 1
+    folder = f"{base}-{n}"
+  os.makedirs(folder)
+  return folder
+
+
+def link_latest(out: str, folder: str) -> None:
+  """Points ``<out>/latest`` at ``folder`` (where symbolic links exist)."""
+  link = os.path.join(out, "latest")
+  tmp = f"{link}.tmp-{os.getpid()}"
+  try:
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+    os.symlink(os.path.basename(folder), tmp)
+    os.replace(tmp, link)
+  except OSError:  # no symbolic links here; the folder is printed instead
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str):
+  """Holds ``<folder>/run.lock`` with this process's id; refuses a folder a live process holds."""
+  path = os.path.join(folder, "run.lock")
+  try:
+    with open(path) as f:
+      pid = int(f.read().strip() or 0)
+  except (OSError, ValueError):
+    pid = 0
+  if pid and pid != os.getpid():
+    try:
+      os.kill(pid, 0)
+      alive = True
+    except ProcessLookupError:
+      alive = False
+    except PermissionError:
+      alive = True
+    if alive:
+      raise UsageError(f"{folder} is in use by process {pid}; wait for it, or use --no-resume")
+  with open(path, "w") as f:
+    f.write(str(os.getpid()))
+  try:
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(path)
+
+
+def environment() -> dict:
+  """Library and JAX versions, the device and the machine."""
+  import flax  # pylint: disable=g-import-not-at-top  (a dependency; only its version is read)
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  return {"dgnopt_jax": dgnopt.__version__, "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__, "optax": optax.__version__, "flax": flax.__version__,
+          "numpy": np.__version__, "python": platform.python_version(),
+          "backend": jax.default_backend(), "device": device.device_kind,
+          "devices": len(jax.devices()), "machine": platform.platform()}
+
+
+# ----------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------
+
+
+class Stop:
+  """The signal that asked the job to stop (SIGTERM, SIGINT), set by a handler."""
+
+  def __init__(self):
+    self.signum = 0
+
+  def __call__(self, signum, frame):
+    del frame
+    self.signum = signum
+    # A second one stops at once.
+    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                  else signal.SIG_DFL)
+
+
+class Interrupted(Exception):
+  """Training stopped on a signal; the run in progress is checkpointed."""
+
+
+def _run_name(index: int, seed: int) -> str:
+  return f"{index:02d}-seed{seed}"
+
+
+def _eval_steps(steps: int, every: int) -> list[int]:
+  return sorted(set(range(every, steps + 1, every)) | {steps})
+
+
+def train_run(spec: Optimizer, index: int, seed: int, game: G.Game, data: datasets.Dataset,
+              args: argparse.Namespace, folder: str, stop: Stop, overall: tqdm) -> dict:
+  """One optimizer on one seed, from its checkpoint if there is one; returns its record.
+
+  The checkpoint holds the params, the optimizer state, the step, and every
+  per-step value recorded so far, so that a resumed run's record equals an
+  uninterrupted one's (the batches are the same: the stream is the seed's,
+  advanced past the steps already taken).
+
+  Raises:
+    Interrupted: ``stop`` was set; the run is checkpointed at its last step.
+  """
+  init, step_fn, lr = make_step(spec.name, game, args.lr, args.vxx_reg, args.damping)
   params = game.init(jax.random.PRNGKey(seed))
   state = init(params)
+  evals = _eval_steps(args.steps, args.eval_every)
+  saved = {"params": params, "opt_state": state, "step": 0,
+           "losses": np.full(args.steps, np.nan), "skipped": np.zeros(args.steps, np.int32),
+           "rejected": np.zeros(args.steps, np.int32), "step_times": np.zeros(args.steps),
+           "accuracy": np.full(len(evals), np.nan)}
+  path = os.path.join(folder, "checkpoints", _run_name(index, seed) + ".msgpack")
+  resumed = None
+  if os.path.exists(path):
+    saved = dgnopt.checkpoint.restore(path, saved)
+    resumed = int(saved["step"])
+  params, state, start = saved["params"], saved["opt_state"], int(saved["step"])
+  losses, skipped, rejected = saved["losses"].copy(), saved["skipped"].copy(), \
+      saved["rejected"].copy()
+  step_times, acc = saved["step_times"].copy(), saved["accuracy"].copy()
+
+  def checkpoint(done: int) -> None:
+    dgnopt.checkpoint.save(path, {"params": params, "opt_state": state, "step": done,
+                                  "losses": losses, "skipped": skipped, "rejected": rejected,
+                                  "step_times": step_times, "accuracy": acc})
+
   stream = datasets.batches(data.x_train, data.y_train, args.batch_size, seed=seed)
-  curve, times, losses = [], [], []
-  for i in range(1, args.steps + 1):
-    x, y = next(stream)
-    t0 = time.perf_counter()
-    params, state, loss = step(params, state, x, y)
-    loss = float(loss)
-    times.append(time.perf_counter() - t0)
-    losses.append(loss)
-    if i % args.eval_every == 0 or i == args.steps:
-      acc = accuracy(game, params, data.x_test, data.y_test)
-      window = losses[-args.eval_every:]
-      curve.append({"step": i, "train_loss": float(np.mean(window)), "test_accuracy": acc})
-      bar = "#" * int(20 * i / args.steps)
-      print(f"  [{bar:<20}] {name:>12} seed {seed} step {i:5d}  "
-            f"loss {curve[-1]['train_loss']:.4f}  test acc {acc:.4f}", flush=True)
-  warm = times[min(10, len(times) - 1):]
-  return {"optimizer": name, "seed": seed, "learning_rate": lr, "curve": curve,
-          "final_train_loss": curve[-1]["train_loss"], "test_accuracy": curve[-1]["test_accuracy"],
-          "step_time_s": statistics.median(warm)}
+  stream = itertools.islice(stream, start, None)  # the batches of the steps already taken
+  x, y = next(stream)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(params, state, x, y).compile()
+  compile_s = time.perf_counter() - t0
+  counts = (lambda s: (int(s.skipped), int(s.rejected))) if spec.solver else (lambda s: (0, 0))
+  before = counts(state) if start else (0, 0)
+  label = f"{spec.name} seed {seed}"
+  bar = tqdm(total=args.steps, initial=start, desc=label, unit="step", leave=False,
+             dynamic_ncols=True, disable=overall.disable, position=1, mininterval=0.5)
+  reached, error = start, None
+  with bar:
+    for i in range(start + 1, args.steps + 1):
+      if stop.signum:
+        checkpoint(reached)
+        raise Interrupted(f"{label} at step {reached}")
+      if i > start + 1:
+        x, y = next(stream)
+      t = time.perf_counter()
+      try:
+        params, state, loss = compiled(params, state, x, y)
+        loss = float(loss)
+      except (jax.errors.JaxRuntimeError, FloatingPointError) as e:
+        error = _first_line(e)
+        tqdm.write(f"  {label}: stopped at step {i}: {error}")
+        break
+      step_times[i - 1] = time.perf_counter() - t
+      losses[i - 1], reached = loss, i
+      now = counts(state)
+      skipped[i - 1], rejected[i - 1] = now[0] - before[0], now[1] - before[1]
+      before = now
+      bar.update(1)
+      overall.update(1)
+      bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+      if i in evals:
+        k = evals.index(i)
+        acc[k] = accuracy(game, params, data.x_test, data.y_test)
+        rate = (i - start) / max(float(np.sum(step_times[start:i])), 1e-9)
+        tqdm.write(f"  {label:>24} step {i:5d}/{args.steps}  loss "
+                   f"{np.mean(losses[(evals[k - 1] if k else 0):i]):.4f}  test {acc[k]:6.2f} %  "
+                   f"{rate:7.1f} steps/s  run ETA "
+                   f"{tqdm.format_interval((args.steps - i) / rate)}")
+      if args.checkpoint_every and i % args.checkpoint_every == 0:
+        checkpoint(i)
+  checkpoint(reached)  # the trained params, for whoever wants them
+  return run_record(spec, seed, lr, evals, losses[:reached], acc, skipped[:reached],
+                    rejected[:reached], step_times[:reached], compile_s, resumed, error)
+
+
+def _first_line(e: BaseException) -> str:
+  """The error's own message (JAX wraps a callback's error in its traceback)."""
+  text = str(e)
+  for marker in ("DGNOpt run stalled", "DGNOpt step is not finite"):
+    if marker in text:
+      text = text[text.index(marker):]
+  return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def run_record(spec: Optimizer, seed: int, lr: float, evals: list[int], losses: np.ndarray,
+               acc: np.ndarray, skipped: np.ndarray, rejected: np.ndarray,
+               step_times: np.ndarray, compile_s: float, resumed: int | None,
+               error: str | None) -> dict:
+  """A run's JSON record: the curve at the evaluation steps it reached, totals, timing."""
+  curve, last = [], 0
+  for k, s in enumerate(evals):
+    if s > len(losses):
+      break
+    curve.append({"step": s, "train_loss": float(np.mean(losses[last:s])),
+                  "test_accuracy_pct": float(acc[k]), "skipped": int(np.sum(skipped[:s])),
+                  "rejected": int(np.sum(rejected[:s])),
+                  "train_time_s": float(np.sum(step_times[:s]))})
+    last = s
+  warm = step_times[min(10, max(len(step_times) - 1, 0)):]
+  return {"optimizer": spec.name, "seed": seed, "learning_rate": lr, "steps": len(losses),
+          "curve": curve,
+          "final_train_loss": curve[-1]["train_loss"] if curve else None,
+          "test_accuracy_pct": curve[-1]["test_accuracy_pct"] if curve else None,
+          "skipped": int(np.sum(skipped)), "rejected": int(np.sum(rejected)),
+          "skipped_steps": [int(s) + 1 for s in np.flatnonzero(skipped)],
+          "step_time_s": float(statistics.median(warm)) if len(warm) else None,
+          "train_time_s": float(np.sum(step_times)), "compile_time_s": compile_s,
+          "resumed_at_step": resumed, "error": error}
+
+
+def _summary_row(name: str, runs: list[dict]) -> dict:
+  """One optimizer's mean and standard deviation over its seeds (runs that reached a curve)."""
+  mine = [r for r in runs if r["optimizer"] == name]
+  good = [r for r in mine if r["test_accuracy_pct"] is not None]
+  acc = [r["test_accuracy_pct"] for r in good]
+  loss = [r["final_train_loss"] if r["final_train_loss"] is not None else np.inf for r in good]
+  times = [r["step_time_s"] for r in mine if r["step_time_s"] is not None]
+  nan = float("nan")
+  return {"optimizer": name, "learning_rate": mine[0]["learning_rate"],
+          "train_loss": float(np.mean(loss)) if loss else nan,
+          "train_loss_std": float(np.std(loss)) if loss else nan,
+          "test_accuracy_pct": float(np.mean(acc)) if acc else nan,
+          "test_accuracy_pct_std": float(np.std(acc)) if acc else nan,
+          "step_time_ms": 1e3 * statistics.median(times) if times else nan,
+          "skipped": sum(r["skipped"] for r in mine),
+          "failed": sum(r["error"] is not None for r in mine)}
 
 
 def summarise(runs: list[dict], optimizers: list[str]) -> tuple[str, list[dict]]:
-  rows = []
-  base = None
-  for name in optimizers:
-    mine = [r for r in runs if r["optimizer"] == name]
-    acc = [100 * r["test_accuracy"] for r in mine]
-    loss = [r["final_train_loss"] for r in mine]
-    t = statistics.median(r["step_time_s"] for r in mine)
-    base = t if base is None else base
-    rows.append({"optimizer": name, "learning_rate": mine[0]["learning_rate"],
-                 "train_loss": float(np.mean(loss)), "train_loss_std": float(np.std(loss)),
-                 "test_accuracy": float(np.mean(acc)), "test_accuracy_std": float(np.std(acc)),
-                 "step_time_ms": 1e3 * t, "step_time_ratio": t / base})
-  lines = [f"| optimizer | lr | train loss | test acc (%) | step time (ms) | / {optimizers[0]} |",
-           "|---|---|---|---|---|---|"]
+  """The markdown result table (mean ± std over seeds) and its rows."""
+  with np.errstate(invalid="ignore"):  # a diverged run's inf loss has no spread
+    rows = [_summary_row(name, runs) for name in optimizers]
+  for row in rows:
+    row["step_time_ratio"] = row["step_time_ms"] / rows[0]["step_time_ms"]
+  lines = [f"| optimizer | lr | train loss | test acc (%) | step time (ms) | / {optimizers[0]} "
+           "| skipped |", "|---|---|---|---|---|---|---|"]
   for r in rows:
+    failed = f" ({r['failed']} failed)" if r["failed"] else ""
     lines.append(f"| {r['optimizer']} | {r['learning_rate']:g} | {r['train_loss']:.4f} ± "
-                 f"{r['train_loss_std']:.4f} | {r['test_accuracy']:.2f} ± {r['test_accuracy_std']:.2f}"
-                 f" | {r['step_time_ms']:.2f} | {r['step_time_ratio']:.2f}× |")
+                 f"{r['train_loss_std']:.4f} | {r['test_accuracy_pct']:.2f} ± "
+                 f"{r['test_accuracy_pct_std']:.2f} | {r['step_time_ms']:.2f} | "
+                 f"{r['step_time_ratio']:.2f}× | {r['skipped']}{failed} |")
   return "\n".join(lines), rows
 
 
 def plot(runs: list[dict], optimizers: list[str], path: str) -> bool:
+  """Train loss against steps and against training time, test accuracy against steps.
+
+  Lines are the mean over seeds, bands span the seeds (min to max); the
+  training time excludes compilation and evaluation.
+  """
   try:
-    import matplotlib
+    import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     print("matplotlib is not installed: no plot written")
     return False
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   for name in optimizers:
-    mine = [r for r in runs if r["optimizer"] == name]
-    steps = [c["step"] for c in mine[0]["curve"]]
-    loss = np.mean([[c["train_loss"] for c in r["curve"]] for r in mine], axis=0)
-    acc = np.mean([[c["test_accuracy"] for c in r["curve"]] for r in mine], axis=0)
-    axes[0].plot(steps, loss, label=name)
-    axes[1].plot(steps, 100 * acc, label=name)
+    curves = [r["curve"] for r in runs if r["optimizer"] == name and r["curve"]]
+    if not curves:
+      continue
+    n = min(len(c) for c in curves)
+    field = lambda key: np.array([[p[key] if p[key] is not None else np.nan for p in c[:n]]
+                                  for c in curves], float)
+    steps = [p["step"] for p in curves[0][:n]]
+    loss, acc, secs = field("train_loss"), field("test_accuracy_pct"), field("train_time_s")
+    for ax, xs, ys in ((axes[0], steps, loss), (axes[1], np.mean(secs, 0), loss),
+                       (axes[2], steps, acc)):
+      line, = ax.plot(xs, np.mean(ys, 0), label=name)
+      if len(curves) > 1:
+        ax.fill_between(xs, np.min(ys, 0), np.max(ys, 0), color=line.get_color(), alpha=0.2)
   axes[0].set(xlabel="step", ylabel="train loss", yscale="log")
-  axes[1].set(xlabel="step", ylabel="test accuracy (%)")
-  axes[1].legend()
+  axes[1].set(xlabel="training time (s, compile excluded)", ylabel="train loss", yscale="log")
+  axes[2].set(xlabel="step", ylabel="test accuracy (%)")
+  axes[2].legend()
+  fig.suptitle("mean over seeds; bands span the seeds")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return True
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--dataset", default="digits", choices=datasets.EMBEDDED + datasets.TFDS,
-                 help="an embedded dataset, or a tensorflow-datasets one read from --data-dir")
-  p.add_argument("--data-dir", default=None,
-                 help="tensorflow-datasets data_dir (default: tfds's own, ~/tensorflow_datasets)")
-  p.add_argument("--max-train", type=int, default=None,
-                 help="keep only the first N training examples")
-  p.add_argument("--max-test", type=int, default=None, help="keep only the first N test examples")
-  p.add_argument("--model", default="resnet", choices=MODELS)
-  p.add_argument("--alignment", default="merge", choices=G.RESIDUAL_ALIGNMENTS,
-                 help="where a residual block's shortcut plays (resnet)")
-  p.add_argument("--optimizers", default="adam,gr-adam",
-                 help="comma-separated; the first is the step-time baseline")
-  p.add_argument("--lr", type=float, default=None, help="one learning rate for all (default per curvature)")
-  p.add_argument("--vxx-reg", type=float, default=0.0, help="Tikhonov term on V_xx for fne/gr")
-  p.add_argument("--damping", type=float, default=None,
-                 help="Tikhonov term on the curvature (default per curvature)")
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--steps", type=int, default=1500)
-  p.add_argument("--eval-every", type=int, default=250)
-  p.add_argument("--seeds", type=int, default=2, help="number of seeds (0..n-1)")
-  p.add_argument("--out", default="runs", help="folder for the JSON record and the plot")
-  p.add_argument("--lapack-threads", type=int, default=1,
-                 help="threads of the host LAPACK behind KFAC/EKFAC's eigh on a CPU "
-                      "(dgnopt_jax.limit_lapack_threads); 0 leaves OpenBLAS's own default")
-  return p.parse_args(argv)
+def _error(message: str) -> int:
+  print(f"python -m dgnopt_jax.train: error: {message}", file=sys.stderr)
+  return 2
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  try:
+    specs = check_args(args)
+  except UsageError as e:
+    return _error(str(e))
+  config = config_of(args, specs)
+  names = config["optimizers"]
   images = args.model in IMAGE_MODELS
-  if images and args.dataset not in ("digits",) + datasets.TFDS:
-    raise SystemExit(f"--model {args.model} needs an image dataset: digits (8x8) or one of "
-                     f"{', '.join(datasets.TFDS)}")
-  data = datasets.load(args.dataset, images=images, data_dir=args.data_dir,
-                       max_train=args.max_train, max_test=args.max_test)
+  try:
+    data = datasets.load(args.dataset, images=images, data_dir=args.data_dir,
+                         max_train=args.max_train, max_test=args.max_test)
+  except (ValueError, OSError, ImportError) as e:
+    return _error(f"--dataset {args.dataset}: {_first_line(e)}")
+  if args.batch_size > len(data.x_train):
+    return _error(f"--batch-size {args.batch_size} exceeds the {len(data.x_train)} training "
+                  "examples")
   game = make_model(args.model, data, args.alignment)
-  optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+  for spec in specs:  # every transformation is built (and checked) before any training
+    try:
+      make_step(spec.name, game, args.lr, args.vxx_reg, args.damping)
+    except (ValueError, TypeError) as e:
+      return _error(f"{spec.name}: {_first_line(e)}")
+  folder = find_unfinished(args.out, config) if args.resume else None
+  record = _read_record(folder) if folder else None
+  try:
+    if folder is None:
+      folder = new_run_folder(args.out, config)
+    probe = os.path.join(folder, ".writable")
+    checkpoint_lib.atomic_write(probe, b"")
+    os.remove(probe)
+  except OSError as e:
+    return _error(f"--out {args.out}: cannot write there ({e.strerror or e})")
+  link_latest(args.out, folder)
   if args.lapack_threads and jax.default_backend() == "cpu":
     dgnopt.limit_lapack_threads(args.lapack_threads)
+
+  if record is None or record.get("format") != FORMAT:
+    record = {"format": FORMAT, "config": config, "arguments": vars(args),
+              "seeds": list(range(args.seeds)),
+              "command": " ".join(["python -m dgnopt_jax.train"] +
+                                  list(sys.argv[1:] if argv is None else argv)),
+              "environment": environment(), "started": _now(), "finished": None,
+              "complete": False, "units": {"accuracy": "percent of the test set",
+                                           "train_loss": "mean batch loss since the last "
+                                           "evaluation", "time": "seconds"},
+              "runs": [], "summary": None}
+  else:
+    record.setdefault("resumed", []).append({"at": _now(), "environment": environment()})
+  done = {(r["optimizer"], r["seed"]) for r in record["runs"]}
+  todo = [(s, i, spec) for s in range(args.seeds) for i, spec in enumerate(specs)
+          if (spec.name, s) not in done]
   print(f"dgnopt_jax {dgnopt.__version__} | jax {jax.__version__} on {jax.default_backend()} | "
-        f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test | model {args.model} | "
-        f"batch {args.batch_size} | {args.steps} steps | seeds {args.seeds}", flush=True)
-  runs = []
-  for seed in range(args.seeds):
-    for name in optimizers:
-      runs.append(run_one(name, game, data, seed, args))
-  table, rows = summarise(runs, optimizers)
+        f"{args.dataset}: {len(data.x_train)} train / {len(data.x_test)} test | model "
+        f"{args.model} | batch {args.batch_size} | {args.steps} steps | seeds {args.seeds}",
+        flush=True)
+  print(f"run folder {folder}" + (f" (continuing: {len(done)} of "
+                                   f"{len(done) + len(todo)} runs done)" if done else ""),
+        flush=True)
+  stop = Stop()
+  handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  # A run that stalls raises from a host callback, which JAX also logs with its
+  # traceback; the job reports the error itself, in one line and in the record.
+  logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
+  interrupted = None
+  try:
+    with folder_lock(folder):
+      write_json(os.path.join(folder, RECORD), record)
+      overall = tqdm(total=len(todo) * args.steps, desc="all runs", unit="step",
+                     dynamic_ncols=True, position=0, mininterval=0.5,
+                     disable=not sys.stderr.isatty())
+      with overall:
+        for seed, index, spec in todo:
+          if stop.signum:
+            interrupted = f"before {spec.name} seed {seed}; nothing to checkpoint"
+            break
+          try:
+            run = train_run(spec, index, seed, game, data, args, folder, stop, overall)
+          except Interrupted as e:
+            interrupted = str(e)
+            break
+          record["runs"].append(run)
+          record["runs"].sort(key=lambda r: (r["seed"], names.index(r["optimizer"])))
+          write_json(os.path.join(folder, RECORD), record)
+      if interrupted is None:
+        table, rows = summarise(record["runs"], names)
+        record.update(summary=rows, complete=True, finished=_now())
+        write_json(os.path.join(folder, RECORD), record)
+  except UsageError as e:
+    return _error(str(e))
+  finally:
+    for s, h in handlers.items():
+      signal.signal(s, h)
+  if interrupted is not None:
+    print(f"\ninterrupted ({signal.Signals(stop.signum).name}): {interrupted} checkpointed in "
+          f"{folder}; run the same command again to continue", flush=True)
+    return 128 + stop.signum
   print("\n" + table)
-  os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"{args.dataset}_{args.model}")
-  record = {"args": vars(args), "machine": platform.platform(), "backend": jax.default_backend(),
-            "summary": rows, "runs": runs}
-  with open(stem + ".json", "w") as f:
-    json.dump(record, f, indent=1)
-  wrote = plot(runs, optimizers, stem + ".png")
-  print(f"\nwrote {stem}.json" + (f" and {stem}.png" if wrote else ""))
+  wrote = plot(record["runs"], names, os.path.join(folder, "curves.png"))
+  failed = [f"{r['optimizer']} seed {r['seed']}" for r in record["runs"] if r["error"]]
+  print(f"\nwrote {os.path.join(folder, RECORD)}" +
+        (f" and {os.path.join(folder, 'curves.png')}" if wrote else ""))
+  if failed:
+    print(f"{len(failed)} run(s) stopped early ({', '.join(failed)}); see their 'error' in "
+          "the record", file=sys.stderr)
+    return 1
   return 0
 
 

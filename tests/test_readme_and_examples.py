@@ -90,18 +90,6 @@ def test_flax_example_prints_table():
   assert "| optax adam |" in out and "| olne-adam |" in out
 
 
-def test_main_job_writes_table_record_and_plot(tmp_path):
-  out = subprocess.run(
-      [sys.executable, "-m", "dgnopt_jax.train", "--steps", "60", "--eval-every", "30",
-       "--seeds", "1", "--model", "mlp", "--optimizers", "sgd,fne-sgd,olne-adam", "--out",
-       str(tmp_path)],
-      capture_output=True, text=True, check=True, cwd=ROOT)
-  assert "| optimizer | lr | train loss | test acc (%)" in out.stdout
-  record = json.loads((tmp_path / "digits_mlp.json").read_text())
-  assert [r["optimizer"] for r in record["summary"]] == ["sgd", "fne-sgd", "olne-adam"]
-  assert (tmp_path / "digits_mlp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_example_runs():
   out = subprocess.run(
       [sys.executable, "examples/digits_fne_vs_sgd.py", "--steps", "100", "--seeds", "1"],

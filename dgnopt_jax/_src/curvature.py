@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from dgnopt_jax._src import curvature_base
+from dgnopt_jax._src import guards
 from dgnopt_jax._src import kronecker
 
 Params = Any
@@ -76,6 +77,11 @@ class RMSProp(curvature_base.Curvature):
   needs_value_hessian = False
   default_damping = 0.0
 
+  def __post_init__(self):
+    guards.check_coefficient("rmsprop", "decay", self.decay, 0.0, 1.0)
+    guards.check_coefficient("rmsprop", "eps", self.eps, 0.0)
+    guards.check_coefficient("rmsprop", "initial_scale", self.initial_scale, 0.0)
+
   def init(self, theta: Params, player: Any = None) -> RMSPropState:
     del player
     nu = jax.tree.map(lambda x: jnp.full_like(x, self.initial_scale), theta)
@@ -125,6 +131,12 @@ class Adam(curvature_base.Curvature):
   name = "adam"
   needs_value_hessian = False
   default_damping = 0.0
+
+  def __post_init__(self):
+    for field, value in (("b1", self.b1), ("b2", self.b2)):
+      guards.check_coefficient("adam", field, value, 0.0, 1.0)
+    guards.check_coefficient("adam", "eps", self.eps, 0.0)
+    guards.check_coefficient("adam", "eps_root", self.eps_root, 0.0)
 
   def init(self, theta: Params, player: Any = None) -> AdamState:
     del player
@@ -242,9 +254,14 @@ def get_curvature(curvature: Any):
       raise ValueError(
           f"unknown curvature {curvature!r}; known: {sorted(_BY_NAME)}")
     return _BY_NAME[curvature]()
-  if isinstance(curvature, type):
-    raise TypeError(f"curvature {curvature.__name__} is a class: pass an instance, "
-                    f"e.g. {curvature.__name__}() or a name such as 'adam'")
+  if isinstance(curvature, type) or (callable(curvature) and not hasattr(curvature, "init")):
+    what = "class" if isinstance(curvature, type) else "function"
+    name = getattr(curvature, "__name__", repr(curvature))
+    by_class = {type(make()).__name__: key for key, make in _BY_NAME.items() if key != "sgd"}
+    key = by_class.get(name, name if name in _BY_NAME else "adam")
+    raise TypeError(
+        f"curvature must be a curvature object or a name, got the {what} {name}: pass an "
+        f"instance such as dgnopt.curvature.{key}() or the name {key!r}")
   if not isinstance(curvature, curvature_base.Curvature):
     raise TypeError(f"curvature {curvature!r} is not a dgnopt_jax.curvature.Curvature: "
                     f"subclass it and implement init, update and solve, or pass a name "

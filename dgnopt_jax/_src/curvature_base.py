@@ -37,12 +37,15 @@ class Curvature:
     needs_statistics: :meth:`update` takes the players' per-sample layer
       inputs and value derivatives (:func:`kronecker.gather_statistics`).
     default_damping: the damping used when none is given.
+    needs_damping: the solve is unbounded without damping (``damping <= 0``
+      is refused).
   """
 
   name: str = "curvature"
   needs_value_hessian: bool = False
   needs_statistics: bool = False
   default_damping: float = 0.0
+  needs_damping: bool = False
 
   # -- statistics ----------------------------------------------------------------
 

@@ -96,6 +96,7 @@ import jax.numpy as jnp
 
 from dgnopt_jax._src import flax_blocks
 from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import guards
 from dgnopt_jax._src import losses as losses_lib
 
 Array = jax.Array
@@ -703,7 +704,8 @@ def from_flax(model: nn.Module, example_input: Array | jax.ShapeDtypeStruct,
     raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
   x = jax.ShapeDtypeStruct(tuple(example_input.shape), example_input.dtype)
   kwargs = _call_kwargs(model, train)
-  shapes = jax.eval_shape(lambda k, v: model.init(k, v, **kwargs), jax.random.PRNGKey(0), x)
+  with guards.python_branching(f"the Flax model {type(model).__name__}"):
+    shapes = jax.eval_shape(lambda k, v: model.init(k, v, **kwargs), jax.random.PRNGKey(0), x)
   # Shapes are inferred on params of the input's dtype (the ready-made
   # convolution does not promote mixed dtypes as Flax does).
   like_input = jax.tree.map(

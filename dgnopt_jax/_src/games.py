@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
@@ -57,6 +58,23 @@ def get_activation(activation: Union[str, Callable, None]) -> Callable[[Array], 
   return _ACTIVATIONS[activation]
 
 
+def _check_layer(layer: Any, **sizes: Any) -> None:
+  """Raises a ``ValueError`` naming the first size that is not a positive integer (or pair).
+
+  ``kernel_size``, ``strides`` and ``window`` are pairs; other sizes integers.
+  """
+  for name, value in sizes.items():
+    pair = name in ("kernel_size", "strides", "window")
+    values = tuple(value) if pair and isinstance(value, (tuple, list)) else (value,)
+    if len(values) != (2 if pair else 1) or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in values):
+      want = "a pair of positive integers" if pair else "a positive integer"
+      raise ValueError(f"{type(layer).__name__}: {name} must be {want}, got {value!r}")
+  activation = getattr(layer, "activation", None)
+  if isinstance(activation, str):
+    get_activation(activation)
+
+
 def _lecun_normal(key: Array, shape: tuple[int, ...], fan_in: int, dtype) -> Array:
   return jax.random.normal(key, shape, dtype) / math.sqrt(max(fan_in, 1))
 
@@ -80,6 +98,9 @@ class Dense:
   activation: Union[str, Callable, None] = None
   use_bias: bool = True
   kind = "dense"
+
+  def __post_init__(self):
+    _check_layer(self, features=self.features)
 
   @property
   def prefix(self) -> str:
@@ -116,6 +137,12 @@ class Conv2D:
   activation: Union[str, Callable, None] = "relu"
   use_bias: bool = True
   kind = "conv"
+
+  def __post_init__(self):
+    _check_layer(self, features=self.features, kernel_size=self.kernel_size,
+                 strides=self.strides)
+    if isinstance(self.padding, str) and self.padding not in ("SAME", "SAME_LOWER", "VALID"):
+      raise ValueError(f"Conv2D: padding must be 'SAME', 'VALID' or pairs, got {self.padding!r}")
 
   @property
   def prefix(self) -> str:
@@ -160,6 +187,9 @@ class AvgPool:
 
   window: tuple[int, int] = (2, 2)
   prefix = None
+
+  def __post_init__(self):
+    _check_layer(self, window=self.window)
 
   def __call__(self, params: Params, x: Array) -> Array:
     del params
@@ -631,6 +661,7 @@ class ResidualBlock:
   prefix = "residual"
 
   def __post_init__(self):
+    _check_layer(self, features=self.features, kernel_size=self.kernel_size)
     if self.shortcut not in ("identity", "projection"):
       raise ValueError(f"shortcut must be 'identity' or 'projection', got {self.shortcut!r}")
     if self.alignment not in RESIDUAL_ALIGNMENTS:
@@ -715,6 +746,9 @@ class InceptionBlock:
   activation: Union[str, Callable, None] = "relu"
   prefix = "inception"
   names = ("b1x1", "b3x3", "b5x5", "pool")
+
+  def __post_init__(self):
+    _check_layer(self, features=self.features)
 
   def branches(self) -> tuple[Conv2D, ...]:
     return (_conv(self.features, (1, 1)), _conv(self.features, (3, 3)),

@@ -72,6 +72,7 @@ import jax
 import jax.numpy as jnp
 
 from dgnopt_jax._src import curvature_base
+from dgnopt_jax._src import guards
 from dgnopt_jax._src import layer_taps
 from dgnopt_jax._src import quadratic_forms
 
@@ -211,8 +212,12 @@ class Kronecker(curvature_base.Curvature):
   # The empirical Fisher shrinks with the gradients; a damping of this size keeps
   # the natural-gradient step bounded late in training (measured on DIGITS).
   default_damping = 0.1
+  # The factors are low-rank running estimates: an undamped solve steps
+  # without bound along their smallest eigenvalues (fne/gr/olne refuse 0).
+  needs_damping = True
 
   def __post_init__(self):
+    guards.check_coefficient(self.name, "decay", self.decay, 0.0, 1.0)
     for field in ("inverse_every", "statistics_every"):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:

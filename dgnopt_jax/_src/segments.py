@@ -157,6 +157,29 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.isfinite(jnp.concatenate(leaves)))
 
 
+# Statistics leaves up to this many elements are checked in one concatenated
+# reduction; larger ones (Kronecker factors and bases of wide layers) each in
+# a reduction of their own, which copies nothing.
+_CONCATENATED_STATISTICS = 1 << 16
+
+
+def statistics_finite(tree: Any) -> jax.Array:
+  """Whether every floating leaf of the curvature statistics is finite, as one scalar.
+
+  The small leaves go through :func:`all_finite` (one reduction: a reduction
+  per leaf costs a kernel launch each, and compile time); each large leaf is
+  reduced on its own, ``max |x|`` (NaN propagates through it), so that the
+  statistics are not copied every step.
+  """
+  leaves = [l for l in jax.tree.leaves(tree) if jnp.issubdtype(l.dtype, jnp.inexact) and l.size]
+  small = [l for l in leaves if l.size <= _CONCATENATED_STATISTICS]
+  finite = all_finite(small)
+  for leaf in leaves:
+    if leaf.size > _CONCATENATED_STATISTICS:
+      finite = finite & jnp.isfinite(jnp.max(jnp.abs(leaf)))
+  return finite
+
+
 def updates_finite(seg_thetas: list, seg_deltas: list) -> jax.Array:
   """Whether the (stacked) changes and the params they lead to are finite.
 

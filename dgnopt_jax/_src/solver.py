@@ -165,7 +165,10 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
     deltas, new_outputs = rollout(game, cfg, hyper, segments, xs, thetas, gains, inputs)
   else:
     deltas = [tuple(map(bellman.open_loop_deltas, seg_gains)) for seg_gains in gains]
-  finite = jnp.isfinite(loss) & segments_lib.updates_finite(thetas, deltas)
+  # Finite: the loss, this step's hyper-parameters, the new statistics, the updates, new params.
+  finite = (jnp.isfinite(loss) & jnp.isfinite(hyper.learning_rate) & jnp.isfinite(hyper.damping)
+            & segments_lib.statistics_finite(new_cstates)
+            & segments_lib.updates_finite(thetas, deltas))
 
   actual_change = model_change = None
   applied = finite

@@ -20,6 +20,7 @@ import optax
 from dgnopt_jax._src import composition
 from dgnopt_jax._src import curvature as curvature_lib
 from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import guards
 from dgnopt_jax._src import losses as losses_lib
 from dgnopt_jax._src import sharding as sharding_lib
 from dgnopt_jax._src import solver
@@ -43,6 +44,8 @@ class DGNOptState(NamedTuple):
       ``trust_region=False`` and for open-loop steps).
     step_scale: ``alpha``, the trust region's factor on the learning rate of
       the next step (1 with ``trust_region=False`` and for open-loop steps).
+    consecutive_skips: steps skipped in a row up to the last one (0 after a
+      step that was not skipped); ``max_consecutive_skips`` of them raise.
   """
 
   count: jax.Array
@@ -51,22 +54,11 @@ class DGNOptState(NamedTuple):
   loss: jax.Array
   rejected: jax.Array
   step_scale: jax.Array
+  consecutive_skips: jax.Array
 
 
 def _value(x: ScalarOrSchedule, count: jax.Array) -> jax.Array:
   return x(count) if callable(x) else jnp.asarray(x)
-
-
-def _check_positive(name: str, value: ScalarOrSchedule, allow_zero: bool) -> None:
-  if callable(value):
-    return
-  try:
-    v = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return
-  if not (v > 0 or (allow_zero and v == 0)) or v != v:
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
 def _unpack_batch(batch: Any) -> tuple[Any, jax.Array]:
@@ -110,6 +102,7 @@ def validate(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array,
       if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
         raise ValueError(f"player {player.name!r} has non-float params ({jnp.result_type(leaf)})")
     curvature.check(player, theta)
+  guards.check_batch_leaves(inputs, targets)
   leaves = jax.tree.leaves(inputs)
   if not leaves:
     raise ValueError("batch inputs are empty")
@@ -127,7 +120,7 @@ def validate(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array,
     if got != tuple(game.input_shape):
       raise ValueError(
           f"batch inputs have per-sample shape {got}; the game expects {game.input_shape}")
-  outputs = jax.eval_shape(game.apply, params, inputs)
+  outputs = guards.trace_apply(game, params, inputs)
   if not isinstance(outputs, jax.ShapeDtypeStruct):
     raise ValueError("the last stage must output a single array for the terminal loss")
   if game.loss.check_target is not None:
@@ -143,11 +136,14 @@ def validate(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Array,
 NONFINITE_POLICIES = ("skip", "raise")
 
 
-def _raise_if_not_finite(finite: jax.Array, loss: jax.Array) -> None:
+def _raise_if_not_finite(finite: jax.Array, loss: jax.Array, learning_rate: jax.Array,
+                         damping: jax.Array) -> None:
   if not bool(finite):
     raise FloatingPointError(
-        f"DGNOpt step is not finite (batch loss {float(loss)!r}, or a gain, an update or "
-        "the updated params); nonfinite='skip' skips such steps instead")
+        f"DGNOpt step is not finite (batch loss {float(loss)!r}, learning rate "
+        f"{float(learning_rate)!r}, damping {float(damping)!r}, or a gain, an update, the "
+        "updated params or the curvature statistics); nonfinite='skip' skips such steps "
+        "instead")
 
 
 def _is_traced(value: Any) -> bool:
@@ -218,7 +214,9 @@ def _make(name: str, game: games_lib.Game, learning_rate: ScalarOrSchedule, curv
           feedback: bool, principle: str = "fne", cross_terms: bool = True,
           coupling_iterations: int | None = None, nonfinite: str = "skip",
           trust_region: bool = True, weight_decay: float | None = None,
-          frozen: Sequence[Any] = ()) -> optax.GradientTransformationExtraArgs:
+          frozen: Sequence[Any] = (),
+          max_consecutive_skips: float | None = None
+          ) -> optax.GradientTransformationExtraArgs:
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
   if not isinstance(game, games_lib.Game):
@@ -228,9 +226,18 @@ def _make(name: str, game: games_lib.Game, learning_rate: ScalarOrSchedule, curv
     damping = curvature.default_damping
   if vxx_reg is None:
     vxx_reg = 0.0
-  _check_positive("learning_rate", learning_rate, allow_zero=False)
-  _check_positive("damping", damping, allow_zero=True)
-  _check_positive("vxx_reg", vxx_reg, allow_zero=True)
+  guards.check_hyper("learning_rate", learning_rate, allow_zero=False)
+  # The Kronecker factors are low-rank running estimates: undamped, a solve
+  # steps without bound along their smallest eigenvalues.
+  needs_damping = curvature.needs_damping
+  guards.check_hyper("damping", damping, allow_zero=not needs_damping,
+                     reason=f"the {curvature.name} curvature's solve needs damping > 0"
+                     if needs_damping else "")
+  if callable(vxx_reg):
+    raise TypeError("vxx_reg must be a float, not a schedule")
+  guards.check_hyper("vxx_reg", vxx_reg, allow_zero=True)
+  max_consecutive_skips = guards.check_limit("max_consecutive_skips", max_consecutive_skips,
+                                             guards.MAX_CONSECUTIVE_SKIPS)
   if vxx_rank not in losses_lib.VALUE_RANKS:
     raise ValueError(f"vxx_rank must be one of {losses_lib.VALUE_RANKS}, got {vxx_rank!r}")
   coupling_iterations = _static_count("coupling_iterations", coupling_iterations, 8)
@@ -252,11 +259,12 @@ def _make(name: str, game: games_lib.Game, learning_rate: ScalarOrSchedule, curv
     played = games_lib.with_constants(game, constants, params)
     for player in played.players:
       curvature.check(player, games_lib.get_path(params, player.path))
+    guards.check_finite_params(game, params)
     cstate = solver.init_curvature_state(played, cfg, params)
     dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else jnp.float32
     return DGNOptState(jnp.zeros([], jnp.int32), cstate, jnp.zeros([], jnp.int32),
                        jnp.full([], jnp.nan, dtype), jnp.zeros([], jnp.int32),
-                       jnp.ones([], dtype))
+                       jnp.ones([], dtype), jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
@@ -271,6 +279,9 @@ def _make(name: str, game: games_lib.Game, learning_rate: ScalarOrSchedule, curv
     inputs, targets = _unpack_batch(batch)
     composition.check_not_masked(game, params, name)
     played = games_lib.with_constants(game, constants, params)
+    guards.check_state(state, jax.eval_shape(init_fn, params))
+    if cfg.feedback:  # the solver differentiates through x: one float dtype
+      inputs = guards.float_inputs(inputs, guards.common_player_dtype(game, params))
     eta = _value(learning_rate, state.count)
     if checked:
       eta = state.step_scale * eta
@@ -295,7 +306,8 @@ def _make(name: str, game: games_lib.Game, learning_rate: ScalarOrSchedule, curv
     # as zero updates with the curvature statistics unchanged.
     finite = result.finite
     if nonfinite == "raise":
-      jax.debug.callback(_raise_if_not_finite, finite, result.loss)
+      jax.debug.callback(_raise_if_not_finite, finite, result.loss, hyper.learning_rate,
+                         hyper.damping)
     scale = state.step_scale
     if checked:
       scale = trust_region_lib.next_scale(state.step_scale, result.actual_change,
@@ -308,7 +320,10 @@ def _make(name: str, game: games_lib.Game, learning_rate: ScalarOrSchedule, curv
         skipped=state.skipped + (~finite).astype(jnp.int32),
         loss=result.loss.astype(state.loss.dtype),
         rejected=state.rejected + rejected.astype(jnp.int32),
-        step_scale=scale)
+        step_scale=scale,
+        consecutive_skips=guards.raise_if_stalled(
+            jnp.where(finite, 0, state.consecutive_skips + 1), max_consecutive_skips,
+            result.loss, hyper.learning_rate, hyper.damping, game, params))
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -319,7 +334,9 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
         vxx_reg: float | None = None, vxx_rank: str = "projected",
         coupling_iterations: int | None = None, nonfinite: str = "skip",
         trust_region: bool = True, weight_decay: float | None = None,
-        frozen: Sequence[str | tuple] = ()) -> optax.GradientTransformationExtraArgs:
+        frozen: Sequence[str | tuple] = (),
+        max_consecutive_skips: float | None = None
+        ) -> optax.GradientTransformationExtraArgs:
   r"""DGNOpt for the feedback Nash equilibrium (Isaacs-Bellman, DGNOpt eq. 6, 9, 10).
 
   Each player n at stage t solves its own second-order expansion of
@@ -371,11 +388,12 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       None is 8. (The defaults of these options are None rather than
       numbers so that ``optax.inject_hyperparams``, which turns every number
       into a state array, leaves them static.)
-    nonfinite: what a step whose loss, update or updated params are not
-      finite does: ``"skip"`` (zero updates, statistics unchanged,
-      ``state.skipped`` incremented, ``state.count`` not) or ``"raise"`` (a
-      ``FloatingPointError`` from the compiled step, surfaced by JAX as a
-      runtime error when the result is read).
+    nonfinite: what a step whose loss, update, updated params, learning
+      rate, damping or curvature statistics are not finite does: ``"skip"``
+      (zero updates, statistics unchanged, ``state.skipped`` incremented,
+      ``state.count`` not) or ``"raise"`` (a ``FloatingPointError`` from the
+      compiled step, surfaced by JAX as a runtime error when the result is
+      read).
     trust_region: check each step where its rollout ends
       (:mod:`dgnopt_jax._src.trust_region`): a step that lowers the batch
       objective (loss plus weight decay) by less than half of what its
@@ -395,6 +413,12 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       each step, never changed (zero updates), no statistics kept; the other
       players solve the game with them held fixed (a stage left without
       players passes the value derivatives through).
+    max_consecutive_skips: a run whose last this many steps were all
+      skipped raises a ``FloatingPointError`` (surfaced as ``nonfinite="raise"``'s):
+      a skipped step does not advance the count, so whatever made it not
+      finite (params, a schedule at that count) makes the next one skip too.
+      None is 50; ``math.inf`` turns the check off. Steps the trust region
+      rejects do not count.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``update(updates, state,
@@ -409,14 +433,17 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
   """
   return _make("fne", game, learning_rate, curvature, damping, vxx_reg, vxx_rank, True,
                coupling_iterations=coupling_iterations, nonfinite=nonfinite,
-               trust_region=trust_region, weight_decay=weight_decay, frozen=frozen)
+               trust_region=trust_region, weight_decay=weight_decay, frozen=frozen,
+               max_consecutive_skips=max_consecutive_skips)
 
 
 def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
          curvature: Any = "identity", *, damping: ScalarOrSchedule | None = None,
          vxx_reg: float | None = None, vxx_rank: str = "projected",
          nonfinite: str = "skip", weight_decay: float | None = None,
-         frozen: Sequence[str | tuple] = ()) -> optax.GradientTransformationExtraArgs:
+         frozen: Sequence[str | tuple] = (),
+         max_consecutive_skips: float | None = None
+         ) -> optax.GradientTransformationExtraArgs:
   r"""The open-loop Nash baseline (DGNOpt eq. 5, Prop. 2): the same machinery with no feedback.
 
   ``Q_theta_x := 0``, so ``V_x`` is the back-propagated co-state and the update
@@ -428,7 +455,8 @@ def olne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
   ``frozen`` included.
   """
   return _make("olne", game, learning_rate, curvature, damping, vxx_reg, vxx_rank, False,
-               nonfinite=nonfinite, weight_decay=weight_decay, frozen=frozen)
+               nonfinite=nonfinite, weight_decay=weight_decay, frozen=frozen,
+               max_consecutive_skips=max_consecutive_skips)
 
 
 def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
@@ -436,7 +464,8 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
        vxx_reg: float | None = None, vxx_rank: str = "projected", feedback: bool = True,
        cross_terms: bool = True, coupling_iterations: int | None = None,
        nonfinite: str = "skip", trust_region: bool = True,
-       weight_decay: float | None = None, frozen: Sequence[str | tuple] = ()
+       weight_decay: float | None = None, frozen: Sequence[str | tuple] = (),
+       max_consecutive_skips: float | None = None
        ) -> optax.GradientTransformationExtraArgs:
   r"""DGNOpt for the cooperative game: group rationality (group Bellman, DGNOpt eq. 7, 11, 22-25).
 
@@ -460,8 +489,8 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
 
   Args:
     game, learning_rate, curvature, damping, vxx_reg, vxx_rank,
-      coupling_iterations, nonfinite, trust_region, weight_decay, frozen: as
-      :func:`fne` (the safeguard uses the joint G).
+      coupling_iterations, nonfinite, trust_region, weight_decay, frozen,
+      max_consecutive_skips: as :func:`fne` (the safeguard uses the joint G).
     feedback: False gives the cooperative open-loop update (with the identity
       curvature, exactly SGD; no rollout, so no trust region).
     cross_terms: keep ``P_uv`` (dense, kfac, ekfac); False sets it to zero
@@ -472,4 +501,4 @@ def gr(game: games_lib.Game, learning_rate: ScalarOrSchedule,
   """
   return _make("gr", game, learning_rate, curvature, damping, vxx_reg, vxx_rank, feedback,
                "gr", cross_terms, coupling_iterations, nonfinite, trust_region,
-               weight_decay, frozen)
+               weight_decay, frozen, max_consecutive_skips)
