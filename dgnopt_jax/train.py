@@ -537,7 +537,7 @@ def train_run(spec: Optimizer, index: int, seed: int, game: G.Game, data: datase
         params, state, loss = compiled(params, state, x, y)
         loss = float(loss)
       except (jax.errors.JaxRuntimeError, FloatingPointError) as e:
-        error = _first_line(e)
+        error = error_summary(e)
         tqdm.write(f"  {label}: stopped at step {i}: {error}")
         break
       step_times[i - 1] = time.perf_counter() - t
@@ -563,7 +563,7 @@ def train_run(spec: Optimizer, index: int, seed: int, game: G.Game, data: datase
                     rejected[:reached], step_times[:reached], compile_s, resumed, error)
 
 
-def _first_line(e: BaseException) -> str:
+def error_summary(e: BaseException) -> str:
   """The error's own message (JAX wraps a callback's error in its traceback)."""
   text = str(e)
   for marker in ("DGNOpt run stalled", "DGNOpt step is not finite"):
@@ -690,7 +690,7 @@ def main(argv=None) -> int:
     data = datasets.load(args.dataset, images=images, data_dir=args.data_dir,
                          max_train=args.max_train, max_test=args.max_test)
   except (ValueError, OSError, ImportError) as e:
-    return _error(f"--dataset {args.dataset}: {_first_line(e)}")
+    return _error(f"--dataset {args.dataset}: {error_summary(e)}")
   if args.batch_size > len(data.x_train):
     return _error(f"--batch-size {args.batch_size} exceeds the {len(data.x_train)} training "
                   "examples")
@@ -699,7 +699,7 @@ def main(argv=None) -> int:
     try:
       make_step(spec.name, game, args.lr, args.vxx_reg, args.damping)
     except (ValueError, TypeError) as e:
-      return _error(f"{spec.name}: {_first_line(e)}")
+      return _error(f"{spec.name}: {error_summary(e)}")
   folder = find_unfinished(args.out, config) if args.resume else None
   record = _read_record(folder) if folder else None
   try:
