@@ -17,6 +17,7 @@ import argparse
 import glob
 import json
 import logging
+import math
 import os
 import platform
 import signal
@@ -285,7 +286,7 @@ def schedule_nan_later():
 def damping_schedule_nan():
   game, params, batches = _setup()
   tx = dgnopt.fne(game, 0.03, "kfac", damping=lambda count: jnp.where(count >= 5, jnp.nan, 0.1),
-                  max_consecutive_skips=None)
+                  max_consecutive_skips=math.inf)
   skipped = _summary(*_train(tx, params, batches))
   tx = dgnopt.fne(game, 0.03, "kfac", damping=lambda count: jnp.where(count >= 5, jnp.nan, 0.1))
   return ("KFAC damping schedule NaN from count 5", "fne, kfac",
@@ -298,7 +299,7 @@ def rmsprop_decay_nan():
   built = _outcome(lambda: dgnopt.curvature.rmsprop(decay=float("nan")))
   curvature = dgnopt.curvature.rmsprop()
   object.__setattr__(curvature, "decay", float("nan"))  # statistics that turn NaN anyway
-  tx = dgnopt.fne(game, 1e-3, curvature, max_consecutive_skips=None)
+  tx = dgnopt.fne(game, 1e-3, curvature, max_consecutive_skips=math.inf)
   return ("RMSprop decay NaN; NaN statistics (the check bypassed)", "fne, rmsprop",
           f"{built}; bypassed, 20 steps: {_summary(*_train(tx, params, batches))}")
 

@@ -33,17 +33,6 @@ def fne(game, learning_rate):
   return _FNE.setdefault((id(game), learning_rate), dgnopt.fne(game, learning_rate))
 
 
-_JITTED = {}
-
-
-def update(tx, params, batch, state=None):
-  """A jit-compiled update of any transformation with ``updates=None`` (compiled once per tx)."""
-  state = tx.init(params) if state is None else state
-  if id(tx) not in _JITTED:
-    _JITTED[id(tx)] = (tx, jax.jit(lambda p, s, b: tx.update(None, s, p, batch=b)))
-  return _JITTED[id(tx)][1](params, state, batch)
-
-
 def test_gradients_passed_in_are_refused(setup):
   game, params, batch = setup
   tx = dgnopt.fne(game, 0.1)
@@ -68,7 +57,7 @@ def test_transformations_after_the_step_act_on_it(setup, after):
   else:  # decoupled weight decay: theta <- theta + step - lr * wd * theta
     then = optax.add_decayed_weights(-0.5 * 0.01)
     expected = jax.tree.map(lambda a, p: a - 0.005 * p, plain, params)
-  got, _ = update(optax.chain(fne(game, 0.5), then), params, batch)
+  got, _ = h.step(optax.chain(fne(game, 0.5), then), params, batch)
   h.assert_trees_close(got, expected, 1e-12)
 
 
@@ -169,7 +158,7 @@ def test_frozen_open_loop_step_is_optax_with_those_params_zeroed(setup):
   sgd = optax.multi_transform({"sgd": optax.sgd(0.1), "zero": optax.set_to_zero()}, labels)
   grads = jax.grad(game.loss_value)(params, *batch)
   expected, _ = sgd.update(grads, sgd.init(params), params)
-  got, state = update(dgnopt.olne(game, 0.1, frozen=["dense_1"]), params, batch)
+  got, state = h.step(dgnopt.olne(game, 0.1, frozen=["dense_1"]), params, batch)
   h.assert_trees_close(got, expected, 1e-12)
   assert "dense_1" not in state.curvature
 
@@ -183,8 +172,8 @@ def test_frozen_players_are_constants_of_the_game(setup, make):
   fixed = G.stage(lambda x, thetas: layer(params["dense_1"], x), [])
   by_hand = G.Game(game.stages[:1] + (fixed,) + game.stages[2:], game.loss)
   rest = {k: v for k, v in params.items() if k != "dense_1"}
-  expected, _ = update(make(by_hand, 0.5, "adam"), rest, batch)
-  got, state = update(make(game, 0.5, "adam", frozen="dense_1"), params, batch)
+  expected, _ = h.step(make(by_hand, 0.5, "adam"), rest, batch)
+  got, state = h.step(make(game, 0.5, "adam", frozen="dense_1"), params, batch)
   assert all(float(jnp.max(jnp.abs(l))) == 0.0 for l in jax.tree.leaves(got["dense_1"]))
   h.assert_trees_close({k: v for k, v in got.items() if k != "dense_1"}, expected, 1e-12)
   with pytest.raises(ValueError, match="frozen names 'dense_9', which is no player"):
@@ -211,7 +200,7 @@ def test_tree_get_count_counts_applied_steps(setup):
   tx = optax.chain(fne(game, 0.5), optax.clip_by_global_norm(1.0))
   state = tx.init(params)
   for batch in [(x, y), (x.at[0, 0].set(jnp.inf), y), (x, y)]:
-    updates, state = update(tx, params, batch, state)
+    updates, state = h.step(tx, params, batch, state)
     params = optax.apply_updates(params, updates)
   assert int(optax.tree_utils.tree_get(state, "count")) == 2
   assert int(optax.tree_utils.tree_get(state, "skipped")) == 1
@@ -239,7 +228,7 @@ def test_weight_decay_on_the_transformation_is_optax_decay(setup):
   grads = jax.grad(game.loss_value)(params, *batch)  # no decay in the game
   sgd = optax.chain(optax.add_decayed_weights(0.01), optax.sgd(0.1))
   expected, _ = sgd.update(grads, sgd.init(params), params)
-  got, _ = update(dgnopt.olne(game, 0.1, weight_decay=0.01), params, batch)
+  got, _ = h.step(dgnopt.olne(game, 0.1, weight_decay=0.01), params, batch)
   h.assert_trees_close(got, expected, 1e-12)
   with pytest.raises(ValueError, match="set it in one place"):
     dgnopt.fne(h.tanh_mlp(wd=0.1), 0.1, weight_decay=0.01)

@@ -12,7 +12,6 @@ import optax
 import pytest
 
 import dgnopt_jax as dgnopt
-from dgnopt_jax import datasets
 from dgnopt_jax import sharding
 
 G = dgnopt.games
@@ -20,7 +19,7 @@ G = dgnopt.games
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (run through tests/test_multidevice.py)")
 
-STEPS = 5
+STEPS = 5  # as the shared problem (conftest.py)
 BATCH = 64
 OPTIMIZERS = {
     "fne-sgd": lambda g: dgnopt.fne(g, 0.1, "identity", vxx_reg=1e-4),
@@ -30,18 +29,6 @@ OPTIMIZERS = {
     "gr-adam": lambda g: dgnopt.gr(g, 1e-3, "adam", vxx_reg=1e-4),
     "gr-kfac": lambda g: dgnopt.gr(g, 0.05, "kfac", vxx_reg=1e-4),
 }
-
-
-@pytest.fixture(scope="module")
-def problem():
-  data = datasets.load("digits")
-  game = G.sequential([G.Dense(32, "tanh"), G.Dense(32, "tanh"), G.Dense(10)], (64,),
-                      dtype=jnp.float32)
-  params = game.init(jax.random.PRNGKey(0))
-  batches = [(data.x_train[i * BATCH:(i + 1) * BATCH].astype(np.float32),
-              data.y_train[i * BATCH:(i + 1) * BATCH].astype(np.int32))
-             for i in range(STEPS)]
-  return game, params, batches
 
 
 def train(tx, params, batches, mesh, params_shardings=None):

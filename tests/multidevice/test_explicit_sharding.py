@@ -18,7 +18,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import dgnopt_jax as dgnopt
-from dgnopt_jax import datasets
 
 G = dgnopt.games
 
@@ -29,23 +28,11 @@ pytestmark = [
                        reason="explicit mesh axes need a newer JAX"),
 ]
 
-STEPS = 5
+STEPS = 5  # as the shared problem (conftest.py)
 BATCH = 64
 RATES = {"identity": 0.1, "adam": 1e-3, "kfac": 0.05}
 # One configuration by default; the cross product with -m slow.
 DEFAULT_RUN = ("fne", "adam")
-
-
-@pytest.fixture(scope="module")
-def problem():
-  data = datasets.load("digits")
-  game = G.sequential([G.Dense(32, "tanh"), G.Dense(32, "tanh"), G.Dense(10)], (64,),
-                      dtype=jnp.float32)
-  params = game.init(jax.random.PRNGKey(0))
-  batches = [(data.x_train[i * BATCH:(i + 1) * BATCH].astype(np.float32),
-              data.y_train[i * BATCH:(i + 1) * BATCH].astype(np.int32))
-             for i in range(STEPS)]
-  return game, params, batches
 
 
 def make(kind, curvature, game):
