@@ -243,7 +243,7 @@ def _number(kind: Callable, low: float, strict: bool) -> Callable[[str], Any]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  """The main job's arguments (bounds checked here; names and combinations by :func:`check_args`)."""
+  """The arguments (bounds checked here, names and combinations by :func:`check_args`)."""
   p = _Parser(prog="python -m dgnopt_jax.train", description=__doc__.split("\n\n")[0],
               epilog=__doc__.split("\n\n", 2)[2],
               formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""Checkpoints: restore checks structure, shapes, dtypes and leaf types; checksums; atomic writes."""
+"""Checkpoints: restore checks structure, shapes, dtypes, leaf types; checksums; atomic writes."""
 
 import hashlib
 import os

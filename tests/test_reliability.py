@@ -63,7 +63,8 @@ def test_restore_into_a_mismatched_target_names_the_leaf(tmp_path):
   dgnopt.checkpoint.save(path, params)
   other = G.sequential([G.Dense(7, "tanh"), G.Parallel(G.Dense(5), G.Dense(5)),
                         G.Parallel(G.Dense(4, "tanh"), G.Dense(4, "relu")), G.Dense(3)], (4,))
-  with pytest.raises(ValueError, match=r"dense_0.*the target has float32\[7\], the checkpoint has float32\[6\]"):
+  with pytest.raises(ValueError, match=r"dense_0.*the target has float32\[7\], the checkpoint "
+                     r"has float32\[6\]"):
     dgnopt.checkpoint.restore(path, other.init(jax.random.PRNGKey(0)))
   with pytest.raises(FileNotFoundError):
     dgnopt.checkpoint.restore(tmp_path / "missing.msgpack", params)

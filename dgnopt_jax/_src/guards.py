@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ MAX_CONSECUTIVE_SKIPS = 50
 
 
 def describe(leaf: Any) -> str:
-  """``float32[5,3]`` for an array (or a shape-dtype struct), ``Python int`` or ``str`` otherwise."""
+  """``float32[5,3]`` for an array or a shape-dtype struct, ``Python int``, ``str`` otherwise."""
   if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
     return f"{np.dtype(leaf.dtype).name}[{','.join(str(d) for d in np.shape(leaf))}]"
   if leaf is None:

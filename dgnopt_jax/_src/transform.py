@@ -36,8 +36,9 @@ class DGNOptState(NamedTuple):
     count: steps applied so far (skipped and rejected steps not counted);
       drives schedules.
     curvature: ``{player name: curvature statistics}``.
-    skipped: steps skipped because the loss, the update or the updated params
-      were not finite (``nonfinite="skip"``).
+    skipped: steps skipped because the loss, the update, the updated params,
+      the learning rate, the damping or the new curvature statistics were not
+      finite (``nonfinite="skip"``).
     loss: the batch-mean terminal loss of the last step (NaN before the first).
     rejected: feedback steps not applied because the rollout raised the
       batch objective (:mod:`trust_region`; always 0 with
