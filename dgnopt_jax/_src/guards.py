@@ -419,6 +419,6 @@ def raise_if_stalled(skips: jax.Array, limit: int | None, loss: jax.Array,
     return jax.pure_callback(
         lambda *a: _stalled(*a, limit=limit, names=names),
         jax.ShapeDtypeStruct(skips.shape, skips.dtype), skips, loss, learning_rate, damping,
-        finite)
+        finite, vmap_method="sequential")  # a vmapped step (runs side by side) checks each
 
   return jax.lax.cond(skips >= limit, report, lambda skips: skips, skips)
