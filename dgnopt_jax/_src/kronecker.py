@@ -75,6 +75,7 @@ from dgnopt_jax._src import curvature_base
 from dgnopt_jax._src import guards
 from dgnopt_jax._src import layer_taps
 from dgnopt_jax._src import quadratic_forms
+from dgnopt_jax._src import symmetric_eigh
 
 Params = Any
 
@@ -154,7 +155,7 @@ def psd_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   eigenvalues); the result is float32 then.
   """
   matrix = matrix.astype(jnp.promote_types(matrix.dtype, jnp.float32))
-  w, u = jnp.linalg.eigh(0.5 * (matrix + matrix.T))
+  w, u = symmetric_eigh.symmetric_eigh(0.5 * (matrix + matrix.T))
   return u, jnp.maximum(w, 0.0)
 
 

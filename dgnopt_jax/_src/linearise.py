@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from dgnopt_jax._src import symmetric_eigh
+
 State = Any
 Params = Any
 
@@ -425,7 +427,7 @@ def psd_sqrt_of_identity_minus(s: jax.Array) -> jax.Array:
   if r == 1:
     return jnp.sqrt(jnp.maximum(1.0 - s, 0.0))
   m = jnp.eye(r, dtype=s.dtype) - 0.5 * (s + jnp.swapaxes(s, -1, -2))
-  w, u = jnp.linalg.eigh(m)
+  w, u = symmetric_eigh.symmetric_eigh(m)
   return u * jnp.sqrt(jnp.maximum(w, 0.0))[..., None, :]
 
 

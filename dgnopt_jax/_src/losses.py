@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgnopt_jax._src import symmetric_eigh
+
 Array = jax.Array
 
 
@@ -152,7 +154,7 @@ def _generic_factor(per_sample: Callable[[Array, Array], Array]) -> Callable:
   def factor(output: Array, target: Array) -> Array:
     flat = output.reshape(-1)
     h = jax.hessian(lambda o: per_sample(o.reshape(output.shape), target))(flat)
-    w, u = jnp.linalg.eigh(0.5 * (h + h.T))
+    w, u = symmetric_eigh.symmetric_eigh(0.5 * (h + h.T))
     f = (u * jnp.sqrt(jnp.maximum(w, 0.0))[None, :]).T
     return f.reshape((flat.size,) + output.shape)
 
