@@ -48,7 +48,7 @@ G = dgnopt.games
 LEARNING_RATES = {"identity": (0.1, 0.5, 1.0, 1.5), "rmsprop": (1e-3, 1e-2, 3e-2),
                   "adam": (1e-3, 1e-2, 3e-2), "kfac": (0.05, 0.2, 0.5),
                   "ekfac": (0.05, 0.2, 0.5)}
-NETWORKS = {"tanh16": (16, "tanh"), "relu32": (32, "relu")}
+NETWORKS = {"tanh16": (16, "tanh"), "relu32": (32, "relu")}  # "tanh16x2": every player split in 2
 SYNTHETIC = ("moons", "circles", "classes", "cancer")
 GROWTH = 100.0  # max|theta| growing more than this many times is a divergence
 
@@ -79,9 +79,19 @@ def load(name: str) -> datasets.Dataset:
 
 
 def make_game(data: datasets.Dataset, network: str) -> G.Game:
-  width, activation = NETWORKS[network]
-  return G.sequential([G.Dense(width, activation) for _ in range(4)] + [G.Dense(data.num_classes)],
+  """The network; a name ``<network>x<N>`` splits every player into N fictitious ones.
+
+  Split players (DGNOpt eq. 16) give stages of N players, where gr's
+  cooperative solve differs from fne's per-player one.
+  """
+  name, _, players = network.partition("x")
+  if name not in NETWORKS or (players and not players.isdigit()):
+    raise SystemExit(f"unknown network {network!r}: one of {sorted(NETWORKS)}, "
+                     "optionally with x<N> for N fictitious players per layer")
+  width, activation = NETWORKS[name]
+  game = G.sequential([G.Dense(width, activation) for _ in range(4)] + [G.Dense(data.num_classes)],
                       data.x_train.shape[1:], loss="softmax_cross_entropy")
+  return G.fictitious(game, int(players)) if players else game
 
 
 def make_transformation(solver: str, game: G.Game, lr, curvature: str, rank: str,
@@ -128,7 +138,8 @@ def train_runs(data, game, solver, curvature, rank, checked, lrs, seeds, steps, 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--datasets", default="wine,iris,digits,cancer,moons,circles,classes")
-  p.add_argument("--networks", default="tanh16,relu32")
+  p.add_argument("--networks", default="tanh16,relu32",
+                 help="tanh16, relu32; <name>x<N>: every layer split into N fictitious players")
   p.add_argument("--curvatures", default="identity,rmsprop,adam,kfac,ekfac")
   p.add_argument("--solvers", default="fne,gr", help="feedback solvers beside olne")
   p.add_argument("--ranks", default="projected", help="vxx_rank values to run")
