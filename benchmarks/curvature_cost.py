@@ -277,7 +277,7 @@ def anchor_table(ours: list, theirs: dict) -> str:
            "|---|---|---|---|---|---|---|---|"]
   for result in ours:
     key = f"{result['width']}:{result['batch']}"
-    if key not in theirs["sizes"]:
+    if result["model"] != "mlp" or key not in theirs["sizes"]:
       continue
     d, t = result["derived"], theirs["sizes"][key]["seconds"]
     ksgd = t["optax.sgd"]
