@@ -1,4 +1,4 @@
-"""kfac-jax's K-FAC beside its own optax.sgd on the DIGITS MLP: an outside anchor for our KFAC's cost.
+"""kfac-jax's K-FAC beside its own optax.sgd on the DIGITS MLP: an outside anchor for KFAC's cost.
 
     benchmarks/.venv-kfac-jax/bin/python benchmarks/kfac_jax_anchor.py --sizes 64:128,256:512
 
@@ -35,8 +35,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import os
+import platform
 import sys
 
 import jax
