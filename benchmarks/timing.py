@@ -20,8 +20,8 @@ import dgnopt_jax as dgnopt
 
 
 def interleaved_step_times(cases: dict, rounds: int, repeats: int,
-                           warm_each_round: bool = True, lapack_threads: int | None = 1
-                           ) -> dict:
+                           warm_each_round: bool = True, lapack_threads: int | None = 1,
+                           copy_start: bool = False) -> dict:
   """Median over interleaved rounds of each case's mean step time (seconds).
 
   Args:
@@ -39,6 +39,10 @@ def interleaved_step_times(cases: dict, rounds: int, repeats: int,
       (:func:`dgnopt_jax.limit_lapack_threads`, as the main job sets them;
       only the Kronecker curvatures' eigendecompositions call it); None
       leaves them as they are.
+    copy_start: hand each case a copy of its ``params`` and ``state`` (made
+      before the timed steps), for steps that donate their arguments
+      (kfac-jax's ``Optimizer.step``): a donated start could not be
+      restarted from.
 
   Returns:
     ``key -> seconds per step``.
@@ -47,19 +51,27 @@ def interleaved_step_times(cases: dict, rounds: int, repeats: int,
   if lapack_threads and jax.default_backend() == "cpu":
     limit = dgnopt.limit_lapack_threads(lapack_threads)
   try:
-    return _median_times(cases, rounds, repeats, warm_each_round)
+    return _median_times(cases, rounds, repeats, warm_each_round, copy_start)
   finally:
     if limit is not None:
       limit.restore_original_limits()
 
 
-def _median_times(cases: dict, rounds: int, repeats: int, warm_each_round: bool) -> dict:
+def _copy_arrays(tree):
+  """``tree`` with every array copied (other leaves, such as Python ints, kept)."""
+  copied = jax.tree.map(lambda l: l.copy() if isinstance(l, jax.Array) else l, tree)
+  return jax.block_until_ready(copied)
+
+
+def _median_times(cases: dict, rounds: int, repeats: int, warm_each_round: bool,
+                  copy_start: bool) -> dict:
+  start_of = _copy_arrays if copy_start else (lambda tree: tree)
   for step, params, state, x, y in cases.values():
-    jax.block_until_ready(step(params, state, x, y))
+    jax.block_until_ready(step(*start_of((params, state)), x, y))
   samples = {key: [] for key in cases}
   for _ in range(rounds):
     for key, (step, params, state, x, y) in cases.items():
-      p, s = params, state
+      p, s = start_of((params, state))
       if warm_each_round:
         out = step(p, s, x, y)
         jax.block_until_ready(out)
