@@ -24,7 +24,6 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
@@ -76,24 +75,15 @@ def run(args):
   game = G.sequential([G.Dense(args.width, "tanh") for _ in range(4)] + [G.Dense(10)], (64,))
   params = game.init(jax.random.PRNGKey(0))
 
-  def ours(tx):
-    def step(params, state, x, y):
-      updates, state = tx.update(None, state, params, batch=(x, y))
-      return optax.apply_updates(params, updates), state
-    return tx.init, jax.jit(step)
+  def named(name, **options):
+    optimizer = dgnopt.optimizer_from_name(name, game, **options)
+    return optimizer.tx.init, jax.jit(optimizer.step)
 
-  def baseline(opt):
-    def step(params, state, x, y):
-      grads = jax.grad(lambda p: jnp.mean(jax.vmap(game.loss.per_sample)(game.apply(p, x), y)))(params)
-      updates, state = opt.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-    return opt.init, jax.jit(step)
-
-  optimizers = {"optax.sgd": baseline(optax.sgd(0.1)),
-                "olne-sgd": ours(dgnopt.olne(game, 0.1)),
-                "fne-sgd": ours(dgnopt.fne(game, 0.1)),
-                "fne-sgd exact": ours(dgnopt.fne(game, 0.1, vxx_rank="exact")),
-                "fne-adam": ours(dgnopt.fne(game, 1e-3, "adam"))}
+  optimizers = {"optax.sgd": named("sgd@0.1"),
+                "olne-sgd": named("olne-sgd@0.1"),
+                "fne-sgd": named("fne-sgd@0.1"),
+                "fne-sgd exact": named("fne-sgd@0.1", vxx_rank="exact"),
+                "fne-adam": named("fne-adam@1e-3")}
   rng = np.random.default_rng(0)
   data = datasets.load("digits")
 

@@ -20,8 +20,8 @@ import time
 import jax
 import numpy as np
 
+import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
-from dgnopt_jax import train
 
 import timing
 
@@ -41,12 +41,13 @@ def main(argv=None) -> int:
   for name in args.optimizers.split(","):
     seconds = {}
     for depth in depths:
-      game = train.make_model("resnet", data, residual_blocks=depth)
+      game = dgnopt.games.network_from_name("resnet", data.x_train.shape[1:], data.num_classes,
+                                            residual_blocks=depth)
       params = game.init(jax.random.PRNGKey(0))
-      init, step, _ = train.make_step(name, game, None, 0.0)
-      state = init(params)
+      optimizer = dgnopt.optimizer_from_name(name, game)
+      state = optimizer.tx.init(params)
       start = time.perf_counter()
-      step.lower(params, state, x, y).compile()
+      jax.jit(optimizer.step).lower(params, state, x, y).compile()
       seconds[depth] = time.perf_counter() - start
       print(f"  {name}, {depth} blocks: {seconds[depth]:.1f} s", flush=True)
     rows.append({"optimizer": name, "compile_s": seconds,

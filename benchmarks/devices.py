@@ -53,9 +53,9 @@ def main(argv=None) -> int:
   import jax
   import numpy as np
 
+  import dgnopt_jax as dgnopt
   from dgnopt_jax import datasets
   from dgnopt_jax import sharding
-  from dgnopt_jax import train
   import timing
   from step_time import time_rounds
 
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
   meshes = {1: sharding.make_mesh(devices[:1]), len(devices): sharding.make_mesh(devices)}
   rows = []
   for model in args.models.split(","):
-    data = datasets.load("digits", images=model in train.IMAGE_MODELS)
-    game = train.make_model(model, data)
+    data = datasets.load("digits", images=model in dgnopt.games.IMAGE_NETWORKS)
+    game = dgnopt.games.network_from_name(model, data.x_train.shape[1:], data.num_classes)
     host_params = jax.device_get(game.init(jax.random.PRNGKey(0)))
     rng = np.random.default_rng(0)
     batches = [(np.asarray(data.x_train[idx], np.float32), np.asarray(data.y_train[idx]))
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
                            for _ in range(args.check_steps))]
     print(f"{model}: batch {args.batch}, 1 vs {len(devices)} devices", flush=True)
     for name in [o for o in args.optimizers.split(",") if o]:
-      init, step, _ = train.make_step(name, game, None, 0.0)
+      optimizer = dgnopt.optimizer_from_name(name, game)
+      init, step = optimizer.tx.init, optimizer.step
       steps, finals = {}, {}
       for count, mesh in meshes.items():
         p_sh = sharding.params_sharding(host_params, mesh)

@@ -9,7 +9,7 @@ The model is ``step_time.py``'s ``resnet18``: the CIFAR-style Flax ResNet18 of
 ``games.from_flax``, on random 32x32x3 inputs with random labels of 10
 classes (``--width`` narrows it; 64 is ResNet18). Each optimizer trains it
 for ``--steps`` steps with the main job's jit-compiled train step
-(:func:`dgnopt_jax.train.make_step`; optax baselines differentiate the same
+(:func:`dgnopt_jax.optimizer_from_name`; optax baselines differentiate the same
 network's loss, learning rates are the main job's defaults unless named as
 ``name@lr``), cycling through ``--pool`` batches placed on the device
 beforehand, so that making inputs on the host does not hold the device up.
@@ -40,7 +40,6 @@ import jax
 import numpy as np
 
 import dgnopt_jax as dgnopt
-from dgnopt_jax import train
 
 import step_time
 import timing
@@ -49,10 +48,12 @@ import timing
 def train_run(name: str, game, params, batches: list, steps: int,
               damping: float | None = None) -> dict:
   """One optimizer's run of ``steps`` steps on ``batches`` (cycled), with its figures."""
-  init, step, used_lr = train.make_step(name, game, None, 0.0, damping)
-  state = init(params)
+  optimizer = dgnopt.optimizer_from_name(name, game, vxx_reg=0.0, damping=damping)
+  used_lr = optimizer.learning_rate
+  state = optimizer.tx.init(params)
   x, y = batches[0]
-  compiled, compile_s, peak = step_time.compile_ahead(step, params, state, x, y)
+  compiled, compile_s, peak = step_time.compile_ahead(jax.jit(optimizer.step), params, state,
+                                                      x, y)
   cycle = itertools.cycle(batches)
   start = time.perf_counter()
   params, state, first_loss = jax.block_until_ready(compiled(params, state, *next(cycle)))

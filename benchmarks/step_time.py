@@ -12,7 +12,7 @@ fixed batch of random 32x32x3 inputs and labels (``--resnet18-width`` narrows
 it; 64 is ResNet18, 11.2M params: on a CPU expect seconds per step).
 
 For every model and optimizer the jit-compiled train step of the main job
-(:func:`dgnopt_jax.train.make_step`: optax baselines differentiate the same
+(:func:`dgnopt_jax.optimizer_from_name`: optax baselines differentiate the same
 network's loss) is compiled ahead of time (compile time measured), then timed
 in interleaved rounds: each round runs ``--steps`` steps of every optimizer in
 turn (``block_until_ready`` after each step) so that machine noise hits all of
@@ -41,10 +41,10 @@ import time
 import jax
 import numpy as np
 
+import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
 from dgnopt_jax import games
 from dgnopt_jax import models
-from dgnopt_jax import train
 
 import timing
 
@@ -71,9 +71,9 @@ def compile_ahead(step, *args):
 
 def compiled_step(name: str, game, params, x, y, vxx_reg: float = 0.0):
   """(compiled step, state, compile seconds, peak bytes) of one optimizer."""
-  init, step, _ = train.make_step(name, game, None, vxx_reg)
-  state = init(params)
-  compiled, compile_s, peak = compile_ahead(step, params, state, x, y)
+  optimizer = dgnopt.optimizer_from_name(name, game, vxx_reg=vxx_reg)
+  state = optimizer.tx.init(params)
+  compiled, compile_s, peak = compile_ahead(jax.jit(optimizer.step), params, state, x, y)
   return compiled, state, compile_s, peak
 
 
@@ -104,7 +104,7 @@ def training_batches(model: str, batch: int, device):
     while True:
       yield jax.device_put((np.asarray(rng.normal(size=(batch, 32, 32, 3)), np.float32),
                             rng.integers(0, 10, batch)), device)
-  data = datasets.load("digits", images=model in train.IMAGE_MODELS)
+  data = datasets.load("digits", images=model in games.IMAGE_NETWORKS)
   for bx, by in datasets.batches(data.x_train, data.y_train, batch, seed=1):
     yield jax.device_put((np.asarray(bx, np.float32), np.asarray(by)), device)
 
@@ -117,8 +117,8 @@ def problem(model: str, batch: int, resnet18_width: int):
     y = jax.numpy.asarray(rng.integers(0, 10, batch))
     net = models.resnet18(10, width=resnet18_width)
     return games.from_flax(net, x), net.init(jax.random.PRNGKey(0), x), x, y
-  data = datasets.load("digits", images=model in train.IMAGE_MODELS)
-  game = train.make_model(model, data)
+  data = datasets.load("digits", images=model in games.IMAGE_NETWORKS)
+  game = games.network_from_name(model, data.x_train.shape[1:], data.num_classes)
   idx = rng.choice(len(data.x_train), batch, replace=batch > len(data.x_train))
   return (game, game.init(jax.random.PRNGKey(0)), np.asarray(data.x_train[idx], np.float32),
           np.asarray(data.y_train[idx]))
@@ -166,7 +166,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", default="mlp,resnet",
-                 help=f"comma-separated, from {train.MODELS + ('resnet18',)}")
+                 help=f"comma-separated, from {games.NETWORKS + ('resnet18',)}")
   p.add_argument("--resnet18-width", type=int, default=64,
                  help="base width of the resnet18 model (64: ResNet18)")
   p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS)

@@ -25,9 +25,9 @@ import sys
 import jax
 import numpy as np
 
+import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
 from dgnopt_jax import games as G
-from dgnopt_jax import train
 
 import timing
 
@@ -79,8 +79,8 @@ def main(argv=None) -> int:
   for key, game in networks.items():
     params = game.init(jax.random.PRNGKey(0))
     for name in optimizers:
-      init, step, _ = train.make_step(name, game, None, 0.0)
-      cases[key, name] = (step, params, init(params), x, y)
+      optimizer = dgnopt.optimizer_from_name(name, game)
+      cases[key, name] = (jax.jit(optimizer.step), params, optimizer.tx.init(params), x, y)
     print(f"  built {key[0]} {key[1]}", flush=True)
   timings = timing.interleaved_step_times(cases, args.rounds, args.repeats)
   print(f"\njax {jax.__version__} on {jax.default_backend()} "

@@ -8,6 +8,8 @@ DDPNOpt, GT-DDP and DGNOpt as optax transformations::
   tx = dgnopt.fne(game, learning_rate=0.1)
   state = tx.init(params)
   updates, state = tx.update(None, state, params, batch=(x, y))
+
+or by name, beside optax's own (``dgnopt.optimizer_from_name("fne-kfac/5@0.03", game)``).
 """
 
 from dgnopt_jax import bandits
@@ -21,6 +23,11 @@ from dgnopt_jax._src.alignment import AlignedState
 from dgnopt_jax._src.alignment import PerAlignment
 from dgnopt_jax._src.alignment import aligned
 from dgnopt_jax._src.lapack_threads import limit_lapack_threads
+from dgnopt_jax._src.optimizer_names import DEFAULT_LEARNING_RATES
+from dgnopt_jax._src.optimizer_names import NamedOptimizer
+from dgnopt_jax._src.optimizer_names import OptimizerName
+from dgnopt_jax._src.optimizer_names import optimizer_from_name
+from dgnopt_jax._src.optimizer_names import parse_optimizer_name
 from dgnopt_jax._src.transform import DGNOptState
 from dgnopt_jax._src.transform import fne
 from dgnopt_jax._src.transform import gr
@@ -30,7 +37,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlignedState",
+    "DEFAULT_LEARNING_RATES",
     "DGNOptState",
+    "NamedOptimizer",
+    "OptimizerName",
     "PerAlignment",
     "aligned",
     "bandits",
@@ -42,6 +52,8 @@ __all__ = [
     "limit_lapack_threads",
     "losses",
     "olne",
+    "optimizer_from_name",
+    "parse_optimizer_name",
     "reference",
     "sharding",
 ]

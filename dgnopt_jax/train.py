@@ -4,14 +4,14 @@
     python -m dgnopt_jax.train --model mlp --optimizers sgd,fne-sgd,adam,fne-adam
     python -m dgnopt_jax.train --model cnn --optimizers sgd,fne-sgd --steps 800
 
-Optimizer names: ``sgd``, ``rmsprop``, ``adam`` are optax's own (gradients by
-``jax.grad``); ``olne-<c>``, ``fne-<c>`` and ``gr-<c>`` are this library's
-open-loop, feedback-Nash and group-rational solvers with curvature ``<c>`` in
-identity (alias sgd), rmsprop, adam, kfac, ekfac, dense (``olne-kfac`` is KFAC
-with the empirical Fisher). ``name@lr`` sets one optimizer's learning rate;
-``name/N`` with a kfac or ekfac curvature folds the batch's Kronecker
-statistics into the running averages every N steps (``statistics_every``),
-e.g. ``gr-kfac/5@0.03``.
+Optimizer names (``dgnopt_jax.optimizer_from_name``): ``sgd``, ``rmsprop``,
+``adam`` are optax's own (gradients by ``jax.grad``); ``olne-<c>``, ``fne-<c>``
+and ``gr-<c>`` are this library's open-loop, feedback-Nash and group-rational
+solvers with curvature ``<c>`` in identity (alias sgd), rmsprop, adam, kfac,
+ekfac, dense (``olne-kfac`` is KFAC with the empirical Fisher). ``name@lr``
+sets one optimizer's learning rate; ``name/N`` with a kfac or ekfac curvature
+folds the batch's Kronecker statistics into the running averages every N
+steps (``statistics_every``), e.g. ``gr-kfac/5@0.03``.
 
 Every argument and optimizer name is checked before any training; a bad one
 is a one-line error and exit status 2. Each invocation writes to its own run
@@ -40,7 +40,7 @@ import signal
 import statistics
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,13 +54,6 @@ from dgnopt_jax._src import checkpoint as checkpoint_lib
 
 G = dgnopt.games
 
-DEFAULT_LR = {"identity": 0.1, "sgd": 0.1, "rmsprop": 1e-3, "adam": 1e-3, "kfac": 0.03,
-              "ekfac": 0.03, "dense": 0.3}
-OPTAX = ("sgd", "rmsprop", "adam")
-SOLVERS = ("olne", "fne", "gr")
-CURVATURES = ("identity", "sgd", "rmsprop", "adam", "kfac", "ekfac", "dense")
-MODELS = ("mlp", "cnn", "resnet", "inception")
-IMAGE_MODELS = ("cnn", "resnet", "inception")
 # The arguments that decide a run's results: a run folder is continued only
 # by a command that agrees on all of them.
 CONFIG_KEYS = ("dataset", "max_train", "max_test", "model", "alignment", "optimizers", "lr",
@@ -74,140 +67,15 @@ class UsageError(ValueError):
 
 
 # ----------------------------------------------------------------------------
-# Models and optimizers.
+# Optimizers and evaluation.
 # ----------------------------------------------------------------------------
 
 
-def make_model(name: str, data: datasets.Dataset, alignment: str = "merge",
-               residual_blocks: int = 3) -> G.Game:
-  """The networks.
-
-  * ``mlp``: DDPNOpt Appendix D.1 (4 tanh layers of width 32, linear head);
-  * ``cnn``: 4 conv + 2 dense (DGNOpt Appendix E's fictitious-player net, narrower);
-  * ``resnet``: a conv stem and ``residual_blocks`` (3) residual blocks with
-    identity shortcuts, 12 feature maps, no normalisation (DGNOpt Appendix E,
-    MNIST);
-  * ``inception``: conv, an inception block (a 4-player stage), conv, two dense
-    layers (DGNOpt Appendix E).
-  """
-  if name == "mlp":
-    layers = [G.Dense(32, "tanh") for _ in range(4)] + [G.Dense(data.num_classes)]
-    return G.sequential(layers, data.x_train.shape[1:])
-  if name == "cnn":
-    layers = [G.Conv2D(8, (3, 3), activation="relu") for _ in range(4)]
-    layers += [G.AvgPool((2, 2)), G.Dense(32, "relu"), G.Dense(data.num_classes)]
-    return G.sequential(layers, data.x_train.shape[1:])
-  if name == "resnet":
-    layers = [G.Conv2D(12, (3, 3), activation="relu")]
-    layers += [G.ResidualBlock(12, alignment=alignment) for _ in range(residual_blocks)]
-    layers += [G.AvgPool((2, 2)), G.Dense(data.num_classes)]
-    return G.sequential(layers, data.x_train.shape[1:])
-  if name == "inception":
-    layers = [G.Conv2D(8, (3, 3), activation="relu"), G.InceptionBlock(4),
-              G.Conv2D(8, (3, 3), activation="relu"), G.AvgPool((2, 2)),
-              G.Dense(32, "relu"), G.Dense(data.num_classes)]
-    return G.sequential(layers, data.x_train.shape[1:])
-  raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
-
-
-class Optimizer(NamedTuple):
-  """A parsed optimizer name: ``[<solver>-]<curvature>[/<period>][@<lr>]``.
-
-  Attributes:
-    name: the name as given.
-    solver: ``"olne"``, ``"fne"``, ``"gr"``, or None for optax's own.
-    curvature: the curvature name (identity for ``sgd`` under a solver), or
-      optax's optimizer name.
-    learning_rate: from ``@lr``, or None.
-    statistics_every: from ``/N``, or None.
-  """
-
-  name: str
-  solver: str | None
-  curvature: str
-  learning_rate: float | None
-  statistics_every: int | None
-
-
-def parse_optimizer(name: str) -> Optimizer:
-  """Parses an optimizer name; raises a ``ValueError`` that says what is wrong and what is known."""
-  text = name.strip()
-  known = (f"optax's {', '.join(OPTAX)}, or <solver>-<curvature> with solver in "
-           f"{', '.join(SOLVERS)} and curvature in {', '.join(CURVATURES)} "
-           "(syntax: name[/N][@lr])")
-  if not text:
-    raise ValueError(f"an empty optimizer name; use {known}")
-  lr = None
-  if "@" in text:
-    text, given = text.split("@", 1)
-    try:
-      lr = float(given)
-    except ValueError:
-      raise ValueError(f"{name!r}: the learning rate after '@' must be a number, "
-                       f"got {given!r}") from None
-    if not (math.isfinite(lr) and lr > 0):
-      raise ValueError(f"{name!r}: the learning rate must be finite and > 0, got {given!r}")
-  period = None
-  if "/" in text:
-    text, given = text.split("/", 1)
-    if not given.isdigit() or int(given) < 1:
-      raise ValueError(f"{name!r}: the statistics period after '/' must be an integer >= 1, "
-                       f"got {given!r}")
-    period = int(given)
-  if "-" in text:
-    solver, curvature = text.split("-", 1)
-    if solver not in SOLVERS:
-      raise ValueError(f"unknown optimizer {name!r}: unknown solver {solver!r}; use {known}")
-    if curvature not in CURVATURES:
-      raise ValueError(f"unknown optimizer {name!r}: unknown curvature {curvature!r}; "
-                       f"use {known}")
-    curvature = "identity" if curvature == "sgd" else curvature
-  else:
-    solver, curvature = None, text
-    if curvature not in OPTAX:
-      raise ValueError(f"unknown optimizer {name!r}; use {known}")
-  if period is not None and curvature not in ("kfac", "ekfac"):
-    raise ValueError(f"{name!r}: a statistics period (/{period}) needs the kfac or ekfac "
-                     "curvature")
-  return Optimizer(name.strip(), solver, curvature, lr, period)
-
-
-def make_step(name: str, game: G.Game, lr: float | None, vxx_reg: float,
-              damping: float | None = None) -> tuple[Callable, Callable, float]:
-  """(init, jitted step, learning rate) for an optimizer name.
-
-  ``name@lr`` sets the learning rate, ``name/N`` a Kronecker curvature's
-  ``statistics_every``; ``lr`` is the default for names without ``@``. The
-  step maps ``(params, state, x, y)`` to ``(params, state, batch loss)``.
-  """
-  spec = parse_optimizer(name)
-  lr = spec.learning_rate if spec.learning_rate is not None else lr
-  lr = DEFAULT_LR[spec.curvature] if lr is None else lr
-  if spec.solver is not None:
-    curvature = spec.curvature
-    if spec.statistics_every is not None:
-      curvature = getattr(dgnopt.curvature, curvature)(statistics_every=spec.statistics_every)
-    make = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}[spec.solver]
-    tx = make(game, lr, curvature, vxx_reg=vxx_reg, damping=damping)
-
-    @jax.jit
-    def step(params, state, x, y):
-      updates, state = tx.update(None, state, params, batch=(x, y))
-      return optax.apply_updates(params, updates), state, state.loss
-
-    return tx.init, step, lr
-  tx = getattr(optax, spec.curvature)(lr)
-
-  @jax.jit
-  def step(params, state, x, y):
-    def terminal(p):
-      out = game.apply(p, x)
-      return jnp.mean(jax.vmap(game.loss.per_sample)(out, y))
-    loss, grads = jax.value_and_grad(terminal)(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  return tx.init, step, lr
+def build_optimizer(spec: dgnopt.OptimizerName, game: G.Game,
+                    args: argparse.Namespace) -> dgnopt.NamedOptimizer:
+  """The optimizer ``spec`` names, with ``--lr``, ``--vxx-reg`` and ``--damping``."""
+  return dgnopt.optimizer_from_name(spec.name, game, args.lr, vxx_reg=args.vxx_reg,
+                                    damping=args.damping)
 
 
 def accuracy(game: G.Game, params: Any, x: np.ndarray, y: np.ndarray) -> float:
@@ -258,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="keep only the first N training examples (default: all)")
   add("--max-test", type=positive_int, default=None, metavar="N",
       help="keep only the first N test examples (default: all)")
-  add("--model", default="resnet", choices=MODELS, metavar="NAME",
+  add("--model", default="resnet", choices=G.NETWORKS, metavar="NAME",
       help="the network: %(choices)s (default: %(default)s)")
   add("--alignment", default="merge", choices=G.RESIDUAL_ALIGNMENTS, metavar="WHERE",
       help="where a residual block's shortcut plays (resnet): %(choices)s "
@@ -270,7 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
            "(default: %(default)s)")
   add("--lr", type=_number(float, 0, True), default=None, metavar="LR",
       help="one learning rate for names without @lr (default per curvature: "
-           + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items() if k != "sgd") + ")")
+           + ", ".join(f"{k} {v:g}" for k, v in dgnopt.DEFAULT_LEARNING_RATES.items()
+                       if k != "sgd") + ")")
   add("--vxx-reg", type=_number(float, 0, False), default=0.0, metavar="EPS",
       help="Tikhonov term on V_xx for fne/gr (default: %(default)s)")
   add("--damping", type=_number(float, 0, False), default=None, metavar="D",
@@ -300,7 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> list[Optimizer]:
+def check_args(args: argparse.Namespace) -> list[dgnopt.OptimizerName]:
   """The optimizers, after checking the names and the arguments' combinations.
 
   Raises:
@@ -313,20 +182,20 @@ def check_args(args: argparse.Namespace) -> list[Optimizer]:
   specs = []
   for name in names:
     try:
-      specs.append(parse_optimizer(name))
+      specs.append(dgnopt.parse_optimizer_name(name))
     except ValueError as e:
       raise UsageError(f"--optimizers: {e}") from None
   seen = [s.name for s in specs]
   if len(set(seen)) != len(seen):
     raise UsageError(f"--optimizers names {sorted({n for n in seen if seen.count(n) > 1})} "
                      "more than once")
-  if args.model in IMAGE_MODELS and args.dataset not in ("digits",) + datasets.TFDS:
+  if args.model in G.IMAGE_NETWORKS and args.dataset not in ("digits",) + datasets.TFDS:
     raise UsageError(f"--model {args.model} needs an image dataset: digits (8x8) or one of "
                      f"{', '.join(datasets.TFDS)}")
   return specs
 
 
-def config_of(args: argparse.Namespace, specs: list[Optimizer]) -> dict:
+def config_of(args: argparse.Namespace, specs: list[dgnopt.OptimizerName]) -> dict:
   """The arguments that decide the results (:data:`CONFIG_KEYS`), optimizers as a list."""
   config = {k: getattr(args, k) for k in CONFIG_KEYS}
   config["optimizers"] = [s.name for s in specs]
@@ -478,8 +347,9 @@ def _eval_steps(steps: int, every: int) -> list[int]:
   return sorted(set(range(every, steps + 1, every)) | {steps})
 
 
-def train_run(spec: Optimizer, index: int, seed: int, game: G.Game, data: datasets.Dataset,
-              args: argparse.Namespace, folder: str, stop: Stop, overall: tqdm) -> dict:
+def train_run(spec: dgnopt.OptimizerName, index: int, seed: int, game: G.Game,
+              data: datasets.Dataset, args: argparse.Namespace, folder: str, stop: Stop,
+              overall: tqdm) -> dict:
   """One optimizer on one seed, from its checkpoint if there is one; returns its record.
 
   The checkpoint holds the params, the optimizer state, the step, and every
@@ -490,9 +360,10 @@ def train_run(spec: Optimizer, index: int, seed: int, game: G.Game, data: datase
   Raises:
     Interrupted: ``stop`` was set; the run is checkpointed at its last step.
   """
-  init, step_fn, lr = make_step(spec.name, game, args.lr, args.vxx_reg, args.damping)
+  optimizer = build_optimizer(spec, game, args)
+  step_fn, lr = jax.jit(optimizer.step), optimizer.learning_rate
   params = game.init(jax.random.PRNGKey(seed))
-  state = init(params)
+  state = optimizer.tx.init(params)
   evals = _eval_steps(args.steps, args.eval_every)
   saved = {"params": params, "opt_state": state, "step": 0,
            "losses": np.full(args.steps, np.nan), "skipped": np.zeros(args.steps, np.int32),
@@ -572,8 +443,8 @@ def error_summary(e: BaseException) -> str:
   return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
-def run_record(spec: Optimizer, seed: int, lr: float, evals: list[int], losses: np.ndarray,
-               acc: np.ndarray, skipped: np.ndarray, rejected: np.ndarray,
+def run_record(spec: dgnopt.OptimizerName, seed: int, lr: float, evals: list[int],
+               losses: np.ndarray, acc: np.ndarray, skipped: np.ndarray, rejected: np.ndarray,
                step_times: np.ndarray, compile_s: float, resumed: int | None,
                error: str | None) -> dict:
   """A run's JSON record: the curve at the evaluation steps it reached, totals, timing."""
@@ -685,7 +556,7 @@ def main(argv=None) -> int:
     return _error(str(e))
   config = config_of(args, specs)
   names = config["optimizers"]
-  images = args.model in IMAGE_MODELS
+  images = args.model in G.IMAGE_NETWORKS
   try:
     data = datasets.load(args.dataset, images=images, data_dir=args.data_dir,
                          max_train=args.max_train, max_test=args.max_test)
@@ -694,10 +565,11 @@ def main(argv=None) -> int:
   if args.batch_size > len(data.x_train):
     return _error(f"--batch-size {args.batch_size} exceeds the {len(data.x_train)} training "
                   "examples")
-  game = make_model(args.model, data, args.alignment)
+  game = G.network_from_name(args.model, data.x_train.shape[1:], data.num_classes,
+                              args.alignment)
   for spec in specs:  # every transformation is built (and checked) before any training
     try:
-      make_step(spec.name, game, args.lr, args.vxx_reg, args.damping)
+      build_optimizer(spec, game, args)
     except (ValueError, TypeError) as e:
       return _error(f"{spec.name}: {error_summary(e)}")
   folder = find_unfinished(args.out, config) if args.resume else None

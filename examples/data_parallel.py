@@ -38,8 +38,11 @@ import time
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--optimizer", default="gr-kfac",
-                 help="olne|fne|gr - identity|adam|kfac|ekfac|rmsprop, e.g. fne-adam")
-  p.add_argument("--lr", type=float, default=None)
+                 help="a name [<solver>-]<curvature>[/N][@lr] of "
+                      "dgnopt_jax.optimizer_from_name, e.g. fne-adam, gr-kfac/5@0.05, adam")
+  p.add_argument("--lr", type=float, default=None,
+                 help="learning rate of a name without @lr (default: the curvature's, "
+                      "dgnopt_jax.DEFAULT_LEARNING_RATES)")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--batch-size", type=int, default=128, help="global batch size")
   p.add_argument("--model-parallel", type=int, default=1,
@@ -72,7 +75,6 @@ def main(argv=None) -> int:
 
   import jax
   import numpy as np
-  import optax
   from jax.experimental import multihost_utils
 
   import dgnopt_jax as dgnopt
@@ -93,11 +95,8 @@ def main(argv=None) -> int:
 
   data = datasets.load("digits")
   game = make_game()
-  kind, curvature = args.optimizer.split("-", 1)
-  curvature = "identity" if curvature == "sgd" else curvature
-  lr = args.lr or {"identity": 0.1, "rmsprop": 1e-3, "adam": 1e-3}.get(curvature, 0.05)
-  tx = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}[kind](
-      game, lr, curvature, vxx_reg=1e-4)
+  optimizer = dgnopt.optimizer_from_name(args.optimizer, game, args.lr, vxx_reg=1e-4)
+  tx = optimizer.tx
 
   # Shardings from shapes alone: nothing is materialised on one device first.
   abstract = jax.eval_shape(game.init, jax.random.PRNGKey(args.seed))
@@ -108,11 +107,7 @@ def main(argv=None) -> int:
   params = jax.jit(game.init, out_shardings=params_sh)(jax.random.PRNGKey(args.seed))
   state = jax.jit(tx.init, out_shardings=state_sh)(params)
 
-  def train_step(params, state, x, y):
-    updates, state = tx.update(None, state, params, batch=(x, y))
-    return optax.apply_updates(params, updates), state, state.loss
-
-  train_step = jax.jit(train_step, in_shardings=(params_sh, state_sh, batch_sh, batch_sh),
+  train_step = jax.jit(optimizer.step, in_shardings=(params_sh, state_sh, batch_sh, batch_sh),
                        out_shardings=(params_sh, state_sh, sharding.replicated(mesh)),
                        donate_argnums=(0, 1))
 

@@ -1,6 +1,6 @@
 """What the experiment scripts share: optimizers by name, training runs, tables.
 
-Optimizer names are the main job's (:mod:`dgnopt_jax.train`): ``sgd``,
+Optimizer names are :func:`dgnopt_jax.optimizer_from_name`'s: ``sgd``,
 ``rmsprop``, ``adam`` are optax's own on ``jax.grad`` of the batch loss;
 ``olne-<c>``, ``fne-<c>``, ``gr-<c>`` this library's solvers with curvature
 ``<c>`` (``sgd`` = identity, rmsprop, adam, kfac, ekfac, dense).
@@ -21,7 +21,6 @@ import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
 
 G = dgnopt.games
-SOLVERS = {"olne": dgnopt.olne, "fne": dgnopt.fne, "gr": dgnopt.gr}
 
 
 def add_data_arguments(parser) -> None:
@@ -45,27 +44,18 @@ def make_update(game: G.Game, name: str, lr: float, vxx_reg: float = 0.0,
                 vxx_rank: str | None = None, trust_region: bool = True):
   """``(init, update)`` of an optimizer name; ``update(params, state, (x, y)) -> (params, state, loss)``.
 
-  ``vxx_reg``, ``vxx_rank`` and ``trust_region`` are passed to the feedback
-  solvers (fne, gr); ``vxx_rank=None`` keeps the solvers' default.
+  ``vxx_reg``, ``vxx_rank`` and ``trust_region`` are passed to the solvers
+  (:func:`dgnopt_jax.optimizer_from_name`); ``vxx_rank=None`` keeps the solvers' default.
   """
-  if "-" in name:
-    kind, curvature = name.split("-", 1)
-    curvature = "identity" if curvature == "sgd" else curvature
-    kwargs = {} if kind == "olne" else {"vxx_reg": vxx_reg, "trust_region": trust_region}
-    if kind != "olne" and vxx_rank is not None:
-      kwargs["vxx_rank"] = vxx_rank
-    return transform_update(SOLVERS[kind](game, lr, curvature, **kwargs))
-  tx = getattr(optax, name)(lr)
+  options = {"vxx_reg": vxx_reg, "trust_region": trust_region}
+  if vxx_rank is not None:
+    options["vxx_rank"] = vxx_rank
+  optimizer = dgnopt.optimizer_from_name(name, game, lr, **options)
 
   def update(params, state, batch):
-    x, y = batch
-    def loss(p):
-      return jnp.mean(jax.vmap(game.loss.per_sample)(game.apply(p, x), y))
-    value, grads = jax.value_and_grad(loss)(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, value
+    return optimizer.step(params, state, *batch)
 
-  return tx.init, update
+  return optimizer.tx.init, update
 
 
 def transform_update(tx, validation: bool = False):

@@ -9,8 +9,8 @@ DGNOpt Fig. 8 trains the inception-based network on MNIST with lr = 1.0 (SVHN:
 ``K dx`` grows with the step (DGNOpt eq. 12), converges. Here ``optax.sgd``
 beside ``fne-sgd`` and ``gr-sgd`` (identity curvature: Theorem 6's lifts of
 SGD) at each learning rate, on the main job's inception network
-(``dgnopt_jax.train.make_model("inception")``), batch 32, test accuracy every
-``--eval-every`` steps. The figure gives no numbers; the table reports the
+(``dgnopt_jax.games.network_from_name("inception", ...)``), batch 32, test
+accuracy every ``--eval-every`` steps. The figure gives no numbers; the table reports the
 final test accuracy, the final training loss and the spread of the test
 accuracy over the second half of training (its mean absolute step-to-step
 change, a measure of instability). ``--optimizers`` adds EKFAC and its lifts
@@ -28,7 +28,6 @@ import jax
 import numpy as np
 
 import dgnopt_jax as dgnopt
-from dgnopt_jax import train
 
 from common import (accuracy_on, add_data_arguments, batch_streams, evaluate, load_data,
                     make_curve_run, make_update, mean_std, write_outputs)
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
 
   start = time.time()
   data = load_data(args.dataset, args, images=True)
-  game = train.make_model("inception", data)
+  game = G.network_from_name("inception", data.x_train.shape[1:], data.num_classes)
   streams = batch_streams(data, args.batch_size, args.steps, args.seeds)
   results = {}
   for lr in lrs:

@@ -8,8 +8,8 @@ DGNOpt §5.2 splits every layer's params into N fictitious players whose sum
 is the layer (eq. 16) and trains them cooperatively (GR); Table 4 reports the
 training steps to reach 80 % on SVHN and 60 % on CIFAR-10 with SGD's
 preconditioner for N = 1, 2, 4, 6 (SVHN: 5.14k, 2.31k, 1.25k, 0.8k). Here the
-main job's CNN (4 conv + 2 dense, ReLU; ``dgnopt_jax.train.make_model("cnn")``,
-narrower than the paper's 32 feature maps), batch 32, ``gr`` with the given
+main job's CNN (4 conv + 2 dense, ReLU; ``dgnopt_jax.games.network_from_name("cnn",
+...)``, narrower than the paper's 32 feature maps), batch 32, ``gr`` with the given
 curvature on ``games.fictitious(game, N)``, evaluated on the collapsed
 network every ``--eval-every`` steps; ``optax.sgd`` at the same learning rate
 for reference. N = 1 is the network's own game (DDP-SGD).
@@ -30,7 +30,6 @@ import jax
 import numpy as np
 
 import dgnopt_jax as dgnopt
-from dgnopt_jax import train
 
 from common import (accuracy_on, add_data_arguments, batch_streams, evaluate, load_data,
                     make_curve_run, make_update, mean_std, steps_to, transform_update,
@@ -89,7 +88,7 @@ def main(argv=None) -> int:
 
   start = time.time()
   data = load_data(args.dataset, args, images=True)
-  game = train.make_model("cnn", data)
+  game = G.network_from_name("cnn", data.x_train.shape[1:], data.num_classes)
   streams = batch_streams(data, args.batch_size, args.steps, args.seeds)
   accuracy = accuracy_on(game, data)
   results = {}

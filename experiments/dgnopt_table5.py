@@ -32,7 +32,7 @@ import numpy as np
 import dgnopt_jax as dgnopt
 from dgnopt_jax import datasets
 
-from common import (SOLVERS, accuracy_on, add_data_arguments, evaluate, load_data,
+from common import (accuracy_on, add_data_arguments, evaluate, load_data,
                     make_curve_run, make_update, mean_std, transform_update, write_outputs)
 
 G = dgnopt.games
@@ -116,8 +116,9 @@ def main(argv=None) -> int:
       init, update = make_update(games[0], "olne-ekfac", args.lr)
       run = make_curve_run(init, lambda p, s, b: update(p, s, b[:2]), accuracy, args.eval_every)
     else:
-      tx = dgnopt.aligned(games, lambda g: SOLVERS[args.solver](g, args.lr, "ekfac"), key,
-                          seed=0)
+      tx = dgnopt.aligned(
+          games, lambda g: dgnopt.optimizer_from_name(f"{args.solver}-ekfac", g, args.lr).tx,
+          key, seed=0)
       run = make_curve_run(*transform_update(tx, validation=True), accuracy, args.eval_every)
     r = results[key] = {"accuracy": [], "early": [], "loss": [], "pulls": [], "curve": []}
     for seed, stream in enumerate(streams):

@@ -17,8 +17,8 @@ baseline's preconditioner *is* that baseline, so here
 * FNE lift: ``fne-<c>``, GR lift: ``gr-<c>`` with the same curvature ``c`` and
   learning rate.
 
-Networks are the main job's (``dgnopt_jax.train.make_model``): ``resnet`` = a
-conv stem and 3 residual blocks of 12 feature maps (DGNOpt Appendix E's MNIST
+Networks are the main job's (``dgnopt_jax.games.network_from_name``): ``resnet``
+= a conv stem and 3 residual blocks of 12 feature maps (DGNOpt Appendix E's MNIST
 network; identity shortcuts, so every stage has one player and GR = FNE:
 the GR lift is only run where a stage has several players), ``inception`` =
 conv, an inception block (a 4-player stage), conv, two dense layers. DIGITS
@@ -40,7 +40,6 @@ import time
 import jax
 
 import dgnopt_jax as dgnopt
-from dgnopt_jax import train
 
 from common import (add_data_arguments, batch_streams, load_data, make_run, mean_std, seeds_of,
                     write_outputs)
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
   streams = batch_streams(data, args.batch_size, args.steps, args.seeds)
   results = {}
   for net in networks:
-    game = train.make_model(net, data)
+    game = G.network_from_name(net, data.x_train.shape[1:], data.num_classes)
     for column, lift, optimizer, lr in runs_of(game):
       run = make_run(game, optimizer, lr, vxx_rank=args.vxx_rank)
       r = results[(net, column, lift)] = seeds_of(game, run, streams, data)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import dgnopt_jax as dgnopt
-from dgnopt_jax import train
 import helpers as h
 from dgnopt_jax._src import kronecker
 from dgnopt_jax._src import layer_taps
@@ -349,14 +348,15 @@ def test_shared_statistics_fast_path_equals_dense_reference(curvature):
   assert any(isinstance(s, kronecker.SharedKroneckerState) for s in state.curvature.values())
 
 
-def test_statistics_period_from_the_main_jobs_optimizer_names():
+def test_statistics_period_from_optimizer_names():
   # ``gr-kfac/3``: four steps fold in the statistics of steps 0 and 3 only.
   game = G.sequential([G.Dense(5, "tanh"), G.Dense(3)], (4,))
-  init, step, lr = train.make_step("gr-kfac/3@0.05", game, None, 0.0)
-  assert lr == 0.05
+  optimizer = dgnopt.optimizer_from_name("gr-kfac/3@0.05", game)
+  assert optimizer.learning_rate == 0.05
   params = game.init(jax.random.PRNGKey(0))
-  state = init(params)
+  state = optimizer.tx.init(params)
   x, y = h.classification_batch((4,), 6)
+  step = jax.jit(optimizer.step)
   for _ in range(4):
     params, state, _ = step(params, state, x, y)
   kron = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
@@ -364,4 +364,4 @@ def test_statistics_period_from_the_main_jobs_optimizer_names():
   assert len(kron) == 2
   assert all(int(s.count) == 4 and int(s.updates) == 2 for s in kron)
   with pytest.raises(ValueError, match="needs the kfac or ekfac curvature"):
-    train.make_step("gr-adam/3", game, None, 0.0)
+    dgnopt.optimizer_from_name("gr-adam/3", game)

@@ -98,18 +98,6 @@ def test_help_shows_defaults_and_the_optimizer_syntax(capsys):
     assert expected in text, expected
 
 
-def test_optimizer_names():
-  assert train.parse_optimizer("gr-kfac/5@0.03") == train.Optimizer(
-      "gr-kfac/5@0.03", "gr", "kfac", 0.03, 5)
-  assert train.parse_optimizer("fne-sgd") == train.Optimizer("fne-sgd", "fne", "identity",
-                                                             None, None)
-  assert train.parse_optimizer(" adam@1e-4 ") == train.Optimizer("adam@1e-4", None, "adam",
-                                                                 1e-4, None)
-  for bad in ("adam-sgd", "sgd/2", "fne-kfac/0", "fne-kfac@0", "fne-kfac@inf", "kfac"):
-    with pytest.raises(ValueError):
-      train.parse_optimizer(bad)
-
-
 # The SIGTERM run: optax's sgd (finished before the signal) and fne-sgd
 # (interrupted part-way), one seed, DIGITS MLP.
 COMMAND = [sys.executable, "-m", "dgnopt_jax.train", "--model", "mlp", "--optimizers",

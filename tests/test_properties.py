@@ -1,6 +1,6 @@
 """Property-based tests: random networks, sizes, dtypes and extreme values through the public API.
 
-The contract (README, "Numerical safeguards"): an update either
+The contract (docs/SAFEGUARDS.md, "Numerical safeguards"): an update either
 
 * raises one of our documented errors (``ValueError`` / ``TypeError`` raised
   by dgnopt_jax itself, naming the problem) before any work is done, or

@@ -1,4 +1,4 @@
-"""The README's code, the example and the main job run as documented."""
+"""The README's and the docs' code, the examples and the main job run as documented."""
 
 import json
 import pathlib
@@ -17,36 +17,77 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 G_get = dgnopt.games.get_path
 
 
-def test_readme_snippet_trains():
-  text = (ROOT / "README.md").read_text()
-  code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+def _snippets(path, language="python"):
+  return re.findall(rf"```{language}\n(.*?)```", (ROOT / path).read_text(), re.S)
+
+
+def test_readme_commands_are_the_main_job_and_the_ci_test_command():
+  main_job, tests = [c.strip() for c in _snippets("README.md", "bash")[:2]]
+  assert main_job.endswith(".venv/bin/python -m dgnopt_jax.train")
+  assert tests.endswith(".venv/bin/python -m pytest") and tests in (ROOT / ".ci/run").read_text()
+
+
+def test_readme_quick_start_trains_the_flax_model_and_names_an_optimizer():
+  quick_start, by_name = _snippets("README.md")
   scope = {}
-  exec(compile(code, "README.md", "exec"), scope)
+  exec(compile(quick_start, "README.md", "exec"), scope)
+  model, game, variables, data = (scope["model"], scope["game"], scope["variables"],
+                                  scope["data"])
+  x = jnp.asarray(data.x_test)
+  logits = model.apply(variables, x)
+  np.testing.assert_allclose(game.apply(variables, x), logits, rtol=1e-5, atol=1e-5)
+  before = model.init(jax.random.PRNGKey(0), x[:32])
+  untrained = float(np.mean(np.argmax(model.apply(before, x), -1) == data.y_test))
+  trained = float(np.mean(np.argmax(logits, -1) == data.y_test))
+  assert trained > max(0.5, untrained + 0.3), (untrained, trained)
+  exec(compile(by_name, "README.md", "exec"), scope)
+  assert scope["named"].learning_rate == 0.03 and np.isfinite(float(scope["loss"]))
+  assert int(scope["state"].count) + int(scope["state"].rejected) == 1
+
+
+def test_doc_links_lead_to_files_and_headings():
+  def anchor(heading):
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+  for page in [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")):
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+      if target.startswith("http"):
+        continue
+      path, _, fragment = target.partition("#")
+      linked = (page.parent / path).resolve() if path else page
+      assert linked.exists(), (page.name, target)
+      if fragment:
+        headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.M)
+        assert fragment in {anchor(h) for h in headings}, (page.name, target)
+
+
+def _run_games_snippet(marker, first_steps, replace=("", "")):
+  """Runs docs/GAMES.md's first snippet (``range(1000)`` -> ``range(first_steps)``), then the
+  one snippet containing ``marker`` in the same scope, as a reader would.
+
+  Returns the scope and a copy of it as the first snippet left it.
+  """
+  blocks = _snippets("docs/GAMES.md")
+  scope = {}
+  exec(compile(blocks[0].replace("range(1000)", f"range({first_steps})"), "GAMES.md", "exec"),
+       scope)
+  first = dict(scope)
+  marked = [b for b in blocks if marker in b]
+  assert len(marked) == 1
+  exec(compile(marked[0].replace(*replace), "GAMES.md", "exec"), scope)
+  return scope, first
+
+
+def test_games_mlp_snippet_trains():
+  scope = {}
+  exec(compile(_snippets("docs/GAMES.md")[0], "GAMES.md", "exec"), scope)
   game, params, data = scope["game"], scope["params"], scope["data"]
   logits = game.apply(params, jnp.asarray(data.x_test, jnp.float32))
   assert float(np.mean(np.argmax(logits, -1) == data.y_test)) > 0.9
 
 
-def _run_readme_snippet(marker, first_steps, replace=("", "")):
-  """Runs the README's first snippet (``range(1000)`` -> ``range(first_steps)``), then the one
-  snippet containing ``marker`` in the same scope, as a reader would.
-
-  Returns the scope and a copy of it as the first snippet left it.
-  """
-  text = (ROOT / "README.md").read_text()
-  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-  scope = {}
-  exec(compile(blocks[0].replace("range(1000)", f"range({first_steps})"), "README.md", "exec"),
-       scope)
-  first = dict(scope)
-  marked = [b for b in blocks if marker in b]
-  assert len(marked) == 1
-  exec(compile(marked[0].replace(*replace), "README.md", "exec"), scope)
-  return scope, first
-
-
-def test_readme_fictitious_players_snippet():
-  scope, first = _run_readme_snippet("G.fictitious(", 300)
+def test_games_fictitious_players_snippet():
+  scope, first = _run_games_snippet("G.fictitious(", 300)
   before = first["params"]
   game, split, params, data = scope["game"], scope["split"], scope["params"], scope["data"]
   for player in game.players:  # collapsed = the sum of the four players
@@ -61,21 +102,8 @@ def test_readme_fictitious_players_snippet():
   assert game.loss_value(params, x, data.y_test) < game.loss_value(before, x, data.y_test)
 
 
-def test_readme_flax_snippet_trains_the_flax_model():
-  scope, _ = _run_readme_snippet("G.from_flax(", 1)
-  model, game, variables, images = (scope["model"], scope["flax_game"], scope["variables"],
-                                    scope["images"])
-  x = jnp.asarray(images.x_test)
-  logits = model.apply(variables, x)
-  np.testing.assert_allclose(game.apply(variables, x), logits, rtol=1e-5, atol=1e-5)
-  before = model.init(jax.random.PRNGKey(0), x[:32])
-  untrained = float(np.mean(np.argmax(model.apply(before, x), -1) == images.y_test))
-  trained = float(np.mean(np.argmax(logits, -1) == images.y_test))
-  assert trained > max(0.5, untrained + 0.3), (untrained, trained)
-
-
-def test_readme_alignment_snippet():
-  scope, _ = _run_readme_snippet("dgnopt.aligned(", 1, ("range(100)", "range(20)"))
+def test_games_alignment_snippet():
+  scope, _ = _run_games_snippet("dgnopt.aligned(", 1, ("range(100)", "range(20)"))
   state, game, images = scope["bandit_state"], scope["alignments"][0], scope["images"]
   assert int(state.bandit.pulls.sum()) == 20 and np.all(np.asarray(state.bandit.pulls) > 0)
   logits = game.apply(scope["image_params"], jnp.asarray(images.x_test))

@@ -1,7 +1,7 @@
 """Guards around the optimizer: clear errors for bad input, and for a run that has stalled.
 
 What a step cannot use is refused before any work, with an error that names
-the argument (the README's "Numerical safeguards"):
+the argument (docs/SAFEGUARDS.md, "Numerical safeguards"):
 
 * hyper-parameters (:func:`check_hyper`): a real scalar or a schedule; a
   schedule is traced once (it must be traceable) and read at count 0;

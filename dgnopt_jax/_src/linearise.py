@@ -2,7 +2,7 @@
 
 Nothing here materialises a Jacobian: ``F_x``, ``F_theta`` and their
 transposes are applied through ``jax.jvp`` / ``jax.vjp`` of the stage
-function (README, "The fast path"). States are batched pytrees (leading axis B); a value
+function (docs/ALGORITHM.md §4). States are batched pytrees (leading axis B); a value
 Hessian factor ``Z`` is a pytree like the state with an extra axis of size r
 after the batch, ``V_xx^(i) = sum_r Z[i, r] Z[i, r]^T``.
 """

@@ -1,7 +1,7 @@
 """Per-sample quadratic forms S = (F_theta^T Z')^T (C + damping)^-1 (F_theta^T Z').
 
 They enter the value-Hessian factor update ``Z <- (F_x^T Z') (I - w^2 eta S)_+^{1/2}``
-(GT-DDP Prop. 5-6; README, "The fast path"; ``w`` from :func:`linearise.coupling_scale`) and
+(GT-DDP Prop. 5-6; docs/ALGORITHM.md §4; ``w`` from :func:`linearise.coupling_scale`) and
 are needed per sample, shape (B, r, r). They are the diagonal blocks of the
 stage's coupling matrix ``G_ij = q_i^T (C + damping)^-1 q_j`` over samples and
 columns (``q_i = F_theta^(i)T Z'^(i)``), whose largest eigenvalue the

@@ -1,4 +1,4 @@
-"""Dense reference of one DGNOpt step, for tiny problems and tests (README, "Correctness").
+"""Dense reference of one DGNOpt step, for tiny problems and tests (docs/ALGORITHM.md §7).
 
 Everything is built with explicit Jacobians of the batch-augmented state
 ``X = (x^(1), ..., x^(B))`` (DDPNOpt Appendix B.2): ``F_X``, ``F_theta``,

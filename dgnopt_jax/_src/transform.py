@@ -5,8 +5,7 @@ and ``batch`` (the game): ``updates`` must be ``None``. Gradients passed in
 would be ignored, and a transformation placed before the step in a chain
 would act on nothing the step reads, so both are refused with an error that
 says what to do (:mod:`composition`); transformations placed after it act on
-the step. How each optax wrapper composes is in the README's optax guide
-(docs/OPTAX.md).
+the step. How each optax wrapper composes is in docs/OPTAX.md.
 """
 
 from __future__ import annotations
