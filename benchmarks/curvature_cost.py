@@ -77,8 +77,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_SIZES = "mlp:64:128,mlp:256:512,conv:64:128"
 STATISTICS_EVERY = 5
 INVERSE_EVERY = 10
-# The main job's default learning rates (dgnopt_jax.train.DEFAULT_LR).
-LR_SGD, LR_ADAM, LR_KFAC = 0.1, 1e-3, 0.03
+# The library's default learning rates by name.
+LR_SGD, LR_ADAM, LR_KFAC = (dgnopt.DEFAULT_LEARNING_RATES[c] for c in ("sgd", "adam", "kfac"))
 
 KFAC_JAX_VENV = HERE / ".venv-kfac-jax"
 KFAC_JAX_PACKAGES = ("jax==0.7.2", "jaxlib==0.7.2", "kfac-jax==0.0.8", "optax", "flax",
