@@ -54,3 +54,20 @@ def test_gpu_check_quick_mode_runs_on_a_cpu(tmp_path):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert [s["status"] for s in summary["sections"]] == ["pass"] * 5
   assert len(list(tmp_path.iterdir())) <= 8
+
+
+@pytest.mark.slow
+def test_large_steps_runs_split_players_beside_the_open_loop_step(tmp_path):
+  out = tmp_path / "large_steps.json"
+  printed = subprocess.run(
+      [sys.executable, "benchmarks/large_steps.py", "--datasets", "iris", "--networks",
+       "tanh16x2", "--curvatures", "identity", "--seeds", "2", "--steps", "5", "--lrs", "0.1",
+       "--out", str(out)],
+      cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  rows = [line.split("|")[1:-1] for line in printed.splitlines() if line.startswith("| iris")]
+  assert sorted(r[4].strip() for r in rows) == ["fne projected", "gr projected"]
+  assert all(r[1].strip() == "tanh16x2" for r in rows)
+  assert out.exists()
+  bad = subprocess.run([sys.executable, "benchmarks/large_steps.py", "--networks", "tanh16xa"],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode != 0 and "unknown network 'tanh16xa'" in bad.stderr
