@@ -27,22 +27,16 @@ where the two principles differ is ``M``: block-diagonal over the group's
 players, or, for a GR stage whose curvature keeps the players' cross terms
 (``cross_terms=True`` with ``dense``, ``kfac`` or ``ekfac``; GT-DDP Thm 3,
 DGNOpt Prop. 5), one joint matrix whose solve is the block inversion of
-eq. 23 (``k_1 = P~_uu^-1 (P_u - P_uv P_vv^-1 P_v)``, eq. 11).
-``w = 1 / max(1, lambda_max(G))``, ``G = R^T F_theta M^-1 F_theta^T R`` with
-``V~_xx' = R R^T``, shrinks the state-parameter coupling where a surrogate
-curvature leaves the stage's model non-convex
-(:func:`linearise.coupling_scale`; ``w = 1`` for exact DDP). Without feedback
-(the open-loop solvers: ``Q_theta_x := 0``) ``V_x`` is the back-propagated
-co-state.
+eq. 23 (``k_1 = P~_uu^-1 (P_u - P_uv P_vv^-1 P_v)``, eq. 11). The coupling
+scale ``w`` (:func:`linearise.coupling_scale`; 1 for exact DDP) keeps the
+stage's model convex where a surrogate curvature would not.
 
-``F_x^T V~_xx' u = (F_x^T Z')(Z'^T u) + eps F_x^T u`` reuses the columns
-``F_x^T Z'`` pulled back for ``Z``; where the players' per-sample gradients
-``q`` are formed (dense and conv players, ``vxx_reg = 0``),
-``Z'^T F_theta k = q^T k`` and ``F_theta^T Z' c`` are contractions instead of
-a JVP and a VJP. The first-order terms come from the VJP of
-``Stage.gradient_fn`` where a stage has one (batch statistics
-differentiated), every second-order term from the per-sample Jacobians of
-``Stage.fn``.
+Products with ``V~_xx'`` reuse the columns ``F_x^T Z'`` pulled back for ``Z``,
+and where the players' per-sample gradients ``q`` are formed (dense and conv
+players, ``vxx_reg = 0``) ``Z'^T F_theta k`` and ``F_theta^T Z' c`` are
+contractions with them (docs/ALGORITHM.md §4). The first-order terms come
+from the VJP of ``Stage.gradient_fn`` where a stage has one (batch
+statistics differentiated), every second-order term from ``Stage.fn``.
 """
 
 from __future__ import annotations
@@ -121,22 +115,14 @@ def _solve(curvature: Any, joint: bool, steps: Any, vectors: tuple, damping) -> 
   return tuple(curvature.solve(s, v, damping) for s, v in zip(steps, vectors))
 
 
-def _pass_through(exact: lin.Linearised, f: lin.Linearised, stream: tuple) -> tuple:
-  """A stream no player of the stage acts on: ``(F_x^T V_x', F_x^T Z')``."""
-  v_next, z_next = stream
-  return exact.vjp_x(v_next), None if z_next is None else f.vjp_x_columns(z_next)
-
-
 def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
                    thetas: tuple, streams: tuple, cstates: tuple):
   """The gains of every group of one stage and the value streams at x_t.
 
   Args:
-    stage: the stage.
-    cfg: solver configuration.
+    stage, cfg: the stage and the solver configuration.
     hyper: learning rate, damping and V_xx regularisation of this step.
-    x: the nominal state x_t.
-    thetas: the players' params.
+    x, thetas: the nominal state x_t and the players' params.
     streams: per value stream, ``(V_x', Z')`` at t+1 (``Z'`` None when unused):
       one per player of the game (FNE) or one (GR).
     cstates: the curvature states of :func:`state_keys`.
@@ -156,17 +142,23 @@ def stage_backward(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
     out_streams.append(value)
     out_cstates.extend(new)
     saved.append(gains)
-  out_streams.extend(_pass_through(exact, f, s) for s in streams[len(stage_groups):])
+  # Streams no player of the stage acts on: (F_x^T V_x', F_x^T Z').
+  out_streams.extend((exact.vjp_x(v_next), None if z_next is None else f.vjp_x_columns(z_next))
+                     for v_next, z_next in streams[len(stage_groups):])
   return tuple(out_streams), tuple(out_cstates), tuple(saved)
+
+
+def _plus_weight_decay(values: tuple, players: tuple, thetas: tuple) -> tuple:
+  """``values_n + wd_n thetas_n``: the stage costs' ``l_theta`` or ``l_theta_theta v`` added."""
+  return tuple(lin.tree_add(v, lin.tree_scale(p.weight_decay, t)) if p.weight_decay else v
+               for v, p, t in zip(values, players, thetas))
 
 
 def _ggn(f: lin.Linearised, group: Group, players: tuple, z_next: State, eps) -> Any:
   """``v -> F_theta^T V~_xx' F_theta v + wd v``: the Gauss-Newton product of a group's players."""
-  def matvec(v: tuple) -> tuple:
-    out = f.vjp_thetas(lin.value_hessian_apply(z_next, f.jvp_thetas(v, group), eps), group)
-    return tuple(lin.tree_add(o, lin.tree_scale(p.weight_decay, vn)) if p.weight_decay else o
-                 for o, p, vn in zip(out, players, v))
-  return matvec
+  return lambda v: _plus_weight_decay(
+      f.vjp_thetas(lin.value_hessian_product(z_next, z_next, f.jvp_thetas(v, group), eps), group),
+      players, v)
 
 
 def _group_backward(stage, cfg, hyper, f, exact, group: Group, joint: bool, stream: tuple,
@@ -188,8 +180,7 @@ def _group_backward(stage, cfg, hyper, f, exact, group: Group, joint: bool, stre
     q_x, q_thetas = f.vjp_x(v_next), from_stats
   else:
     q_x, q_thetas = exact.vjp_x_thetas(v_next, group)
-  q_thetas = tuple(lin.tree_add(q, lin.tree_scale(p.weight_decay, t)) if p.weight_decay else q
-                   for q, p, t in zip(q_thetas, players, thetas))
+  q_thetas = _plus_weight_decay(q_thetas, players, thetas)
 
   if joint:
     curvature.check(_joint_player(stage), thetas)
@@ -197,17 +188,15 @@ def _group_backward(stage, cfg, hyper, f, exact, group: Group, joint: bool, stre
                                          tuple(stats[n] for n in group) if stats else None)
     new_cstates, directions = (new_cstate,), curvature.direction(steps, q_thetas)
   else:
-    new_cstates, steps, directions = [], [], []
-    for i, n in enumerate(group):
-      matvec = None
-      if curvature.needs_value_hessian:
-        one = _ggn(f, (n,), (players[i],), z_next, eps)
-        matvec = lambda v, one=one: one((v,))[0]
-      c, s = curvature.update(cstates[i], q_thetas[i], matvec, stats.get(n))
-      new_cstates.append(c)
-      steps.append(s)
-      directions.append(curvature.direction(s, q_thetas[i]))
-    new_cstates, steps, directions = tuple(new_cstates), tuple(steps), tuple(directions)
+    def player_ggn(i: int, n: int):
+      if not curvature.needs_value_hessian:
+        return None
+      one = _ggn(f, (n,), (players[i],), z_next, eps)
+      return lambda v: one((v,))[0]
+
+    new_cstates, steps = zip(*(curvature.update(cstates[i], q_thetas[i], player_ggn(i, n),
+                                                stats.get(n)) for i, n in enumerate(group)))
+    directions = tuple(map(curvature.direction, steps, q_thetas))
   gains = lin.tree_scale(eta, _solve(curvature, joint, steps, directions, damping))
 
   z, scale, pulled, grads = None, None, None, None
@@ -224,8 +213,8 @@ def _group_backward(stage, cfg, hyper, f, exact, group: Group, joint: bool, stre
           z_next, z, eta * form.s, pull=lambda c: f.vjp_thetas(c, group),
           solve=lambda g: lin.tree_scale(eta, _solve(curvature, joint, steps, g, damping)),
           push=lambda d: f.jvp_thetas(d, group), iterations=cfg.coupling_iterations,
-          gram=quadratic_forms.scaled_gram(form, eta), vxx_reg=eps,
-          jacobian_trace=quadratic_forms.scaled_jacobian_trace(form, eta))
+          gram=None if form.gram is None else (lambda v: eta * form.gram(v)), vxx_reg=eps,
+          jacobian_trace=None if form.jacobian_trace is None else eta * form.jacobian_trace)
       grads = form.gradients if lin.is_zero(eps) else None
   v_x = q_x
   if cfg.feedback:
@@ -233,8 +222,8 @@ def _group_backward(stage, cfg, hyper, f, exact, group: Group, joint: bool, stre
       coeffs = [quadratic_forms.gradient_coefficients(q, k) for q, k in zip(grads, gains)]
       correction = lin.factor_apply(pulled, sum(coeffs[1:], coeffs[0]))
     else:
-      correction = lin.pulled_value_hessian_apply(z_next, pulled, f.jvp_thetas(gains, group), eps,
-                                                  f.vjp_x)
+      correction = lin.value_hessian_product(pulled, z_next, f.jvp_thetas(gains, group), eps,
+                                             f.vjp_x)
     v_x = lin.tree_sub(q_x, lin.tree_scale(scale, correction))
   return (v_x, z), new_cstates, GroupGains(gains, steps, z_next, pulled, grads, scale)
 
@@ -268,7 +257,7 @@ def stage_rollout(stage: games_lib.Stage, cfg: Any, hyper: Any, x: State,
         feedback = tuple(quadratic_forms.gradient_pullback(q, coeffs, thetas[n])
                          for q, n in zip(gains.gradients, group))
       else:
-        feedback = f.vjp_thetas(lin.pushed_value_hessian_apply(
+        feedback = f.vjp_thetas(lin.value_hessian_product(
             gains.factor_next, gains.pulled, dx, eps, f.jvp_x), group)
       feedback = lin.tree_scale(gains.coupling_scale * eta,
                                 _solve(cfg.curvature, joint, gains.steps, feedback, damping))

@@ -1,16 +1,8 @@
-"""Curvatures C ~ Q_theta_theta of one player (DGNOpt eq. 13, Prop. 2; DDPNOpt Table 2).
+"""Diagonal and dense curvatures C ~ Q_theta_theta of a player (DGNOpt eq. 13; DDPNOpt Table 2).
 
-Every update of DGNOpt preconditions with the player's curvature plus a
-Tikhonov term and the learning rate eta, the quadratic model's ``Q_theta_theta``
-being ``M = (C + damping I) / eta``:
-
-    open gain      k = M^-1 d          (d = Q_theta, or Adam's first moment)
-    feedback gain  K = M^-1 Q_theta_x
-
-Each curvature is a :class:`curvature_base.Curvature`: it owns its
-statistics (``init``, ``update``), its inverse (``solve``,
-``inverse_diagonal``) and its quadratic forms (``player_form``; with cross
-terms between a stage's players, ``joint``, ``init_joint``, ``joint_form``).
+Each is a :class:`curvature_base.Curvature` (the protocol the solver calls,
+and how an update uses ``C``); the Kronecker-factored ones are in
+:mod:`kronecker`, all of them side by side in docs/ALGORITHM.md §5.
 """
 
 from __future__ import annotations
@@ -34,8 +26,6 @@ class Identity(curvature_base.Curvature):
   """C = I: DDP-SGD (DDPNOpt Table 2); with no feedback, plain SGD (Theorem 6)."""
 
   name = "identity"
-  needs_value_hessian = False
-  default_damping = 0.0
 
   def init(self, theta: Params, player: Any = None) -> tuple:
     del theta, player
@@ -54,13 +44,27 @@ class Identity(curvature_base.Curvature):
     return jax.tree.map(lambda x: jnp.asarray(1.0 / (1.0 + damping), x.dtype), like)
 
 
+class _Diagonal(curvature_base.Curvature):
+  """A curvature ``C = diag(c)`` with ``c = self._diag(step)``: elementwise solves."""
+
+  def _diag(self, step: Any) -> Params:
+    raise NotImplementedError
+
+  def solve(self, step, v: Params, damping) -> Params:
+    return jax.tree.map(lambda x, d: x * d, v, self.inverse_diagonal(step, damping, v))
+
+  def inverse_diagonal(self, step, damping, like: Params) -> Params:
+    del like
+    return jax.tree.map(lambda c: kronecker.safe_reciprocal(c + damping), self._diag(step))
+
+
 class RMSPropState(NamedTuple):
   nu: Params
   count: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class RMSProp(curvature_base.Curvature):
+class RMSProp(_Diagonal):
   """C = diag(sqrt(E[Q_theta^2]) ...): DDP-RMSprop (DGNOpt eq. 13).
 
   The statistics are the exponential moving average of ``Q_theta * Q_theta``
@@ -74,8 +78,6 @@ class RMSProp(curvature_base.Curvature):
   eps_in_sqrt: bool = True
   bias_correction: bool = False
   name = "rmsprop"
-  needs_value_hessian = False
-  default_damping = 0.0
 
   def __post_init__(self):
     guards.check_coefficient("rmsprop", "decay", self.decay, 0.0, 1.0)
@@ -102,13 +104,6 @@ class RMSProp(curvature_base.Curvature):
       return jax.tree.map(lambda n: jnp.sqrt(n + self.eps), nu_hat)
     return jax.tree.map(lambda n: jnp.sqrt(n) + self.eps, nu_hat)
 
-  def solve(self, step, v: Params, damping) -> Params:
-    return jax.tree.map(lambda x, d: x * d, v, self.inverse_diagonal(step, damping, v))
-
-  def inverse_diagonal(self, step, damping, like: Params) -> Params:
-    del like
-    return jax.tree.map(lambda c: kronecker.safe_reciprocal(c + damping), self._diag(step))
-
 
 class AdamState(NamedTuple):
   mu: Params
@@ -117,7 +112,7 @@ class AdamState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Adam(curvature_base.Curvature):
+class Adam(_Diagonal):
   """C = diag(sqrt(nu_hat + eps_root) + eps), direction mu_hat: DDP-Adam.
 
   Moments of ``Q_theta`` with ``optax.adam``'s conventions, so that the
@@ -129,8 +124,6 @@ class Adam(curvature_base.Curvature):
   eps: float = 1e-8
   eps_root: float = 0.0
   name = "adam"
-  needs_value_hessian = False
-  default_damping = 0.0
 
   def __post_init__(self):
     for field, value in (("b1", self.b1), ("b2", self.b2)):
@@ -158,13 +151,6 @@ class Adam(curvature_base.Curvature):
 
   def _diag(self, step):
     return jax.tree.map(lambda n: jnp.sqrt(n + self.eps_root) + self.eps, step[1])
-
-  def solve(self, step, v: Params, damping) -> Params:
-    return jax.tree.map(lambda x, d: x * d, v, self.inverse_diagonal(step, damping, v))
-
-  def inverse_diagonal(self, step, damping, like: Params) -> Params:
-    del like
-    return jax.tree.map(lambda c: kronecker.safe_reciprocal(c + damping), self._diag(step))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +206,6 @@ class DenseExact(curvature_base.Curvature):
     return unravel(solved.astype(flat.dtype))
 
 
-
 def identity() -> Identity:
   """Identity curvature (DDP-SGD)."""
   return Identity()
@@ -251,8 +236,7 @@ def get_curvature(curvature: Any):
   """Resolves a curvature object or a name: identity/sgd, rmsprop, adam, kfac, ekfac, dense."""
   if isinstance(curvature, str):
     if curvature not in _BY_NAME:
-      raise ValueError(
-          f"unknown curvature {curvature!r}; known: {sorted(_BY_NAME)}")
+      raise ValueError(f"unknown curvature {curvature!r}; known: {sorted(_BY_NAME)}")
     return _BY_NAME[curvature]()
   if isinstance(curvature, type) or (callable(curvature) and not hasattr(curvature, "init")):
     what = "class" if isinstance(curvature, type) else "function"

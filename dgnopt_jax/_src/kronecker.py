@@ -8,10 +8,9 @@ eq. 15, with V_h in place of the loss gradient)::
 
     C = A (x) G,   A = E_{i,p}[a_ip a_ip^T],   G = E_i[sum_p g~_ip g~_ip^T]
 
-where ``g~ = B g`` is the derivative of the per-sample value (``g`` itself
-belongs to the batch-mean value) and ``p`` runs over a convolution's output
-positions (Grosse & Martens' spatially uncorrelated approximation; one
-position for a dense layer). ``C`` approximates the empirical Fisher
+with ``g~ = B g`` the derivative of the per-sample value and ``p`` a
+convolution's output positions (Grosse & Martens' spatially uncorrelated
+approximation): ``C`` approximates the empirical Fisher
 ``E_i[Q_theta^(i) Q_theta^(i)T]`` of the per-sample Bellman objectives. With
 ``A = U_A diag(lambda_A) U_A^T`` and ``G = U_G diag(lambda_G) U_G^T``, the
 damped solve is exact Tikhonov in the Kronecker eigenbasis::
@@ -19,47 +18,33 @@ damped solve is exact Tikhonov in the Kronecker eigenbasis::
     (C + damping I)^-1 vec(V) = vec(U_A [(U_A^T V U_G) / (lambda_A lambda_G^T + damping)] U_G^T)
 
 for the player's params as the matrix ``V = [kernel; bias]`` (``Ka x O``).
-The eigendecompositions are refreshed every ``inverse_every`` steps. The
-batch's statistics are folded into the running averages every
-``statistics_every`` steps and on every refresh step (kfac-jax's curvature
-update period): forming ``A`` is a product of the image patches with
-themselves, ``kh * kw`` times a convolution's own arithmetic, which made it
-the largest single cost of a step on convolutions.
+The eigendecompositions are refreshed every ``inverse_every`` steps; the
+batch's statistics are folded in every ``statistics_every`` steps and on
+every refresh step (kfac-jax's curvature update period), as forming ``A``
+(``kh * kw`` times a convolution's own arithmetic) is the largest single
+cost of a step on convolutions. EKFAC (George et al. 2018) keeps the
+eigenbasis and replaces ``lambda_A lambda_G^T`` by the running second
+moments of the per-sample gradients in it, ``s = E_i[(U_A^T Q_W^(i) U_G)^2]``
+(restarted at every refresh). Players that are not a ready-made dense or
+conv layer get the diagonal of the same empirical Fisher, ``E_i[Q_theta^(i)^2]``.
 
-EKFAC (George et al. 2018) keeps the eigenbasis and replaces
-``lambda_A lambda_G^T`` by the running second moments of the per-sample
-gradients in that basis, ``s = E_i[(U_A^T Q_W^(i) U_G)^2]`` (restarted at
-every refresh of the basis).
-
-Players that are not a ready-made dense or conv layer get the diagonal of
-the same empirical Fisher, ``E_i[Q_theta^(i)^2]``, from per-sample gradients.
-
-Cooperative players (GR with ``cross_terms``): the players of a stage are
-stacked into one augmented layer ``h^ = w x^`` with ``x^ = [a_1; ...; a_N]``,
-``h^ = [h_1; ...; h_N]`` (GT-DDP eq. 49) and factored as
-``A_ww (x) G_ww`` with the cross blocks ``A_uv = E[a_u a_v^T]``,
-``G_uv = E[g_u g_v^T]`` (eq. 50). The cooperative gains are the players'
-diagonal blocks of the solve of that joint system with their vectors placed
-on the block diagonal::
+Cooperative players (GR with ``cross_terms``) are stacked into one augmented
+layer ``h^ = w x^`` (GT-DDP eq. 49) factored as ``A_ww (x) G_ww`` with the
+cross blocks ``A_uv = E[a_u a_v^T]``, ``G_uv = E[g_u g_v^T]`` (eq. 50); the
+gains are the players' diagonal blocks of the joint solve::
 
     [k_1 .. k_N] = blocks( (A_ww (x) G_ww + damping I)^-1 vec(blockdiag(d_1, ..., d_N)) )
 
-With ``damping -> 0`` these are GT-DDP eq. 18 / DGNOpt Prop. 5, whose
-preconditioners are the Schur complements ``A~_uu = A_uu - A_uv A_vv^+ A_uv^T``
-and ``G~_uu = G_uu - G_uv G_vv^+ G_uv^T`` (eq. 16-17; DGNOpt eq. 14-15, 31).
-
-When the players provably share their statistics (``Stage.shared_statistics``:
-identical linear layers whose outputs are added, GT-DDP Fig. 7a) the stacked
-factors are singular (``A~_uu = 0``) and every block of the players' joint
-curvature is the same ``K = U diag(e) U^T``. The cooperative system is then
-solved exactly, ``(J_N (x) K + damping I)^-1`` with ``J_N`` the all-ones
-matrix, in K's eigenbasis::
+With ``damping -> 0`` these are GT-DDP eq. 18 / DGNOpt Prop. 5 (Schur
+complements of the factors, eq. 16-17; DGNOpt eq. 14-15, 31). Players that
+provably share their statistics (``Stage.shared_statistics``, GT-DDP Fig. 7a)
+have singular stacked factors and every block equal to ``K = U diag(e) U^T``;
+their system ``(J_N (x) K + damping I)^-1`` (``J_N`` all ones) is solved
+exactly in K's eigenbasis::
 
     k_u = U [ mean_v(V~_v) / (N e + damping) + (V~_u - mean_v(V~_v)) / damping ] U^T
 
-For two players this is GT-DDP Cor. 7: the cooperative matrix
-``Q~_uu = Q_uu - Q_uv Q_vv^-1 Q_vu`` is K's eigenbasis with the eigenvalues
-``damping * e / (damping + e) + damping`` (eq. 24).
+(for two players GT-DDP Cor. 7, eq. 24). All of it: docs/ALGORITHM.md §5.
 """
 
 from __future__ import annotations
@@ -80,11 +65,8 @@ from dgnopt_jax._src import symmetric_eigh
 Params = Any
 
 # Steps between updates of the Kronecker factors' running averages (the
-# default; the refresh steps, every ``inverse_every = 10``, always update).
-# Folding in every step's batch cost the residual CNN of the benchmarks
-# 3.3-3.7x an optax.sgd step for gr-kfac, every fifth 2.9-3.0x; DIGITS training
-# (MLP and residual CNN, 1500 steps, two seeds) reached the same test
-# accuracy with either.
+# default; the refresh steps always update): cheaper steps, and training
+# reached the same accuracy as with every step's batch (docs/PERFORMANCE.md).
 STATISTICS_EVERY = 5
 
 
@@ -159,31 +141,6 @@ def psd_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   return u, jnp.maximum(w, 0.0)
 
 
-def _joint_statistics(stats: tuple) -> layer_taps.KroneckerStatistics:
-  return layer_taps.KroneckerStatistics(
-      jnp.concatenate([s.inputs for s in stats], axis=-1),
-      jnp.concatenate([s.output_grads for s in stats], axis=-1))
-
-
-def _block_diagonal(mats: list) -> jax.Array:
-  rows = sum(m.shape[0] for m in mats)
-  cols = sum(m.shape[1] for m in mats)
-  out = jnp.zeros((rows, cols), mats[0].dtype)
-  r = c = 0
-  for m in mats:
-    out = out.at[r:r + m.shape[0], c:c + m.shape[1]].set(m)
-    r, c = r + m.shape[0], c + m.shape[1]
-  return out
-
-
-def _diagonal_blocks(mat: jax.Array, shapes: list) -> list:
-  out, r, c = [], 0, 0
-  for rows, cols in shapes:
-    out.append(mat[r:r + rows, c:c + cols])
-    r, c = r + rows, c + cols
-  return out
-
-
 @dataclasses.dataclass(frozen=True)
 class Kronecker(curvature_base.Curvature):
   """KFAC / EKFAC curvature built from value derivatives (see module docstring).
@@ -208,7 +165,6 @@ class Kronecker(curvature_base.Curvature):
   eigenbasis_rescaling: bool = False
   max_factor_size: int = 8192
   statistics_every: int = STATISTICS_EVERY
-  needs_value_hessian = False
   needs_statistics = True
   # The empirical Fisher shrinks with the gradients; a damping of this size keeps
   # the natural-gradient step bounded late in training (measured on DIGITS).
@@ -240,9 +196,12 @@ class Kronecker(curvature_base.Curvature):
           f"factors are {rows}x{rows} and {cols}x{cols}, above max_factor_size="
           f"{self.max_factor_size}; raise the limit or use a diagonal curvature")
 
-  def _kronecker_init(self, rows: int, cols: int, dtype) -> KroneckerState:
+  def _kronecker_init(self, thetas: tuple) -> KroneckerState:
+    """Fresh statistics of the players' stacked layer (one player: its own)."""
+    shapes = [layer_taps.matrix_shape(t) for t in thetas]
+    rows, cols = sum(r for r, _ in shapes), sum(c for _, c in shapes)
     # Factors of half-precision players are kept (and decomposed) in float32.
-    dtype = jnp.promote_types(dtype, jnp.float32)
+    dtype = jnp.promote_types(thetas[0]["kernel"].dtype, jnp.float32)
     eye = lambda n: jnp.eye(n, dtype=dtype)
     zero = jnp.zeros([], jnp.int32)
     return KroneckerState(jnp.zeros((rows, rows), dtype), jnp.zeros((cols, cols), dtype),
@@ -252,8 +211,7 @@ class Kronecker(curvature_base.Curvature):
 
   def init(self, theta: Params, player: Any = None) -> KroneckerState | DiagonalState:
     if layer_taps.has_kronecker_structure(player, theta):
-      rows, cols = layer_taps.matrix_shape(theta)
-      return self._kronecker_init(rows, cols, theta["kernel"].dtype)
+      return self._kronecker_init((theta,))
     return DiagonalState(jax.tree.map(jnp.zeros_like, theta), jnp.zeros([], jnp.int32))
 
   def joint(self, stage: Any, thetas: tuple) -> bool:
@@ -277,11 +235,8 @@ class Kronecker(curvature_base.Curvature):
 
   def init_joint(self, stage: Any, thetas: tuple) -> KroneckerState:
     if stage.shared_statistics:
-      rows, cols = layer_taps.matrix_shape(thetas[0])
-      return SharedKroneckerState(*self._kronecker_init(rows, cols, thetas[0]["kernel"].dtype))
-    shapes = [layer_taps.matrix_shape(t) for t in thetas]
-    return self._kronecker_init(sum(r for r, _ in shapes), sum(c for _, c in shapes),
-                                thetas[0]["kernel"].dtype)
+      return SharedKroneckerState(*self._kronecker_init(thetas[:1]))
+    return self._kronecker_init(thetas)
 
   # -- statistics --------------------------------------------------------------
 
@@ -296,8 +251,8 @@ class Kronecker(curvature_base.Curvature):
     ema = lambda old, new: self.decay * old + (1 - self.decay) * new
 
     def folded_factors(_):
-      # One contracted axis (samples x positions): as a dot contracting two
-      # axes, XLA's CPU backend took about 1.5 times as long.
+      # One contracted axis (samples x positions): XLA's CPU backend runs a
+      # dot contracting two axes slower.
       rows_a, rows_g = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
       input_cov = (rows_a.T @ rows_a) / (batch * positions)
       output_cov = batch * (rows_g.T @ rows_g)
@@ -366,15 +321,12 @@ class Kronecker(curvature_base.Curvature):
     if isinstance(state, SharedKroneckerState):  # every player has the first one's statistics
       new_state, step = self._update_kronecker(state, statistics[0])
       return SharedKroneckerState(*new_state), SharedKroneckerStep(*step)
-    if not isinstance(statistics, layer_taps.KroneckerStatistics):  # a cooperative stage
-      statistics = _joint_statistics(statistics)
+    if not isinstance(statistics, layer_taps.KroneckerStatistics):  # a cooperative stage: stacked
+      statistics = layer_taps.KroneckerStatistics(
+          *(jnp.concatenate(parts, axis=-1) for parts in zip(*statistics)))
     return self._update_kronecker(state, statistics)
 
   # -- solves --------------------------------------------------------------------
-
-  def direction(self, step, q_theta: Params) -> Params:
-    del step
-    return q_theta
 
   def _solve_matrix(self, step: KroneckerStep, mat: jax.Array, damping) -> jax.Array:
     rotated = step.input_basis.T @ mat.astype(step.input_basis.dtype) @ step.output_basis
@@ -389,9 +341,12 @@ class Kronecker(curvature_base.Curvature):
       return self._solve_shared(step, v, damping)
     if isinstance(v, tuple):  # a cooperative stage: one vector per player
       mats = [layer_taps.to_matrix(vn) for vn in v]
-      solved = self._solve_matrix(step, _block_diagonal(mats), damping)
-      blocks = _diagonal_blocks(solved, [m.shape for m in mats])
-      return tuple(layer_taps.from_matrix(b, vn) for b, vn in zip(blocks, v))
+      solved = self._solve_matrix(step, jax.scipy.linalg.block_diag(*mats), damping)
+      out, r, c = [], 0, 0
+      for m, vn in zip(mats, v):  # the diagonal blocks
+        out.append(layer_taps.from_matrix(solved[r:r + m.shape[0], c:c + m.shape[1]], vn))
+        r, c = r + m.shape[0], c + m.shape[1]
+      return tuple(out)
     return layer_taps.from_matrix(self._solve_matrix(step, layer_taps.to_matrix(v), damping), v)
 
   def _solve_shared(self, step: SharedKroneckerStep, v: tuple, damping) -> tuple:
@@ -454,11 +409,10 @@ def kronecker_forms(f: Any, players: tuple[int, ...], factor_next: Any,
     weights = ((a @ step.input_basis) ** 2) @ inverse  # (B, k)
     s = quadratic_forms.gram_blocks(g_rot, g_rot * weights[:, None])
     return quadratic_forms.Form(s.astype(dtype))
-  # Per-sample gradients in the eigenbasis, U_A^T (sum_p a_p g_p^T) U_G: the
-  # sum over positions first, then two large matrix products over all
-  # samples and columns, where rotating the layer inputs first (B P Ka^2
-  # multiplications) cost several times more. (Rotating g first would make
-  # the sum over positions as wide as all the stacked players' outputs.)
+  # Per-sample gradients in the eigenbasis, U_A^T (sum_p a_p g_p^T) U_G: the sum
+  # over positions first, then two large matrix products, rather than rotating
+  # the layer inputs first (B P Ka^2 multiplications) or g (as wide as all the
+  # stacked players' outputs).
   rows = cols = 0
   q = 0.0
   for n in players:
@@ -535,20 +489,13 @@ def statistics_gradients(stats: tuple, thetas: tuple) -> tuple | None:
 
 def gather_statistics(f: Any, players: tuple, indices: tuple[int, ...], v_next: Any,
                       marker: Any = None) -> dict:
-  """Per-sample statistics the Kronecker curvature needs for the given players.
+  """Per-sample statistics under ``V_x'`` for the players ``indices`` of stage ``f``.
 
-  Args:
-    f: the stage linearised at ``(x, thetas)`` (:class:`linearise.Linearised`).
-    players: the stage's players.
-    indices: which players.
-    v_next: the value gradient ``V_x'`` those players see.
-    marker: the layer inputs are formed after it (:func:`layer_taps.statistics`).
-      Given the factor ``Z'`` that the stage's forms use as theirs, the two
-      form the same inputs, which XLA then computes once.
-
-  Returns:
-    ``{n: KroneckerStatistics}`` for ready-made dense/conv players and
-    ``{n: per-sample gradients (B, *theta.shape)}`` for the others.
+  ``{n: KroneckerStatistics}`` for ready-made dense/conv players and
+  ``{n: per-sample gradients (B, *theta.shape)}`` for the others. The layer
+  inputs are formed after ``marker`` (:func:`layer_taps.statistics`): given
+  the factor ``Z'`` that the stage's forms use as theirs, the two form the
+  same inputs, which XLA then computes once.
   """
   kron = tuple(n for n in indices
                if layer_taps.has_kronecker_structure(players[n], f.thetas[n]))

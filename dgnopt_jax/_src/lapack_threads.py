@@ -5,13 +5,10 @@ KFAC and EKFAC refresh the eigendecompositions of their factors every
 runs as a call into the host LAPACK (the OpenBLAS that scipy ships, which
 jaxlib's CPU kernels use). OpenBLAS keeps its worker threads spinning for a
 while after each call; on a machine with few cores they hold the cores that
-XLA's own thread pool needs for the rest of the step: on a 2-core CPU the
-residual CNN's gr-kfac refresh step, and the step after it, took about 1.6
-to 1.9 times an ordinary step, and about 1.1 to 1.2 times with LAPACK on one
-thread. Side by side (``benchmarks/lapack_threads.py``) the KFAC/EKFAC steps
-of that network were 0.86-0.91x as long with one thread, those of the DIGITS
-MLP (factors of at most 65 x 65) unchanged. The decompositions are small
-(factors of at most ``max_factor_size``), so one thread loses little.
+XLA's own thread pool needs for the rest of the step, which slows the
+refresh step and the step after it (docs/PERFORMANCE.md, "Host LAPACK
+threads"). The decompositions are small (factors of at most
+``max_factor_size``), so one thread loses little.
 """
 
 from __future__ import annotations

@@ -115,10 +115,8 @@ def _padded_windows(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[i
   """The ``kh * kw`` strided slices of the padded input, each (B, ho, wo, C), in kernel order."""
   kh, kw = kernel_size
   sh, sw = strides
-  if isinstance(padding, str):
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (sh, sw), padding)
-  else:
-    pads = padding
+  pads = (jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (sh, sw), padding)
+          if isinstance(padding, str) else padding)
   xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
   ho = (xp.shape[1] - kh) // sh + 1
   wo = (xp.shape[2] - kw) // sw + 1
@@ -159,8 +157,7 @@ def kernel_rows(layer: Any, x: jax.Array, bias_column: bool = False) -> jax.Arra
   built from ``kh * kw`` strided slices of the padded input (copies only):
   ``lax.conv_general_dilated_patches`` computes the same as a convolution
   with a one-hot kernel, ``kh * kw * C`` times more arithmetic.
-  With ``bias_column`` a column of ones is appended in the same copy
-  (stacking the patches and then appending the column copied them twice).
+  With ``bias_column`` a column of ones is appended in the same copy.
   """
   if layer.kind == "conv":
     parts = _padded_windows(x, layer.kernel_size, layer.strides, layer.padding)
@@ -233,19 +230,11 @@ def statistics(fn: Any, x: State, thetas: tuple, v_next: State,
                players: tuple[int, ...], marker: Any = None) -> dict[int, KroneckerStatistics]:
   """``a`` and ``g = V_h`` of the given players of stage ``fn`` at ``(x, thetas)``.
 
-  Args:
-    fn: the stage function.
-    x: the nominal state x_t.
-    thetas: the players' params (the objects ``fn`` receives).
-    v_next: the value gradient ``V_x'`` at x_{t+1} (a batched state pytree).
-    players: the indices of the players whose statistics are wanted.
-    marker: the inputs ``a`` are formed :func:`after` it; ``v_next`` when
-      None. (Under a ``vmap`` over ``v_next`` pass an unmapped one, or ``a``
-      is formed once per mapped column.)
-
-  Returns:
-    ``{n: KroneckerStatistics}``. ``g`` is ``dV/dh`` with ``V`` the batch-mean
-    value, so it carries the factor 1/B of the mean.
+  ``thetas`` are the objects ``fn`` receives, ``v_next`` the value gradient
+  ``V_x'`` at x_{t+1}; ``g = dV/dh`` with ``V`` the batch-mean value carries
+  the factor 1/B of the mean. The inputs ``a`` are formed :func:`after`
+  ``marker`` (``v_next`` when None; under a ``vmap`` over ``v_next`` pass an
+  unmapped one, or ``a`` is formed once per mapped column).
 
   Raises:
     ValueError: if a requested player's layer was not met while evaluating the stage.
@@ -261,8 +250,5 @@ def statistics(fn: Any, x: State, thetas: tuple, v_next: State,
 
   _, pull, inputs = jax.vjp(probed, zeros, has_aux=True)
   grads = pull(v_next)[0]
-  out = {}
-  for n in players:
-    g = grads[n]
-    out[n] = KroneckerStatistics(inputs[n], g.reshape(g.shape[0], -1, g.shape[-1]))
-  return out
+  flat = lambda g: g.reshape(g.shape[0], -1, g.shape[-1])  # (B, P, O)
+  return {n: KroneckerStatistics(inputs[n], flat(grads[n])) for n in players}

@@ -20,10 +20,6 @@ State = Any
 Params = Any
 
 
-def _replace(items: tuple, n: int, value: Any) -> tuple:
-  return items[:n] + (value,) + items[n + 1:]
-
-
 def tree_add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
@@ -39,14 +35,14 @@ def tree_scale(s, a):
 def partition_safe() -> bool:
   """Whether per-sample terms must take the forms XLA partitions correctly.
 
-  With more than one device a jit-compiled step may be partitioned over a
-  batch-sharded mesh. XLA (jax 0.10, CPU) partitioned a ``vmap`` over the
-  samples of a convolution's VJP in its kernel (a grouped convolution over
-  the batch) into wrong per-sample gradients, so with several devices the
-  per-sample terms are formed from layer taps or per-sample params copies
-  (:meth:`Linearised.per_sample_vjp_theta`,
-  :func:`quadratic_forms.diagonal_layer`); on one device nothing can be
-  partitioned and the faster, leaner ``vmap`` forms are used.
+  XLA (jax 0.10, CPU) partitioned a ``vmap`` over the samples of a
+  convolution's VJP in its kernel (a grouped convolution over the batch)
+  into wrong per-sample gradients when a jit-compiled step was split over a
+  batch-sharded mesh; so with several devices the per-sample terms are
+  formed from layer taps or per-sample params copies
+  (:meth:`Linearised._per_sample_pullback`,
+  :func:`quadratic_forms.diagonal_layer`), and on one device from the
+  faster, leaner ``vmap``.
   """
   return jax.device_count() > 1
 
@@ -63,15 +59,17 @@ class Linearised:
     self.x = x
     self.thetas = thetas
 
-  def _players(self, players: tuple[int, ...] | None) -> tuple[int, ...]:
-    return tuple(range(len(self.thetas))) if players is None else players
+  def _own(self, players: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple]:
+    """``players`` (None: all of the stage's) and their params."""
+    players = tuple(range(len(self.thetas))) if players is None else players
+    return players, tuple(self.thetas[n] for n in players)
 
   def _with(self, players: tuple[int, ...], own: tuple) -> tuple:
     """The stage's params with ``players``' replaced by ``own``."""
-    thetas = self.thetas
+    thetas = list(self.thetas)
     for n, theta in zip(players, own):
-      thetas = _replace(thetas, n, theta)
-    return thetas
+      thetas[n] = theta
+    return tuple(thetas)
 
   def _of_thetas(self, players: tuple[int, ...]) -> Callable[[tuple], State]:
     if players == tuple(range(len(self.thetas))):
@@ -92,21 +90,18 @@ class Linearised:
 
   def jvp_thetas(self, dthetas: tuple, players: tuple[int, ...] | None = None) -> State:
     """sum_n F_theta_n dtheta_n over ``players`` (per sample; dtheta shared by the batch)."""
-    players = self._players(players)
-    own = tuple(self.thetas[n] for n in players)
+    players, own = self._own(players)
     return jax.jvp(self._of_thetas(players), (own,), (tuple(dthetas),))[1]
 
   def vjp_thetas(self, cotangent: State, players: tuple[int, ...] | None = None) -> tuple:
     """(sum_i F_theta_n^(i)T c^(i))_n for ``players``: one batched VJP."""
-    players = self._players(players)
-    own = tuple(self.thetas[n] for n in players)
+    players, own = self._own(players)
     return jax.vjp(self._of_thetas(players), own)[1](cotangent)[0]
 
   def vjp_x_thetas(self, cotangent: State,
                    players: tuple[int, ...] | None = None) -> tuple[State, tuple]:
     """(F_x^T c, (sum_i F_theta_n^T c)_n) from one pullback."""
-    players = self._players(players)
-    own = tuple(self.thetas[n] for n in players)
+    players, own = self._own(players)
     fn = lambda x, own: self.fn(x, self._with(players, own))
     return jax.vjp(fn, self.x, own)[1](cotangent)
 
@@ -116,7 +111,7 @@ class Linearised:
     The generic route for players without a known structure, memory linear
     in B.
     """
-    players = self._players(players)
+    players, _ = self._own(players)
     if partition_safe():
       return self._per_sample_pullback(players, factor)
     return self._per_sample_vmap(players, factor)
@@ -138,13 +133,8 @@ class Linearised:
 
     Every sample gets its own copy of the params (leaves ``(B, *theta.shape)``)
     and the stage is evaluated sample by sample on its copy; the VJP in the
-    copies is the per-sample parameter derivative. Written this way rather
-    than as a ``vmap`` over samples of the single-sample VJP: for
-    convolutions that form (a grouped convolution in the batch) came out
-    wrong when XLA partitioned a batch-sharded step over several devices,
-    while this one partitions correctly (``tests/multidevice``). On one
-    device the ``vmap`` form is used: it is several times faster for
-    convolutions on CPU.
+    copies is the per-sample parameter derivative. The form that partitions
+    correctly over several devices (:func:`partition_safe`).
     """
     batch = jax.tree.leaves(self.x)[0].shape[0]
     copies = tuple(jax.tree.map(lambda t: jnp.broadcast_to(t, (batch,) + jnp.shape(t)),
@@ -186,18 +176,10 @@ def per_sample_dot(a: jax.Array, b: jax.Array, shared: int) -> jax.Array:
   The per-sample contractions of the solver ("br...,b...->br",
   "br...,bs...->brs" and kin). The leading axes broadcast as in ``a * b``: an
   axis both operands have becomes a batch axis of the dot, one of size 1 in
-  either is dropped from that operand. Written as a multiply fused with its
-  reduction, XLA's CPU backend ran each of them about twice as slow as the
-  dot (fne-sgd on the DIGITS MLP: 12-18 % faster with dots). The dots run at
-  JAX's default matmul precision, as the model's own layers do.
-
-  Args:
-    a, b: arrays whose leading axes broadcast against each other (``b`` may
-      have fewer).
-    shared: how many trailing axes to contract (equal in ``a`` and ``b``).
-
-  Returns:
-    The broadcast leading axes, e.g. (B, r) or (B, r, s).
+  either is dropped from that operand (``b`` may have fewer axes); the result
+  has the broadcast leading axes, e.g. (B, r) or (B, r, s). A dot, because
+  XLA's CPU backend runs a multiply fused with its reduction slower; at JAX's
+  default matmul precision, as the model's own layers do.
   """
   ndim = max(a.ndim, b.ndim)
   a = a.reshape((1,) * (ndim - a.ndim) + a.shape)
@@ -227,10 +209,7 @@ def factor_transpose_apply(factor: State, u: State) -> jax.Array:
 
 
 def expand_trailing(c: jax.Array, ndim: int) -> jax.Array:
-  """``c`` with trailing unit axes up to ``ndim`` axes.
-
-  Broadcasts (B, r) coefficients against (B, r, *feature) leaves.
-  """
+  """``c`` with trailing unit axes up to ``ndim`` axes: (B, r) against (B, r, *feature) leaves."""
   return c.reshape(c.shape + (1,) * (ndim - c.ndim))
 
 
@@ -245,39 +224,23 @@ def is_zero(value: Any) -> bool:
   return isinstance(value, (int, float)) and value == 0
 
 
-def value_hessian_apply(factor: State, u: State, vxx_reg) -> State:
-  """V~_xx u = Z (Z^T u) + eps u, per sample: the regularised value Hessian."""
-  out = factor_apply(factor, factor_transpose_apply(factor, u))
-  if is_zero(vxx_reg):
-    return out
-  return jax.tree.map(lambda o, v: o + vxx_reg * v, out, u)
+def value_hessian_product(left: State, right: State, u: State, vxx_reg,
+                          tikhonov: Callable[[State], State] = lambda u: u) -> State:
+  """``left (right^T u) + eps tikhonov(u)`` per sample: a product with ``V~_xx = Z Z^T + eps I``.
 
+  * ``(Z, Z)``: ``V~_xx u``;
+  * ``(F_x^T Z, Z)``, ``tikhonov = F_x^T``: ``F_x^T V~_xx u``, the value
+    gradient's correction (DGNOpt eq. 10, 25);
+  * ``(Z, F_x^T Z)``, ``tikhonov = F_x``: ``V~_xx F_x dx``, the rollout's
+    feedback cotangent (Alg. 1 line 10).
 
-def pulled_value_hessian_apply(factor: State, pulled: State, u: State, vxx_reg,
-                               vjp_x: Callable[[State], State]) -> State:
-  """``F_x^T V~_xx u`` from the pulled-back factor ``pulled = F_x^T Z`` (DGNOpt eq. 10, 25).
-
-  ``F_x^T (Z Z^T u + eps u) = (F_x^T Z)(Z^T u) + eps F_x^T u``: the value
-  gradient's correction reuses the columns the factor update pulled back, and
-  needs a VJP of the stage only for the Tikhonov term.
+  ``F_x^T Z`` are the columns the factor update pulled back, so only the
+  Tikhonov term needs a VJP or JVP of the stage.
   """
-  out = factor_apply(pulled, factor_transpose_apply(factor, u))
+  out = factor_apply(left, factor_transpose_apply(right, u))
   if is_zero(vxx_reg):
     return out
-  return tree_add(out, tree_scale(vxx_reg, vjp_x(u)))
-
-
-def pushed_value_hessian_apply(factor: State, pulled: State, dx: State, vxx_reg,
-                               jvp_x: Callable[[State], State]) -> State:
-  """``V~_xx F_x dx`` with ``pulled = F_x^T Z``: ``Z (pulled^T dx) + eps F_x dx``.
-
-  The feedback's cotangent in the rollout (Alg. 1 line 10) without a JVP of
-  the stage, except for the Tikhonov term.
-  """
-  out = factor_apply(factor, factor_transpose_apply(pulled, dx))
-  if is_zero(vxx_reg):
-    return out
-  return tree_add(out, tree_scale(vxx_reg, jvp_x(dx)))
+  return tree_add(out, tree_scale(vxx_reg, tikhonov(u)))
 
 
 def tree_vdot(a: Any, b: Any) -> jax.Array:
@@ -289,39 +252,22 @@ def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | No
                    iterations: int = 8, unroll: bool = False) -> jax.Array:
   """w = 1 / max(1, lambda_max(G)): the shrinkage that keeps the stage's model convex.
 
-  The stage's quadratic model over (dX, dtheta) has the value Hessian
-  ``V~_xx' = Z' Z'^T + eps I`` and the parameter block ``M``. With
-  ``R = [Z', sqrt(eps) I]`` (``V~_xx' = R R^T``) it is convex iff the Schur
-  complement ``I - G`` is positive semi-definite, where
-  ``G = R^T F_theta M^-1 F_theta^T R``: over samples and columns i, j,
-  ``G_ij = q_i^T M^-1 q_j`` with ``q_i = F_theta^(i)T R^(i)`` (never formed).
-  The exact curvature guarantees ``G <= I``; a surrogate curvature
-  (identity, RMSprop, Adam: M = C/eta much smaller than the Gauss-Newton
-  part) does not, and the feedback then over-compensates every deviation by
-  a factor ``1 - G`` (beyond -1 it grows through the layers). Scaling the
-  state-parameter coupling ``Q_theta_x`` by ``w`` keeps the closed-loop gain
-  ``I - w G`` in [0, I] and the propagated value Hessian
-  ``q_x (I - w^2 S) q_x^T`` positive semi-definite, and leaves exact DDP
-  (``lambda_max <= 1``) untouched.
+  With ``V~_xx' = R R^T``, ``R = [Z', sqrt(eps) I]``, the stage's quadratic
+  model over (dX, dtheta) is convex iff ``I - G`` is positive semi-definite,
+  ``G = R^T F_theta M^-1 F_theta^T R`` (``G_ij = q_i^T M^-1 q_j`` over samples
+  and columns, ``q_i = F_theta^(i)T R^(i)``; never formed). The exact
+  curvature bounds ``G <= I``; a surrogate one (identity, RMSprop, Adam) does
+  not, and the feedback then over-compensates every deviation by ``1 - G``.
+  Scaling ``Q_theta_x`` by ``w`` keeps the closed-loop gain ``I - w G`` in
+  [0, I] and ``q_x (I - w^2 S) q_x^T`` positive semi-definite, and leaves
+  exact DDP untouched (docs/ALGORITHM.md §6).
 
-  ``G`` is positive semi-definite, so ``lambda_max(G) <= tr(G)``: where the
-  trace is known and at most 1 (most stages of most steps at ordinary step
-  sizes) ``w = 1`` exactly and nothing more is computed (``lax.cond``).
-  Otherwise ``lambda_max(G)`` is estimated by power iteration with
-  ``v -> G v`` (one VJP and one JVP of the stage, or two products with the
-  per-sample gradients, per iteration; cost linear in the batch); the
-  largest Rayleigh quotient is used.
-
-  Args:
-    gram: ``v -> G v`` on vectors shaped like ``start`` (arrays or pytrees).
-    start: the start vector of the power iteration (not normalised).
-    trace: ``tr(G)``, or None where it is not cheap to form (the power
-      iteration then always runs).
-    iterations: power iterations.
-    unroll: unroll them (a Python loop) instead of a ``fori_loop``.
-
-  Returns:
-    The scalar w in (0, 1].
+  ``lambda_max(G) <= tr(G)``: where the trace is known and at most 1, ``w = 1``
+  and nothing more is computed (``lax.cond``); otherwise ``lambda_max(G)`` is
+  the largest Rayleigh quotient of ``iterations`` power iterations (a Python
+  loop with ``unroll``, else a ``fori_loop``) with ``gram``, ``v -> G v`` on
+  vectors shaped like ``start`` (arrays or pytrees; not normalised). ``trace``
+  is None where it is not cheap to form. Returns the scalar w in (0, 1].
   """
   leaves = jax.tree.leaves(start)
   dtype = jnp.result_type(*leaves)
@@ -357,7 +303,7 @@ def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
                           gram: Callable[[jax.Array], jax.Array] | None = None,
                           vxx_reg: Any = 0.0, jacobian_trace: jax.Array | None = None
                           ) -> tuple[jax.Array, State]:
-  """The coupling scale w and the new factor ``Z = q_x (I - w^2 S)_+^{1/2}``.
+  """``(w, Z)``: the coupling scale and the new factor ``Z = q_x (I - w^2 S)_+^{1/2}``.
 
   Without the Tikhonov term (``vxx_reg = 0``) the coupling matrix of
   :func:`coupling_scale` lives on the columns of Z' (vectors (B, r)) and its
@@ -381,9 +327,6 @@ def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
     vxx_reg: eps, the value Hessian's Tikhonov term.
     jacobian_trace: ``sum_i tr(F_theta^(i) M^-1 F_theta^(i)T)`` where cheap,
       else None (with ``vxx_reg > 0`` the power iteration then always runs).
-
-  Returns:
-    ``(w, Z)``.
   """
   diag = jnp.diagonal(s, axis1=-2, axis2=-1)
   columns_start = jnp.sqrt(jnp.maximum(diag, 0.0)) + 1e-3

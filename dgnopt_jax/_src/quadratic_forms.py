@@ -1,18 +1,13 @@
 """Per-sample quadratic forms S = (F_theta^T Z')^T (C + damping)^-1 (F_theta^T Z').
 
 They enter the value-Hessian factor update ``Z <- (F_x^T Z') (I - w^2 eta S)_+^{1/2}``
-(GT-DDP Prop. 5-6; docs/ALGORITHM.md §4; ``w`` from :func:`linearise.coupling_scale`) and
-are needed per sample, shape (B, r, r). They are the diagonal blocks of the
-stage's coupling matrix ``G_ij = q_i^T (C + damping)^-1 q_j`` over samples and
-columns (``q_i = F_theta^(i)T Z'^(i)``), whose largest eigenvalue the
-convexity safeguard estimates by power iteration. Where the per-sample
-gradients ``q`` of a player are formed anyway (convolutions with a diagonal or
-Kronecker curvature), :class:`Form` also carries ``v -> G v`` computed from
-them: two contractions of size B r K O instead of a VJP and a JVP of the stage
-(for a convolution, P = output positions times fewer multiplications). A
-dense player's ``q_ir = [a_i (x) g_ir, g_ir]`` is kept as its two factors
-(:class:`DenseGradients`) and serves the same products as two matrix
-products over the batch, without recomputing the stage.
+(GT-DDP Prop. 5-6), per sample, shape (B, r, r), and are the diagonal blocks
+of the stage's coupling matrix ``G_ij = q_i^T (C + damping)^-1 q_j`` over
+samples and columns (``q_i = F_theta^(i)T Z'^(i)``), whose largest eigenvalue
+the convexity safeguard estimates (:func:`linearise.coupling_scale`). Where
+a player's per-sample gradients ``q`` are formed anyway, :class:`Form` also
+carries ``v -> G v`` from them: two contractions of size B r K O instead of
+a VJP and a JVP of the stage. By player structure: docs/ALGORITHM.md §4.
 """
 
 from __future__ import annotations
@@ -144,32 +139,15 @@ class Form(NamedTuple):
   jacobian_trace: Optional[jax.Array] = None
 
 
-def scaled_gram(form: Form, scale: Any) -> Optional[Callable[[jax.Array], jax.Array]]:
-  """``v -> scale * G v`` (``scale`` the learning rate: ``M^-1 = eta (C + damping)^-1``), or None."""
-  if form.gram is None:
-    return None
-  return lambda v: scale * form.gram(v)
-
-
-def scaled_jacobian_trace(form: Form, scale: Any) -> Optional[jax.Array]:
-  """``scale * form.jacobian_trace`` (``scale`` the learning rate), or None."""
-  return None if form.jacobian_trace is None else scale * form.jacobian_trace
-
-
 def sum_forms(forms: list) -> Form:
   """The forms of players with a block-diagonal curvature: ``S`` and ``G`` add up."""
   s = forms[0].s
   for f in forms[1:]:
     s = s + f.s
-  gram = None
-  if all(f.gram is not None for f in forms):
-    gram = lambda v: sum(f.gram(v) for f in forms)
-  gradients = None
-  if all(f.gradients is not None for f in forms):
-    gradients = tuple(f.gradients for f in forms)
-  jacobian_trace = None
-  if all(f.jacobian_trace is not None for f in forms):
-    jacobian_trace = sum(f.jacobian_trace for f in forms)
+  every = lambda field: all(getattr(f, field) is not None for f in forms)
+  gram = (lambda v: sum(f.gram(v) for f in forms)) if every("gram") else None
+  gradients = tuple(f.gradients for f in forms) if every("gradients") else None
+  jacobian_trace = sum(f.jacobian_trace for f in forms) if every("jacobian_trace") else None
   return Form(s, gram, gradients, jacobian_trace)
 
 
@@ -193,6 +171,7 @@ def apply_gram(q: jax.Array, inverse: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def contract(q: Any, solved: Any) -> jax.Array:
+  """Per-sample ``q_r . solved_s`` summed over the leaves: (B, r, s)."""
   parts = [gram_blocks(a, b) for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(solved))]
   return sum(parts[1:], parts[0])
 
@@ -235,12 +214,6 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   return Form(s, gram, DenseGradients(a, g), jacobian_trace)
 
 
-def _column_grads(f: lin.Linearised, n: int, factor_next: State) -> jax.Array:
-  """``g_r = dZ'_r/dh`` at the player's pre-activation, per column: (B, r, P, O)."""
-  return jax.vmap(lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, (n,))[n].output_grads,
-                  in_axes=1, out_axes=1)(factor_next)
-
-
 def explicit_gradients_pay(f: lin.Linearised, n: int, factor_next: State) -> bool:
   """Whether forming player n's per-sample gradients is the cheaper route.
 
@@ -271,7 +244,9 @@ def diagonal_layer(f: lin.Linearised, n: int, factor_next: State, theta: Params,
   partitions correctly when the batch is split over devices
   (:func:`linearise.partition_safe`).
   """
-  g = _column_grads(f, n, factor_next)  # (B, r, P, O)
+  # g_r = dZ'_r/dh at the player's pre-activation, per column: (B, r, P, O)
+  g = jax.vmap(lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, (n,))[n].output_grads,
+               in_axes=1, out_axes=1)(factor_next)
   layer, layer_x = layer_taps.tapped_layers(f.fn, f.x, f.thetas, (n,))[n]
   inv = jax.tree.map(lambda d, t: jnp.broadcast_to(d, t.shape), inv_diag, theta)
   inv_kernel = inv["kernel"].reshape(-1, inv["kernel"].shape[-1])

@@ -54,8 +54,9 @@ class Segment(NamedTuple):
 
   def stack(self, of_stage: Callable[[int], Any]) -> Any:
     """``of_stage(t)`` for every stage, stacked over the repeats: a tuple over positions."""
-    return _stack([tuple(of_stage(self.stage(k, i)) for i in range(self.period))
-                   for k in range(self.repeats)])
+    return jax.tree.map(lambda *xs: jnp.stack(xs),
+                        *[tuple(of_stage(self.stage(k, i)) for i in range(self.period))
+                          for k in range(self.repeats)])
 
   def per_stage(self, stacked: Any) -> Iterator[tuple[int, Any]]:
     """``(stage index, value)`` from a result stacked over the repeats."""
@@ -80,10 +81,6 @@ def _same_shapes(a: Any, b: Any) -> bool:
   la, ta = jax.tree.flatten(a)
   lb, tb = jax.tree.flatten(b)
   return ta == tb and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(la, lb))
-
-
-def _stack(trees: list) -> Any:
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def stage_thetas(stage: games_lib.Stage, params: Params) -> tuple:
@@ -157,19 +154,17 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.isfinite(jnp.concatenate(leaves)))
 
 
-# Statistics leaves up to this many elements are checked in one concatenated
-# reduction; larger ones (Kronecker factors and bases of wide layers) each in
-# a reduction of their own, which copies nothing.
+# Statistics leaves up to this many elements are checked in one concatenated reduction.
 _CONCATENATED_STATISTICS = 1 << 16
 
 
 def statistics_finite(tree: Any) -> jax.Array:
   """Whether every floating leaf of the curvature statistics is finite, as one scalar.
 
-  The small leaves go through :func:`all_finite` (one reduction: a reduction
-  per leaf costs a kernel launch each, and compile time); each large leaf is
-  reduced on its own, ``max |x|`` (NaN propagates through it), so that the
-  statistics are not copied every step.
+  The small leaves go through :func:`all_finite` (a reduction per leaf costs
+  a kernel launch each, and compile time); each large leaf (Kronecker
+  factors and bases of wide layers) is reduced on its own, ``max |x|`` (NaN
+  propagates through it), so that the statistics are not copied every step.
   """
   leaves = [l for l in jax.tree.leaves(tree) if jnp.issubdtype(l.dtype, jnp.inexact) and l.size]
   small = [l for l in leaves if l.size <= _CONCATENATED_STATISTICS]
@@ -194,28 +189,15 @@ def keep_if_applied(applied: jax.Array, finite: jax.Array, segments: list[Segmen
                     seg_deltas: list, seg_new_cstates: list, seg_cstates: list):
   """The step's updates, or zeros where not ``applied``; its curvature states, or the old ones where not ``finite``.
 
-  A step the trust region rejects keeps its statistics: they describe the
-  batch, not the step, and a momentum that points uphill must see the new
-  gradients to turn.
+  Per segment, values stacked over its repeats. A step the trust region
+  rejects keeps its statistics: they describe the batch, not the step, and a
+  momentum that points uphill must see the new gradients to turn.
 
-  The updates are selected leaf by leaf on their arrays stacked over
-  repeats, and so are the states of a segment that is not repeated; those
-  of the repeated segments go through one branch on their stacked arrays.
-  A branch over everything copies every buffer it passes through (peak
-  memory), a select per leaf of the repeated segments' states costs compile
-  time.
-
-  Args:
-    applied: whether the step is applied (finite and, under the trust region,
-      accepted).
-    finite: whether the step's loss, updates and new params are finite.
-    segments: the step's :class:`Segment` s.
-    seg_deltas: per segment, the updates stacked over its repeats.
-    seg_new_cstates: per segment, the new curvature states, stacked likewise.
-    seg_cstates: per segment, the curvature states the step started from.
-
-  Returns:
-    ``(seg_deltas, seg_cstates)`` to apply.
+  The updates, and the states of a segment that is not repeated, are
+  selected leaf by leaf; those of the repeated segments go through one
+  branch on their stacked arrays: a branch over everything copies every
+  buffer it passes through (peak memory), a select per leaf of the repeated
+  segments' states costs compile time.
   """
   seg_deltas = jax.tree.map(lambda d: jnp.where(applied, d, jnp.zeros_like(d)), seg_deltas)
   kept = list(seg_new_cstates)

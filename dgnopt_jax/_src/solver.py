@@ -1,32 +1,25 @@
-"""DGNOpt Algorithm 1: forward, backward scan, rollout.
+"""DGNOpt Algorithm 1: forward, backward scan, rollout (docs/ALGORITHM.md §3).
 
 One step on a batch:
 
 1. forward: ``x_{t+1} = F_t(x_t, theta_t)``, keeping every ``x_t``;
-2. backward (t = T-1 .. 0) from the terminal value (V_x, Z) of the loss: each
-   stage solves its groups of players' gains and propagates the value
-   derivatives (:mod:`bellman`): per player for the feedback Nash
-   equilibrium (DGNOpt eq. 6, 9, 10), jointly for group rationality (eq. 7,
-   11, 25). ``V~_xx = Z Z^T + vxx_reg I`` is the per-sample (block-diagonal)
-   value Hessian with its Tikhonov term;
+2. backward (t = T-1 .. 0) from the terminal value ``(V_x, Z)`` of the loss:
+   each stage solves its groups of players' gains and propagates the value
+   streams (:mod:`bellman`; FNE eq. 6, 9, 10, GR eq. 7, 11, 25);
 3. rollout (t = 0 .. T-1; Alg. 1 lines 8-12)::
 
        dx       = x'_t - x_t
        theta   <- theta - (k + K dx)
        x'_{t+1} = F_t(x'_t, theta)
 
-4. check (``trust_region``, feedback only; :mod:`trust_region`): the step
-   is applied only if the batch objective at ``x'_T`` (loss plus stage
-   costs) fell by at least half of its second-order model's decrease; the
-   two changes drive the next step's learning-rate scale.
+4. check (``trust_region``, feedback only; :mod:`trust_region`).
 
 With ``feedback=False`` (the open-loop baselines, DGNOpt Prop. 2 / Theorem 6:
-Q_theta_x := 0) there is no feedback gain, ``V_x`` is the back-propagated
-co-state and the rollout is skipped.
-
-``vxx_reg`` enters where the value Hessian is used (the feedback gain, the
-value gradient and the dense curvature) and is not propagated through ``Z``:
-it is a state cost ``vxx_reg/2 |dx_{t+1}|^2`` added to every stage's model.
+``Q_theta_x := 0``) there is no feedback gain, ``V_x`` is the back-propagated
+co-state and the rollout is skipped. ``vxx_reg`` is a state cost
+``vxx_reg/2 |dx_{t+1}|^2`` in every stage's model: it enters where the value
+Hessian ``V~_xx = Z Z^T + vxx_reg I`` is used and is not propagated through
+``Z``.
 
 Repeated blocks of identical stages are solved with ``lax.scan`` over
 stacked parameters (:mod:`segments`); every per-stage value below is a list
@@ -94,23 +87,21 @@ class StepResult(NamedTuple):
   """One step's outcome.
 
   Attributes:
-    updates: the change applied to every player's params (zeros elsewhere;
-      zeros everywhere when the step is not finite).
+    updates: the change the rollout applied to every player's params (zeros
+      elsewhere, and everywhere when the step is not applied).
     curvature_state: the new curvature statistics (the old ones when the
       step is not finite).
     loss: the batch-mean terminal loss.
     finite: whether the loss, every player's update and updated params are
       finite.
-    applied: whether the updates are applied: finite and, under the trust
-      region, accepted (a rejected step's updates are zeros, its curvature
-      statistics are kept).
-    actual_change: the change of the objective, the batch-mean loss where
-      the rollout ends less the nominal one plus the change of the stage
-      costs (under the trust region; None otherwise).
-    model_change: its second-order model: the terminal loss's at the
-      rollout's output change (:func:`losses.quadratic_model_change`) plus
-      the (quadratic) stage costs' change (under the trust region; None
-      otherwise).
+    applied: finite and, under the trust region, accepted (a rejected step
+      keeps its new curvature statistics).
+    actual_change: under the trust region, the change of the objective
+      ``J' - J`` (batch-mean loss where the rollout ends plus stage costs);
+      None otherwise.
+    model_change: under the trust region, its second-order model ``m``
+      (:func:`losses.quadratic_model_change` plus the stage costs' change);
+      None otherwise.
   """
 
   updates: Params
@@ -133,22 +124,10 @@ def init_curvature_state(game: games_lib.Game, cfg: SolverConfig, params: Params
 
 def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Params,
                curvature_state: dict, inputs: State, targets: jax.Array) -> StepResult:
-  """One DGNOpt step (Alg. 1): forward, backward scan, rollout, check.
+  """One DGNOpt step (Alg. 1) on the batch ``(inputs, targets)``: forward, backward scan, rollout.
 
-  Args:
-    game: the game.
-    cfg: solver configuration.
-    hyper: this step's learning rate, damping and V_xx regularisation.
-    params: the params pytree.
-    curvature_state: curvature statistics (:func:`init_curvature_state`).
-    inputs: batched x_0.
-    targets: batched targets.
-
-  Returns:
-    The :class:`StepResult`: the updates (shaped like params: the exact
-    change the rollout applied; zeros where the step is not applied), the
-    new curvature states (the old ones where the step is not finite), the
-    batch-mean terminal loss, and whether the step is finite and applied.
+  ``curvature_state`` is the dict of :func:`init_curvature_state`. Under the
+  trust region the rollout's objective is checked before the step is applied.
   """
   segments = segments_lib.plan_segments(game, params, inputs)
   keys = [bellman.state_keys(stage, cfg, segments_lib.stage_thetas(stage, params))
@@ -159,19 +138,17 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
 
   xs, outputs = forward(game, segments, thetas, inputs)
   loss, v_x, factor = losses_lib.terminal_value(game.loss, outputs, targets, cfg.vxx_rank)
-  streams = (v_x, factor if cfg.needs_factor else None)
-  gains, new_cstates = backward(game, cfg, hyper, segments, xs, thetas, cstates, streams)
+  terminal = (v_x, factor if cfg.needs_factor else None)
+  gains, new_cstates = backward(game, cfg, hyper, segments, xs, thetas, cstates, terminal)
   if cfg.feedback:
     deltas, new_outputs = rollout(game, cfg, hyper, segments, xs, thetas, gains, inputs)
   else:
     deltas = [tuple(map(bellman.open_loop_deltas, seg_gains)) for seg_gains in gains]
-  # Finite: the loss, this step's hyper-parameters, the new statistics, the updates, new params.
+
   finite = (jnp.isfinite(loss) & jnp.isfinite(hyper.learning_rate) & jnp.isfinite(hyper.damping)
             & segments_lib.statistics_finite(new_cstates)
             & segments_lib.updates_finite(thetas, deltas))
-
-  actual_change = model_change = None
-  applied = finite
+  applied, actual_change, model_change = finite, None, None
   if cfg.trust_region:
     stage_costs = _stage_cost_change(game, segments, thetas, deltas)
     actual_change = losses_lib.batch_loss(game.loss, new_outputs, targets) - loss + stage_costs
@@ -181,8 +158,9 @@ def solve_step(game: games_lib.Game, cfg: SolverConfig, hyper: Hyper, params: Pa
                                             trust_region.roundoff(loss))
   deltas, new_cstates = segments_lib.keep_if_applied(applied, finite, segments, deltas,
                                                      new_cstates, cstates)
-  return StepResult(_scatter_updates(game, segments, params, deltas),
-                    _states_by_key(segments, keys, new_cstates), loss, finite, applied,
+  paths = [tuple(p.path for p in stage.players) for stage in game.stages]
+  updates = games_lib.scatter_players(params, _by_key(segments, paths, deltas), jnp.zeros_like)
+  return StepResult(updates, _by_key(segments, keys, new_cstates), loss, finite, applied,
                     actual_change, model_change)
 
 
@@ -260,19 +238,10 @@ def _stage_cost_change(game: games_lib.Game, segments, thetas, deltas) -> jax.Ar
   return change
 
 
-def _scatter_updates(game: games_lib.Game, segments, params: Params, deltas: list) -> Params:
-  """The per-segment changes as a pytree shaped like ``params`` (zeros off the players)."""
-  by_path = {}
-  for s, seg_deltas in zip(segments, deltas):
-    for t, per_stage in s.per_stage(seg_deltas):
-      by_path.update((p.path, d) for p, d in zip(game.stages[t].players, per_stage))
-  return games_lib.scatter_players(params, by_path, jnp.zeros_like)
-
-
-def _states_by_key(segments, keys: list, cstates: list) -> dict:
-  """The per-segment curvature states as the ``{key: state}`` dict of the optimizer state."""
+def _by_key(segments, keys: list, values: list) -> dict:
+  """Per-segment stacked values as ``{keys[t][i]: the value of stage t's position i}``."""
   out = {}
-  for s, seg_cstates in zip(segments, cstates):
-    for t, per_stage in s.per_stage(seg_cstates):
+  for s, seg_values in zip(segments, values):
+    for t, per_stage in s.per_stage(seg_values):
       out.update(zip(keys[t], per_stage))
   return out

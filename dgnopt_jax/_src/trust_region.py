@@ -1,51 +1,30 @@
 """Step acceptance for the feedback solvers: the rollout's batch objective against its quadratic model.
 
-The feedback policy ``theta <- theta - (k + K dx)`` is the minimiser of a
-quadratic model of the value; its deviation term ``K dx`` trusts that model
-over the whole change the rollout makes to the network's outputs. Where the
-outputs move further than the terminal loss is quadratic (a large learning
-rate; cross-entropy is asymptotically linear in the logits), the feedback
-acts on a model that no longer describes the loss, and a step can raise the
-very batch it was solved on. As iLQR does after its forward pass (Tassa,
-Erez and Todorov 2012, §II-F; Levenberg-Marquardt's schedule), every step
-is checked where the rollout ends:
+The feedback term ``K dx`` of ``theta <- theta - (k + K dx)`` trusts the
+stage's quadratic model over the whole change the rollout makes to the
+outputs; where the outputs move beyond where the loss is quadratic
+(cross-entropy is linear in the logits of a confidently wrong sample) a step
+can raise the very batch it was solved on. As iLQR does after its forward
+pass (Tassa, Erez and Todorov 2012, §II-F), every step is checked where the
+rollout ends, against the second-order model of the objective
+``J = L(x_T) + sum_n l_n(theta_n)`` at the realised output change:
 
-* **acceptance** (sufficient decrease): with the second-order model of the
-  objective at the realised output change
+.. math::
+   m = \\sum_i V_x^{(i)\\top} \\Delta_i
+       + \\tfrac12 \\Delta_i^\\top \\nabla^2 \\phi^{(i)} \\Delta_i / B
+       + \\sum_n \\Delta l_n,
+   \\quad \\Delta = x'_T - x_T
 
-  .. math::
-     m = \\sum_i V_x^{(i)\\top} \\Delta_i
-         + \\tfrac12 \\Delta_i^\\top \\nabla^2 \\phi^{(i)} \\Delta_i / B
-         + \\sum_n \\Delta l_n,
-     \\quad \\Delta = x'_T - x_T
+* **acceptance**: ``J' - J <= ACCEPT min(m, 0)`` (the reduction ratio
+  ``rho = (J' - J) / m`` at least ``ACCEPT = 1/2`` where the model predicts
+  a decrease: a step that falls short of it has left the range where its
+  model holds). A rejected step changes no params.
+* **step scale** ``alpha`` in ``[MIN_SCALE, 1]``: the next step is solved at
+  ``alpha * learning_rate``; halved after a rejected step, grown by ``GROW``
+  (at most to 1) after one with ``rho > HIGH``.
 
-  (the stage costs are quadratic, so their change ``Delta l_n`` is exact),
-  the step is applied only if ``J' - J <= ACCEPT min(m, 0)``, i.e. the
-  reduction ratio ``rho = (J' - J) / m`` is at least ``ACCEPT = 1/2`` where
-  the model predicts a decrease, and the objective did not rise where it
-  does not; ``J = L(x_T) + sum_n l_n(theta_n)`` is the batch-mean terminal
-  loss plus the stage costs. A rejected step changes no params; the
-  curvature statistics still take in the batch (a momentum that points
-  uphill must see the new gradients to turn).
-* **step scale** ``alpha`` in ``[MIN_SCALE, 1]``: the effective learning rate
-  of the next step is ``alpha * learning_rate`` (``M = C / (alpha eta)``:
-  the whole step, feedforward, feedback and the value updates, is solved
-  for the smaller step). ``alpha`` is halved after a rejected step and
-  grown by ``GROW`` (at most to 1) after one with ``rho > HIGH``; changes
-  within the round-off of the loss move neither.
-
-Why half the model's decrease and not merely no increase: ``rho`` says how
-far the step went beyond where its model holds. A step whose batch objective
-falls by less than half of what its own model predicts has moved the outputs
-into the range where the loss is no longer quadratic (the cross-entropy of a
-confidently wrong sample is linear in its logits), and these are the steps
-that lower their batch a little while raising the loss on the rest of the
-data. Any step its model describes, and every step near a minimiser, has
-``rho`` near 1 and passes.
-
-Where the model is exact (a quadratic loss and linear dynamics, the LQ case)
-``rho = 1``, every step is accepted and ``alpha`` stays 1: the exact step is
-untouched. Open-loop steps (no rollout) are not checked.
+Where the model is exact (the LQ case) ``rho = 1`` and the exact step is
+untouched. The rule, its reasons and its constants: docs/ALGORITHM.md §6.
 """
 
 from __future__ import annotations
@@ -76,15 +55,10 @@ def roundoff(loss: jax.Array) -> jax.Array:
 
 
 def reduction_ratio(actual: jax.Array, model_change: jax.Array) -> jax.Array:
-  """``rho = actual / m``; 1 where the model predicts no decrease and the objective did not rise.
+  """``rho = actual / m`` with ``actual = J' - J`` and ``m`` its model's change.
 
-  Args:
-    actual: the objective's change over the step, ``J' - J``.
-    model_change: ``m``, its second-order model's change.
-
-  Returns:
-    The scalar ratio; ``-1`` where the model predicts no decrease and the
-    objective rose, and not finite where ``actual`` is not.
+  Where the model predicts no decrease: 1 if the objective did not rise, else
+  -1. Not finite where ``actual`` is not.
   """
   predicted_decrease = model_change < 0
   safe = jnp.where(predicted_decrease, model_change, -1.0)
@@ -94,31 +68,20 @@ def reduction_ratio(actual: jax.Array, model_change: jax.Array) -> jax.Array:
 def accepts(actual: jax.Array, model_change: jax.Array, noise: jax.Array) -> jax.Array:
   """Whether a step is applied: ``J' - J <= ACCEPT min(m, 0) + noise``.
 
-  Args:
-    actual: the objective's change over the step, ``J' - J``.
-    model_change: ``m``, its second-order model's change.
-    noise: :func:`roundoff` of the nominal loss.
-
-  Returns:
-    A scalar bool, False where ``actual`` is not finite.
+  ``noise`` is the :func:`roundoff` of the nominal loss. False where
+  ``actual`` is not finite.
   """
   return actual <= ACCEPT * jnp.minimum(model_change, 0.0) + noise
 
 
 def next_scale(scale: jax.Array, actual: jax.Array, model_change: jax.Array,
                applied: jax.Array, noise: jax.Array) -> jax.Array:
-  """The step scale of the next step.
+  """The next step's scale from this step's ``alpha = scale``.
 
-  Args:
-    scale: this step's ``alpha``.
-    actual, model_change: as :func:`reduction_ratio`.
-    applied: whether this step was applied (finite and accepted).
-    noise: :func:`roundoff` of the nominal loss.
-
-  Returns:
-    ``max(MIN_SCALE, alpha / 2)`` after a step not applied,
-    ``min(1, GROW alpha)`` after an applied one with ``rho > HIGH``, else
-    (and where both changes are within ``noise``) ``alpha``.
+  ``max(MIN_SCALE, alpha / 2)`` after a step not applied (not finite or not
+  accepted), ``min(1, GROW alpha)`` after an applied one with ``rho > HIGH``
+  (:func:`reduction_ratio`), else, and where both changes are within
+  ``noise`` (:func:`roundoff`), ``alpha``.
   """
   applied = jnp.asarray(applied, bool)
   grown = jnp.where(reduction_ratio(actual, model_change) > HIGH,
