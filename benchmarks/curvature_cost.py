@@ -10,13 +10,14 @@ on DIGITS's 64 standardised features, ``conv`` 3 x Conv2D(width, 3x3, relu),
 AvgPool(2x2) and Dense(10) on DIGITS's 8x8x1 images (the pooling keeps the
 head's input factor at ``4 * 4 * width + 1`` rows rather than four times that).
 
-Cases, every one built with the library directly: ``optax.sgd`` (0.1) and
+Cases, every one built by name (:func:`dgnopt_jax.optimizer_from_name`): ``optax.sgd`` (0.1) and
 ``optax.adam`` (1e-3) on the network's loss; ``fne-sgd`` (``dgnopt_jax.fne``
 with the identity curvature, 0.1) and ``fne-adam`` (1e-3); ``gr-kfac`` and
 ``gr-ekfac`` (0.03) with the factors' statistics every 5 steps and their
 eigendecompositions every 10 (``curvature.kfac(statistics_every=5,
 inverse_every=10)``); ``olne-kfac`` (0.03), plain K-FAC (the open-loop solver,
-no feedback) for reference. The learning rates are the main job's defaults.
+no feedback) for reference. The learning rates are the library's defaults
+(``dgnopt_jax.DEFAULT_LEARNING_RATES``).
 
 Protocol, one process: every case is compiled ahead of time (memory: XLA's
 compiled memory analysis, the peak live bytes of one step, as
@@ -76,9 +77,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 DEFAULT_SIZES = "mlp:64:128,mlp:256:512,conv:64:128"
 STATISTICS_EVERY = 5
-INVERSE_EVERY = 10
-# The library's default learning rates by name.
-LR_SGD, LR_ADAM, LR_KFAC = (dgnopt.DEFAULT_LEARNING_RATES[c] for c in ("sgd", "adam", "kfac"))
 
 KFAC_JAX_VENV = HERE / ".venv-kfac-jax"
 KFAC_JAX_PACKAGES = ("jax==0.7.2", "jaxlib==0.7.2", "kfac-jax==0.0.8", "optax", "flax",
@@ -114,48 +112,24 @@ def network(model: str, width: int, data: datasets.Dataset) -> G.Game:
   return G.sequential(layers, data.x_train.shape[1:])
 
 
-def optax_step(game: G.Game, tx: optax.GradientTransformation):
-  """(init, jitted step) of an optax optimizer on the network's batch-mean loss."""
-
-  @jax.jit
-  def step(params, state, x, y):
-    def loss(p):
-      return jnp.mean(jax.vmap(game.loss.per_sample)(game.apply(p, x), y))
-    value, grads = jax.value_and_grad(loss)(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, value
-
-  return tx.init, step
-
-
-def dgnopt_step(tx: optax.GradientTransformationExtraArgs):
-  """(init, jitted step) of a DGNOpt transformation (the step comes from the game)."""
-
-  @jax.jit
-  def step(params, state, x, y):
-    updates, state = tx.update(None, state, params, batch=(x, y))
-    return optax.apply_updates(params, updates), state, state.loss
-
-  return tx.init, step
-
-
 def cases(game: G.Game, with_every_step_statistics: bool) -> dict:
-  """``name -> (init, step)`` of every case timed."""
-  kfac = dgnopt.curvature.kfac(statistics_every=STATISTICS_EVERY, inverse_every=INVERSE_EVERY)
-  ekfac = dgnopt.curvature.ekfac(statistics_every=STATISTICS_EVERY,
-                                 inverse_every=INVERSE_EVERY)
-  out = {
-      "optax.sgd": optax_step(game, optax.sgd(LR_SGD)),
-      "optax.adam": optax_step(game, optax.adam(LR_ADAM)),
-      "fne-sgd": dgnopt_step(dgnopt.fne(game, LR_SGD, "identity")),
-      "fne-adam": dgnopt_step(dgnopt.fne(game, LR_ADAM, "adam")),
-      "gr-kfac": dgnopt_step(dgnopt.gr(game, LR_KFAC, kfac)),
-      "gr-ekfac": dgnopt_step(dgnopt.gr(game, LR_KFAC, ekfac)),
-      "olne-kfac": dgnopt_step(dgnopt.olne(game, LR_KFAC, kfac)),
-  }
-  if with_every_step_statistics:  # beside kfac-jax's curvature_update_period=1
-    every_step = dgnopt.curvature.kfac(statistics_every=1, inverse_every=INVERSE_EVERY)
-    out["gr-kfac/1"] = dgnopt_step(dgnopt.gr(game, LR_KFAC, every_step))
+  """``name -> (init, jitted step)`` of every case timed, at the default learning rates.
+
+  The Kronecker cases fold a batch into their factors every
+  ``STATISTICS_EVERY`` steps (``/5``) and refresh the eigendecompositions
+  every ``inverse_every`` (the default, 10); ``gr-kfac/1`` folds every step,
+  beside kfac-jax's ``curvature_update_period=1``.
+  """
+  names = {"optax.sgd": "sgd", "optax.adam": "adam", "fne-sgd": "fne-sgd",
+           "fne-adam": "fne-adam", "gr-kfac": f"gr-kfac/{STATISTICS_EVERY}",
+           "gr-ekfac": f"gr-ekfac/{STATISTICS_EVERY}",
+           "olne-kfac": f"olne-kfac/{STATISTICS_EVERY}"}
+  if with_every_step_statistics:
+    names["gr-kfac/1"] = "gr-kfac/1"
+  out = {}
+  for key, name in names.items():
+    built = dgnopt.optimizer_from_name(name, game)
+    out[key] = (built.tx.init, jax.jit(built.step))
   return out
 
 

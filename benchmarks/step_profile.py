@@ -59,7 +59,7 @@ PARTS = (
     ("layer inputs and output derivatives a, g", ("gather_statistics",)),
     ("Q_theta from a, g", ("statistics_gradient", "statistics_gradients")),
     ("Z update: F_x^T Z', mixing", ("vjp_x_columns", "guarded_factor_update")),
-    ("value correction", ("pulled_value_hessian_apply", "gradient_coefficients", "jvp_thetas",
+    ("value correction", ("value_hessian_product", "gradient_coefficients", "jvp_thetas",
                           "factor_apply")),
     ("trust-region check", ("accepts", "batch_loss", "quadratic_model_change",
                             "_stage_cost_change", "next_scale", "roundoff")),
@@ -69,8 +69,8 @@ PARTS = (
     ("forward", ("forward",)),
     ("terminal value", ("terminal_value",)),
     ("Q_x, Q_theta pullbacks", ("vjp_x", "vjp_x_thetas")),
-    ("updates: scatter, apply", ("_scatter_updates", "apply_updates")),
-    ("optax: loss and gradient", ("optax_step.<locals>.step",)),
+    ("updates: scatter, apply", ("_by_key", "apply_updates")),
+    ("optax: loss and gradient", ("_gradient_step.<locals>.step",)),
 )
 CONTROL_FLOW = ("while", "conditional", "call")
 
