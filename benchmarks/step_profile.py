@@ -11,12 +11,12 @@ LAPACK call) is one trace event named after its HLO instruction, and the
 compiled HLO text keeps each instruction's Python call stack (its
 ``StackFrames``; a fusion takes the stack of its dot, or of any op inside
 it). Each op is attributed to the first of :data:`PARTS` whose functions its
-stack passes through: the power iteration's solves count as the safeguard's,
+stack passes through: the Lanczos steps' solves count as the safeguard's,
 the rollout's as the rollout's. An op's time is its median duration times
 how often it ran, which a preempted run on a shared machine does not
 inflate (the plain sums are printed beside it). Loops and conditionals count
 only through the ops they run; the runs of the while loops per step say on
-how many stages the convexity safeguard's power iteration ran.
+how many stages the convexity safeguard's Lanczos process ran.
 
 Prints, per case, the parts (ms per step and share), the costliest ops and
 the program's op counts (dots, copies, transposes, eigendecompositions,
@@ -47,7 +47,7 @@ import timing
 # it, or "file.py:last"; "a+b": both).
 PARTS = (
     ("eigendecompositions", ("symmetric_eigh", "psd_eigh")),
-    ("safeguard: power iteration, trace test", ("coupling_scale",)),
+    ("safeguard: Lanczos steps, trace test", ("coupling_scale",)),
     ("rollout: solves", ("rollout+_solve_matrix", "rollout+bellman.py:_solve")),
     ("rollout: feedback products, stage forward", ("rollout",)),
     ("factor statistics A, G", ("folded_factors",)),

@@ -11,6 +11,7 @@ of the stage. The independent computations: the stage's own VJP/JVP products
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import dgnopt_jax as dgnopt
@@ -96,6 +97,10 @@ def test_matvec_from_gradients_equals_the_stage_products(monkeypatch, principle,
   jax.effects_barrier()
   # Both plain conv stages and both residual-block stages take the matvec.
   assert len(records) >= 4
+  _assert_grams_match(records)
+
+
+def _assert_grams_match(records):
   for gram, generic, s in records:
     np.testing.assert_allclose(gram, generic, rtol=1e-10, atol=1e-12 * np.abs(generic).max())
     # G's diagonal blocks are the per-sample forms S the factor update uses.
@@ -103,6 +108,28 @@ def test_matvec_from_gradients_equals_the_stage_products(monkeypatch, principle,
     full = gram.reshape(batch, rank, batch, rank)
     np.testing.assert_allclose(np.stack([full[i, :, i, :] for i in range(batch)]),
                                np.swapaxes(s, 1, 2), rtol=1e-10, atol=1e-12 * np.abs(s).max())
+
+
+@pytest.mark.parametrize("principle,curvature", [("fne", "kfac"), ("gr", "ekfac")])
+def test_dense_kronecker_matvec_equals_the_stage_products(monkeypatch, principle, curvature):
+  # One-position dense players under a Kronecker curvature: G v from the
+  # rotated rank-one factors (a~, g~) against the stage's VJP, the Kronecker
+  # solve and the stage's JVP, on every basis vector.
+  records = _record_grams(monkeypatch)
+  game = h.tanh_mlp()
+  params = h.perturbed_params(game, scale=1.0)
+  batch = h.classification_batch((4,), 6)
+  make = dgnopt.fne if principle == "fne" else dgnopt.gr
+  tx = make(game, 2.0, curvature, damping=0.05)
+  state = tx.init(params)
+  step = jax.jit(lambda s, p, b: tx.update(None, s, p, batch=b))
+  for _ in range(2):  # the second step with statistics and an eigenbasis of the first
+    updates, state = step(state, params, batch)
+    params = optax.apply_updates(params, updates)
+  jax.block_until_ready(params)
+  jax.effects_barrier()
+  assert len(records) >= 2 * (len(game.stages) - 1)  # every stage but the last (no Z' there)
+  _assert_grams_match(records)
 
 
 @pytest.mark.slow
@@ -180,3 +207,42 @@ def test_dense_kronecker_players_without_tikhonov_match_reference(monkeypatch, p
   h.assert_steps_match_reference(tx, game, params, batch, 2, learning_rate=lr,
                                  curvature=curvature, principle=principle, damping=damping)
   assert min(scales) < 0.9  # the safeguard shrank some stage's coupling
+
+
+def _power_iteration(gram, start, iterations):
+  v, largest = start / np.linalg.norm(start), 0.0
+  for _ in range(iterations):
+    gv = gram @ v
+    largest, v = max(largest, v @ gv), gv / np.linalg.norm(gv)
+  return largest
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_lanczos_estimate_lies_between_the_power_iteration_and_lambda_max(traced):
+  # A PSD "coupling matrix" with a slowly decaying spectrum (lambda_max = 3):
+  # the Lanczos estimate never exceeds lambda_max, is at least the power
+  # iteration's from the same start with as many products, and is exact once
+  # the Krylov space is the whole space (its process stops there).
+  rng = np.random.default_rng(0)
+  basis = np.linalg.qr(rng.normal(size=(12, 12)))[0]
+  eigenvalues = 3.0 * 0.85 ** np.arange(12)
+  gram = (basis * eigenvalues) @ basis.T
+  start = np.abs(rng.normal(size=(4, 3))) + 1e-3
+  for iterations in (1, 2, 4, 8, 12, 30):
+    count = jnp.asarray(iterations) if traced else iterations
+    scale = float(jax.jit(lambda c: lin.coupling_scale(
+        lambda v: (gram @ v.reshape(-1)).reshape(v.shape), jnp.asarray(start), None, c))(count)
+        if traced else lin.coupling_scale(
+            lambda v: (gram @ v.reshape(-1)).reshape(v.shape), jnp.asarray(start), None, count))
+    estimate = 1.0 / scale
+    assert estimate <= eigenvalues[0] * (1 + 1e-10)
+    assert estimate >= _power_iteration(gram, start.reshape(-1), iterations) * (1 - 1e-10)
+    if iterations >= 12:
+      np.testing.assert_allclose(estimate, eigenvalues[0], rtol=1e-10)
+
+
+def test_an_injected_count_above_the_lanczos_capacity_is_refused():
+  game = h.tanh_mlp()
+  too_many = jnp.asarray(lin.TRACED_COUNT_CAPACITY + 1)
+  with pytest.raises(ValueError, match="coupling_iterations given as an array"):
+    dgnopt.fne(game, 0.1, coupling_iterations=too_many)

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 from dgnopt_jax._src import curvature_base
 from dgnopt_jax._src import guards
 from dgnopt_jax._src import layer_taps
+from dgnopt_jax._src import linearise as lin
 from dgnopt_jax._src import quadratic_forms
 from dgnopt_jax._src import symmetric_eigh
 
@@ -389,10 +390,15 @@ def kronecker_forms(f: Any, players: tuple[int, ...], factor_next: Any,
   Per sample and factor column the players' gradients are ``sum_p a_ip g_irp^T``
   (placed block-diagonally when several players share one stacked layer);
   in the eigenbasis, ``S_rs = sum_jk Q~_rjk Q~_sjk / (e_jk + damping)`` with
-  ``Q~_r = U_A^T Q_r U_G``. For one dense player (one position) ``Q~_r`` is
-  rank one and never formed: ``S_rs = sum_jk a~_j^2 g~_rk g~_sk / (e_jk + damping)``
-  (and ``G`` is applied through the stage); otherwise ``(G v)_ir = sum_jk
-  Q~_irjk u_jk / (e_jk + damping)`` with ``u = sum_js Q~_js v_js``.
+  ``Q~_r = U_A^T Q_r U_G``. For one dense player (one position) ``Q~_ir =
+  a~_i g~_ir^T`` is rank one and never formed:
+  ``S_rs = sum_jk a~_j^2 g~_rk g~_sk / (e_jk + damping)`` and
+  ``(G v)_ir = g~_ir^T (a~_i^T (D * U))``, ``U = sum_js v_js a~_j g~_js^T``,
+  ``D = 1 / (e + damping)``: two (B x Ka) by (Ka x O) products per Lanczos
+  step of the convexity safeguard, where the stage's VJP, a Kronecker
+  solve and the stage's JVP cost two such products and four rotations.
+  Otherwise ``(G v)_ir = sum_jk Q~_irjk u_jk / (e_jk + damping)`` with
+  ``u = sum_js Q~_js v_js``.
   """
   copies = 1
   if isinstance(step, SharedKroneckerStep):
@@ -405,10 +411,16 @@ def kronecker_forms(f: Any, players: tuple[int, ...], factor_next: Any,
   dtype = jax.tree.leaves(factor_next)[0].dtype
   if len(players) == 1 and stats[players[0]].inputs.shape[2] == 1:
     a, g = stats[players[0]].inputs[:, 0, 0], stats[players[0]].output_grads[:, :, 0]
-    g_rot = g @ step.output_basis  # (B, r, k)
-    weights = ((a @ step.input_basis) ** 2) @ inverse  # (B, k)
-    s = quadratic_forms.gram_blocks(g_rot, g_rot * weights[:, None])
-    return quadratic_forms.Form(s.astype(dtype))
+    a_rot = a @ step.input_basis  # (B, Ka)
+    g_rot = g @ step.output_basis  # (B, r, O)
+    s = quadratic_forms.gram_blocks(g_rot, g_rot * ((a_rot * a_rot) @ inverse)[:, None])
+
+    def rank_one_gram(v: jax.Array) -> jax.Array:
+      combined = lin.factor_apply(g_rot, v.astype(g_rot.dtype))  # sum_s v_js g~_js: (B, O)
+      back = a_rot @ (inverse * (a_rot.T @ combined))  # a~_i^T (D * U): (B, O)
+      return lin.per_sample_dot(g_rot, back[:, None], 1).astype(v.dtype)
+
+    return quadratic_forms.Form(s.astype(dtype), rank_one_gram)
   # Per-sample gradients in the eigenbasis, U_A^T (sum_p a_p g_p^T) U_G: the sum
   # over positions first, then two large matrix products, rather than rotating
   # the layer inputs first (B P Ka^2 multiplications) or g (as wide as all the

@@ -248,8 +248,13 @@ def tree_vdot(a: Any, b: Any) -> jax.Array:
   return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+# The most Lanczos steps an injected (traced) ``coupling_iterations`` runs:
+# the process keeps its basis, whose size must be static.
+TRACED_COUNT_CAPACITY = 32
+
+
 def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | None,
-                   iterations: int = 8, unroll: bool = False) -> jax.Array:
+                   iterations: int | jax.Array = 8, unroll: bool = False) -> jax.Array:
   """w = 1 / max(1, lambda_max(G)): the shrinkage that keeps the stage's model convex.
 
   With ``V~_xx' = R R^T``, ``R = [Z', sqrt(eps) I]``, the stage's quadratic
@@ -263,38 +268,84 @@ def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | No
   exact DDP untouched (docs/ALGORITHM.md §6).
 
   ``lambda_max(G) <= tr(G)``: where the trace is known and at most 1, ``w = 1``
-  and nothing more is computed (``lax.cond``); otherwise ``lambda_max(G)`` is
-  the largest Rayleigh quotient of ``iterations`` power iterations (a Python
-  loop with ``unroll``, else a ``fori_loop``) with ``gram``, ``v -> G v`` on
-  vectors shaped like ``start`` (arrays or pytrees; not normalised). ``trace``
-  is None where it is not cheap to form. Returns the scalar w in (0, 1].
+  and nothing more is computed (``lax.cond``). Otherwise ``lambda_max(G)`` is
+  estimated by ``iterations`` steps of the Lanczos process from ``start``:
+  with ``Q_k`` an orthonormal basis of the Krylov space
+  ``span{v, G v, .., G^(k-1) v}`` (Gram-Schmidt against every earlier
+  vector, twice), the largest eigenvalue of the k x k tridiagonal
+  ``T_k = Q_k^T G Q_k`` is the largest Rayleigh quotient over that space.
+  So it never exceeds ``lambda_max(G)``, and never falls below the power
+  iteration's estimate from the same start with as many products with G (its
+  iterates lie in the same space); its error falls like ``exp(-4 k sqrt(gap))``
+  where the power iteration's falls like ``(1 - gap)^(2k)`` (the Kaniel-Paige
+  bound, with ``gap`` the relative spectral gap). A new direction shorter
+  than ``sqrt(machine eps) |G q|`` after the orthogonalisation means the
+  space is invariant: the process stops there (the rest of T is zero, and
+  ``lambda_max(T) >= 0`` as G is positive semi-definite).
+
+  Args:
+    gram: ``v -> G v`` on vectors shaped like ``start`` (arrays or pytrees).
+    start: the first vector (not normalised).
+    trace: ``tr(G)``, or None where it is not cheap to form.
+    iterations: products with G. A traced count (``optax.inject_hyperparams``)
+      runs as a loop of at most :data:`TRACED_COUNT_CAPACITY` steps.
+    unroll: a Python loop rather than a ``fori_loop`` (static counts).
+
+  Returns:
+    The scalar w in (0, 1].
   """
   leaves = jax.tree.leaves(start)
   dtype = jnp.result_type(*leaves)
-  tiny = jnp.finfo(dtype).tiny
+  static = isinstance(iterations, int)
+  capacity = iterations if static else TRACED_COUNT_CAPACITY
 
   def normalised(v):
-    return tree_scale(1.0 / (jnp.sqrt(tree_vdot(v, v)) + tiny), v)
+    return tree_scale(1.0 / (jnp.sqrt(tree_vdot(v, v)) + jnp.finfo(dtype).tiny), v)
 
-  def body(_, carry):
-    v, lam = carry
-    gv = jax.tree.map(lambda g, x: g.astype(x.dtype), gram(v), v)
-    lam = jnp.maximum(lam, tree_vdot(v, gv).astype(dtype))
-    return normalised(gv), lam
+  def projections(basis, w):  # q_m^T w for every basis vector: (capacity,)
+    parts = [jnp.sum((b * x[None]).reshape(capacity, -1), axis=1)
+             for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w))]
+    return sum(parts[1:], parts[0]).astype(dtype)
 
-  def power_iteration():
-    carry = (normalised(start), jnp.zeros([], dtype))
-    if unroll:
-      for i in range(iterations):
-        carry = body(i, carry)
+  def remove(basis, w, coeffs):  # w - sum_m coeffs_m q_m
+    return jax.tree.map(
+        lambda b, x: x - jnp.tensordot(coeffs.astype(x.dtype), b, axes=1), basis, w)
+
+  def step(j, carry):
+    basis, diagonal, off_diagonal = carry
+    q = jax.tree.map(lambda b: b[j], basis)
+    w = jax.tree.map(lambda g, x: g.astype(x.dtype), gram(q), q)
+    alpha = tree_vdot(q, w).astype(dtype)
+    size = jnp.sqrt(tree_vdot(w, w)).astype(dtype)
+    for _ in range(2):  # against every earlier vector, twice (Kahan's "twice is enough")
+      w = remove(basis, w, projections(basis, w))
+    beta = jnp.sqrt(tree_vdot(w, w)).astype(dtype)
+    beta = jnp.where(beta > jnp.sqrt(jnp.finfo(dtype).eps) * size, beta, 0.0)
+    following = tree_scale(jnp.where(beta > 0, 1.0 / jnp.where(beta > 0, beta, 1.0), 0.0), w)
+    basis = jax.tree.map(lambda b, x: b.at[j + 1].set(x.astype(b.dtype), mode="drop"),
+                         basis, following)
+    return basis, diagonal.at[j].set(alpha), off_diagonal.at[j].set(beta)
+
+  def lanczos():
+    first = normalised(start)
+    basis = jax.tree.map(lambda x: jnp.zeros((capacity,) + x.shape, x.dtype).at[0].set(x), first)
+    carry = (basis, jnp.zeros(capacity, dtype), jnp.zeros(capacity, dtype))
+    if static and unroll:
+      for j in range(capacity):
+        carry = step(j, carry)
     else:
-      carry = jax.lax.fori_loop(0, iterations, body, carry)
-    return 1.0 / jnp.maximum(carry[1], 1.0)
+      count = capacity if static else jnp.minimum(iterations, capacity)
+      carry = jax.lax.fori_loop(0, count, step, carry)
+    _, diagonal, off_diagonal = carry
+    tridiagonal = (jnp.diag(diagonal) + jnp.diag(off_diagonal[:-1], 1) +
+                   jnp.diag(off_diagonal[:-1], -1))
+    largest = symmetric_eigh.symmetric_eigh(tridiagonal)[0][-1]
+    return 1.0 / jnp.maximum(largest, 1.0)
 
   if trace is None:
-    return power_iteration()
+    return lanczos()
   # tr(G) <= 1 bounds lambda_max(G) <= 1: the model is convex, w = 1.
-  return jax.lax.cond(trace <= 1.0, lambda: jnp.ones([], dtype), power_iteration)
+  return jax.lax.cond(trace <= 1.0, lambda: jnp.ones([], dtype), lanczos)
 
 
 def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
@@ -320,13 +371,13 @@ def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
     pull: ``c -> F_theta^T c`` (the stage's players' VJP).
     solve: ``g -> M^-1 g``.
     push: ``d -> F_theta d`` (the players' JVP).
-    iterations: power iterations of :func:`coupling_scale`.
+    iterations: Lanczos steps (products with G) of :func:`coupling_scale`.
     gram: ``v -> G v`` on the columns of Z' where the caller has a cheaper
       form of it (from per-sample gradients, :class:`quadratic_forms.Form`);
       by default ``Z'^T push(solve(pull(Z' v)))``. Used with ``vxx_reg = 0``.
     vxx_reg: eps, the value Hessian's Tikhonov term.
     jacobian_trace: ``sum_i tr(F_theta^(i) M^-1 F_theta^(i)T)`` where cheap,
-      else None (with ``vxx_reg > 0`` the power iteration then always runs).
+      else None (with ``vxx_reg > 0`` the Lanczos process then always runs).
   """
   diag = jnp.diagonal(s, axis1=-2, axis2=-1)
   columns_start = jnp.sqrt(jnp.maximum(diag, 0.0)) + 1e-3

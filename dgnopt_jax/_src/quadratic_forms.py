@@ -161,7 +161,7 @@ def apply_gram(q: jax.Array, inverse: jax.Array, v: jax.Array) -> jax.Array:
 
   Both contractions are matrix-vector products with ``q`` flattened to
   (B r, K O). Written as a per-sample dot over the trailing axes, XLA's CPU
-  backend copies ``q`` into a transposed layout in every power iteration of
+  backend copies ``q`` into a transposed layout in every Lanczos step of
   the convexity safeguard; as a multiply fused with its reduction it is
   slower still.
   """
@@ -184,7 +184,7 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   ``g = act'(h) z``, so ``S_rs = g_r^T diag((a*a) D_kernel + D_bias) g_s``
   and ``(G v)_ir = g_ir^T (a_i^T (D_kernel * U) + D_bias * u)`` with
   ``U = sum_js v_js a_j g_js^T``, ``u = sum_js v_js g_js``: two matrix
-  products per power iteration of the convexity safeguard, and the factors
+  products per Lanczos step of the convexity safeguard, and the factors
   (:class:`DenseGradients`) serve the value correction and the rollout's
   feedback. No per-sample gradient is formed. For the named (elementwise)
   activations the Jacobian's share of the trace is

@@ -62,7 +62,7 @@ class SolverConfig:
     vxx_rank: ``"projected"``, ``"outer"`` or ``"exact"`` terminal value-Hessian factor.
     principle: ``"fne"`` (one value per player) or ``"gr"`` (one joint value).
     cross_terms: GR only: keep the players' cross curvature P_uv (dense).
-    coupling_iterations: power iterations estimating lambda_max(G) for the
+    coupling_iterations: Lanczos steps estimating lambda_max(G) for the
       convexity safeguard (:func:`linearise.coupling_scale`).
     trust_region: apply a feedback step only where the rollout lowered the
       batch objective by at least half of its model's decrease

@@ -20,6 +20,7 @@ from dgnopt_jax._src import composition
 from dgnopt_jax._src import curvature as curvature_lib
 from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import guards
+from dgnopt_jax._src import linearise as lin
 from dgnopt_jax._src import losses as losses_lib
 from dgnopt_jax._src import sharding as sharding_lib
 from dgnopt_jax._src import solver
@@ -155,7 +156,9 @@ def _static_count(name: str, value: Any, default: int) -> Any:
 
   ``optax.inject_hyperparams`` hands every number to the transformation as an
   array, traced under ``jit``; a traced count runs as a loop whose trip count
-  is that array.
+  is that array, of at most ``linearise.TRACED_COUNT_CAPACITY`` steps (the
+  Lanczos basis needs a static size), so an array above it is refused where
+  it is concrete (``init`` under ``inject_hyperparams``).
   """
   if value is None:
     return default
@@ -163,6 +166,11 @@ def _static_count(name: str, value: Any, default: int) -> Any:
     return value
   if int(value) != value or int(value) < 1:
     raise ValueError(f"{name} must be >= 1 (an integer), got {value!r}")
+  if isinstance(value, jax.Array) and int(value) > lin.TRACED_COUNT_CAPACITY:
+    raise ValueError(
+        f"{name} given as an array (injected) runs at most {lin.TRACED_COUNT_CAPACITY} "
+        f"steps, got {int(value)}; pass it as a Python int, or in static_args of "
+        "optax.inject_hyperparams")
   return int(value)
 
 
@@ -374,7 +382,7 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       enters the convexity safeguard's ``G``; with ``vxx_reg > 0`` the
       safeguard's cheap trace test only exists for a stage that is one
       dense layer under a diagonal curvature, and every other stage runs
-      its power iteration (``coupling_iterations`` VJP/JVP pairs) at every
+      its Lanczos process (``coupling_iterations`` VJP/JVP pairs) at every
       step.
     vxx_rank: the terminal value-Hessian factor ``V_xx^(i) = z z^T / B``
       of each sample's loss Hessian ``H`` and gradient ``g``:
@@ -384,7 +392,7 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
       Prop. 5, the empirical Fisher, which exceeds ``H`` where a sample is
       confidently wrong) or ``"exact"`` (``H`` itself, rank C for softmax
       cross-entropy, C times the factor's cost).
-    coupling_iterations: power iterations estimating ``lambda_max(G)``;
+    coupling_iterations: Lanczos steps estimating ``lambda_max(G)``;
       None is 8. (The defaults of these options are None rather than
       numbers so that ``optax.inject_hyperparams``, which turns every number
       into a state array, leaves them static.)
