@@ -76,6 +76,15 @@ class SetupMLP(nn.Module):
     return self.head(nn.swish(self.norm(self.hidden(x))))
 
 
+class Attention(nn.Module):
+  """Self-attention over a sequence: 3-D projection kernels, products of two batch values."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(x)
+    return nn.Dense(3)(jnp.mean(x, axis=1))
+
+
 def flax_case(module, shape):
   def make(dtype, seed=0):
     x = jnp.zeros((2,) + shape, dtype)
@@ -91,6 +100,7 @@ CASES = {
     "compact_mlp": flax_case(CompactMLP(), (4,)),
     "compact_cnn": flax_case(CompactCNN(), (4, 4, 1)),
     "setup_mlp": flax_case(SetupMLP(), (4,)),
+    "attention": flax_case(Attention(), (3, 4)),
 }
 
 
@@ -142,6 +152,37 @@ def test_setup_module_players():
   game = G.from_function(apply_fn, params, x)
   assert [p.name for p in game.players] == ["params/hidden", "params/norm", "params/head"]
   assert [p.layer for p in game.players] == [G.Dense(4, None), None, G.Dense(3, None)]
+
+
+def test_attention_players():
+  apply_fn, params, x, _ = case("attention")
+  game = G.from_function(apply_fn, params, x)
+  attention = ["query", "key", "value", "out"]
+  assert [p.name for p in game.players] == (
+      [f"params/MultiHeadDotProductAttention_0/{n}" for n in attention] + ["params/Dense_0"])
+  assert [p.layer for p in game.players] == [None] * 4 + [G.Dense(3, None)]
+
+
+def test_integer_inputs_through_an_embedding():
+  """Token ids: the solver hands the input over as floats; the program reads them as ids."""
+
+  class Bag(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      return nn.Dense(3)(jnp.mean(nn.Embed(7, 4)(tokens), axis=1))
+
+  model = Bag()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 7, size=(5, 3)), jnp.int32)
+  labels = jnp.arange(5) % 3
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
+                        model.init(jax.random.PRNGKey(0), tokens))
+  game = G.from_function(model.apply, params, tokens)
+  np.testing.assert_allclose(game.apply(params, tokens), model.apply(params, tokens), rtol=1e-12)
+  updates, _ = h.step(dgnopt.olne(game, 0.1), params, (tokens, labels))
+  grads = jax.grad(cross_entropy(model.apply))(params, tokens, labels)
+  h.assert_trees_close(updates, jax.tree.map(lambda g: -0.1 * g, grads), 1e-10)
+  updates, _ = h.step(dgnopt.fne(game, 0.1, "kfac"), params, (tokens, labels))
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
 
 
 def test_generic_players_without_kronecker_structure():
@@ -219,7 +260,8 @@ def test_open_loop_equals_optax(name):
     ("plain_mlp", "fne", "identity"), ("plain_mlp", "gr", "kfac"),
     ("plain_mlp", "fne", "kfac"), ("compact_mlp", "gr", "rmsprop"),
     ("compact_cnn", "fne", "identity"), ("compact_cnn", "gr", "kfac"),
-    ("setup_mlp", "fne", "kfac"), ("setup_mlp", "gr", "identity")])
+    ("setup_mlp", "fne", "kfac"), ("setup_mlp", "gr", "identity"),
+    ("attention", "fne", "adam")])
 def test_steps_equal_dense_reference(name, principle, curvature):
   apply_fn, params, x, y = case(name, batch=3)
   game = G.from_function(apply_fn, params, x)

@@ -70,6 +70,7 @@ from typing import Any, Callable, Optional
 
 import jax
 from jax.extend import core as jex_core
+import jax.numpy as jnp
 from jax.extend import source_info_util
 import numpy as np
 
@@ -385,12 +386,12 @@ class _TracedGame:
   def __init__(self, apply_fn: Callable, params: Params, example_input: Any):
     self.apply_fn = apply_fn
     self.params_avals = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p),
-                                                                    jax.numpy.result_type(p)),
+                                                                    jnp.result_type(p)),
                                      params)
     x_leaves, self.x_tree = jax.tree.flatten(example_input)
     if not x_leaves:
       raise ValueError("from_function: example_input has no arrays")
-    self.x_avals = [jax.ShapeDtypeStruct(tuple(np.shape(x)), jax.numpy.result_type(x))
+    self.x_avals = [jax.ShapeDtypeStruct(tuple(np.shape(x)), jnp.result_type(x))
                     for x in x_leaves]
     if any(len(a.shape) == 0 for a in self.x_avals):
       raise ValueError("from_function: every leaf of example_input needs a leading batch axis")
@@ -683,6 +684,11 @@ class _TracedGame:
       if tree != self.x_tree:
         raise ValueError(f"the game's input has the structure {tree}; apply_fn was traced on "
                          f"{self.x_tree}")
+      # The solver hands the input over as floats where it differentiates
+      # through the states (integer token ids included): the program reads
+      # it in the example's dtypes.
+      leaves = [jax.lax.convert_element_type(x, a.dtype) if jnp.result_type(x) != a.dtype
+                else x for x, a in zip(leaves, self.x_avals)]
     else:
       leaves = list(state) if isinstance(state, tuple) else [state]
     batch = np.shape(leaves[0])[0]
