@@ -264,7 +264,7 @@ def test_open_loop_equals_optax(name):
     ("attention", "fne", "adam")])
 def test_steps_equal_dense_reference(name, principle, curvature):
   apply_fn, params, x, y = case(name, batch=3)
-  game = G.from_function(apply_fn, params, x)
+  game = G.from_function(apply_fn, params, x, weight_decay=0.01)
   lr = 0.05
   make = dgnopt.gr if principle == "gr" else dgnopt.fne
   tx = make(game, lr, curvature, damping=0.5, vxx_reg=1e-2)
@@ -388,6 +388,11 @@ def test_unused_params_are_an_error():
   params = {"a": {"kernel": jnp.ones((4, 3))}, "unused": {"kernel": jnp.ones((2, 2))}}
   with pytest.raises(ValueError, match=r"unused/kernel"):
     G.from_function(lambda p, x: x @ p["a"]["kernel"], params, jnp.ones((3, 4)))
+
+
+def test_function_without_players_is_an_error():
+  with pytest.raises(ValueError, match="no players"):
+    G.from_function(lambda p, x: jnp.tanh(x), {}, jnp.ones((3, 4)))
 
 
 def test_program_changing_with_the_batch_size_is_an_error():

@@ -95,6 +95,7 @@ _REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod"
 _CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
 _WINDOWED = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min",
                        "reduce_window"})
+_CONTROL_FLOW = frozenset({"while", "scan", "cond"})
 _NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 
 
@@ -144,6 +145,7 @@ class _Program:
     sources: ``{id: frozenset of params leaf indices}`` for the other values.
     x_eqns: positions in ``eqns`` of the batch-dependent equations.
     x_index: ``{id: index in x_eqns of its equation}`` (-1: an input leaf).
+    defining: ``{id: position in eqns of the equation computing it}``.
     consumed: per batch-dependent equation, the params leaves it consumes.
     signature: what must agree between two traces for the cuts to carry over.
     uses: ``{id: indices in x_eqns of the batch-dependent equations reading it}``.
@@ -226,7 +228,7 @@ class _Program:
       self.x_eqns.append(pos)
       self.consumed.append(consumed)
       self.batch_values.update(eqn.outputs)
-      for k, o in enumerate(eqn.outputs):
+      for o in eqn.outputs:
         self.x_index[o] = j
       signature.append((eqn.primitive.name, len(eqn.outputs), tuple(
           self._describe(a) for a in eqn.inputs)))
@@ -263,14 +265,9 @@ def _batch_axes(a: Any, b: Any) -> frozenset:
   return frozenset(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
 
 
-def _avals(atoms: Any, avals: Optional[dict] = None) -> list:
-  out = []
-  for a in atoms:
-    if isinstance(a, int):
-      out.append(avals[a])
-    else:
-      out.append(a.aval)
-  return out
+def _avals(atoms: Any, avals: dict) -> list:
+  """The avals of equation inputs or outputs (value ids looked up in ``avals``, literals' own)."""
+  return [avals[a] if _is_var(a) else a.aval for a in atoms]
 
 
 def _mixing(name: str, params: dict, ins_a: list, ins_b: list, outs_a: list,
@@ -317,12 +314,18 @@ def _mixing(name: str, params: dict, ins_a: list, ins_b: list, outs_a: list,
     if axes[1] or params["batch_group_count"] != 1 or not axes[0] <= {
         params["dimension_numbers"].lhs_spec[0]}:
       return "convolves across the batch axis"
+  if name == "scan":
+    scanned = range(params["num_consts"] + params["num_carry"], len(axes))
+    if any(0 in axes[n] for n in scanned):
+      return "scans along the batch axis"
   if name in _WINDOWED:
     for d in first:
       pad = tuple(params["padding"][d]) if "padding" in params else (0, 0)
       if (params["window_dimensions"][d], params["window_strides"][d], pad) != (1, 1, (0, 0)):
         return "pools across the batch axis"
-  if any(not ax and hasattr(o, "shape") for ax, o in zip(out_axes, outs_a)):
+  # Control flow may return loop counters beside batch values; its bodies are checked.
+  if name not in _CONTROL_FLOW and any(not ax and hasattr(o, "shape")
+                                       for ax, o in zip(out_axes, outs_a)):
     return "makes a value without the batch axis from batch-dependent inputs"
   return None
 
@@ -406,7 +409,6 @@ class _TracedGame:
                        for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     example = self.program(self.batch)
     other = self.program(self.batch + 1 if self.batch > 1 else 2)
-    self._check_same(other, "a second batch size")
     _check_program_samples(example, other)
     self._cut(example, other)
 
@@ -451,6 +453,9 @@ class _TracedGame:
     for j, leaves in enumerate(prog.consumed):
       for i in leaves:
         consumers.setdefault(i, []).append(j)
+    if not consumers:
+      raise ValueError("from_function: no params act on the batch in apply_fn, so the game "
+                       "would have no players")
     unused = [self._name(paths[i]) for i in range(len(paths)) if i not in consumers]
     if unused:
       raise ValueError(f"from_function: params {unused} do not act on the batch in apply_fn "
