@@ -256,12 +256,16 @@ def test_open_loop_equals_optax(name):
       theirs = optax.apply_updates(theirs, expected)
 
 
+# One FNE and one GR step per model in the default run; the others with -m slow.
 @pytest.mark.parametrize("name,principle,curvature", [
-    ("plain_mlp", "fne", "identity"), ("plain_mlp", "gr", "kfac"),
-    ("plain_mlp", "fne", "kfac"), ("compact_mlp", "gr", "rmsprop"),
+    ("plain_mlp", "fne", "kfac"), ("plain_mlp", "gr", "kfac"),
+    ("compact_mlp", "fne", "adam"), ("compact_mlp", "gr", "rmsprop"),
     ("compact_cnn", "fne", "identity"), ("compact_cnn", "gr", "kfac"),
     ("setup_mlp", "fne", "kfac"), ("setup_mlp", "gr", "identity"),
-    ("attention", "fne", "adam")])
+    ("attention", "fne", "adam"), ("attention", "gr", "identity"),
+    pytest.param("plain_mlp", "fne", "identity", marks=pytest.mark.slow),
+    pytest.param("compact_cnn", "fne", "ekfac", marks=pytest.mark.slow),
+    pytest.param("compact_mlp", "gr", "kfac", marks=pytest.mark.slow)])
 def test_steps_equal_dense_reference(name, principle, curvature):
   apply_fn, params, x, y = case(name, batch=3)
   game = G.from_function(apply_fn, params, x, weight_decay=0.01)
@@ -388,6 +392,13 @@ def test_unused_params_are_an_error():
   params = {"a": {"kernel": jnp.ones((4, 3))}, "unused": {"kernel": jnp.ones((2, 2))}}
   with pytest.raises(ValueError, match=r"unused/kernel"):
     G.from_function(lambda p, x: x @ p["a"]["kernel"], params, jnp.ones((3, 4)))
+
+
+def test_params_of_another_dtype_are_an_error():
+  apply_fn, params, x, _ = case("plain_mlp")
+  game = G.from_function(apply_fn, params, x)
+  with pytest.raises(TypeError, match=r"player 'dense0' .*float32.*traced on.*float64"):
+    game.apply(jax.tree.map(lambda a: a.astype(jnp.float32), params), x)
 
 
 def test_function_without_players_is_an_error():

@@ -703,11 +703,15 @@ class _TracedGame:
       raise ValueError(f"stage {k} expects a state of {len(inputs)} arrays, got {len(leaves)}")
     env = dict(prog.consts)
     env.update(zip(inputs, leaves))
-    for ids, theta in zip(leaf_ids, thetas):
+    for ids, theta, unit in zip(leaf_ids, thetas, self.units[k]):
       values = jax.tree.leaves(theta)
-      if len(values) != len(ids):
-        raise ValueError(f"stage {k}: a player's params have {len(values)} leaves, the "
-                         f"traced program {len(ids)}")
+      want = [prog.avals[i] for i in ids]
+      if [(np.shape(v), jnp.result_type(v)) for v in values] != [(a.shape, a.dtype)
+                                                                  for a in want]:
+        raise TypeError(
+            f"the params of player {self._name(unit)!r} have shapes and dtypes "
+            f"{[(np.shape(v), str(jnp.result_type(v))) for v in values]}; apply_fn was traced "
+            f"on {[(a.shape, str(a.dtype)) for a in want]}")
       env.update(zip(ids, values))
     read = lambda a: env[a] if _is_var(a) else a.val
     for pos, eqn in zip(positions, eqns):
