@@ -199,6 +199,18 @@ def test_generic_players_without_kronecker_structure():
   assert all(p.layer is None for p in game.players)
 
 
+def test_batch_merged_with_other_axes_is_a_generic_player():
+  """A Dense on ``(B*S, K)`` rows: its rows are not samples, so no Kronecker statistics."""
+
+  def tokenwise(params, x):
+    rows = x.reshape(-1, x.shape[-1]) @ params["proj"]["kernel"]
+    return rows.reshape(x.shape[0], -1) @ params["out"]["kernel"]
+
+  params = {"proj": {"kernel": jnp.ones((4, 2))}, "out": {"kernel": jnp.ones((6, 3))}}
+  game = G.from_function(tokenwise, params, jnp.ones((5, 3, 4)))
+  assert [p.layer for p in game.players] == [None, G.Dense(3, None, use_bias=False)]
+
+
 def test_root_leaves_and_bias_share_a_stage():
   """Flat params: each leaf a player; a bias added to a product joins its stage."""
 

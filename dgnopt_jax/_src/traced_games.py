@@ -20,9 +20,9 @@ a game (DGNOpt §3.1, eq. 3):
   that also holds another player's leaves, is a player of its own.
 * **Stages.** A player's *layer* is the range of batch-dependent equations
   from its first consumer to its last; overlapping ranges share a stage, and a
-  range that begins with an elementwise op applied to the output of the
-  previous range's last parametric equation (a bias added right after a
-  kernel's ``dot_general`` held as separate leaves) joins it. The program is
+  range that begins with an elementwise op applied to the output of one of
+  the previous range's parametric equations (a bias added right after a
+  kernel's ``dot_general``, held as separate leaves) joins it. The program is
   cut before the first equation of each stage's range: parameter-free ops
   after a layer (its activation, a pooling) belong to its stage, those before
   the first layer to the first stage. The state between two stages is what is
@@ -34,8 +34,9 @@ a game (DGNOpt §3.1, eq. 3):
   and whose kernel is the right operand of a ``dot_general`` contracting the
   last axis of a ``(B, K)`` input with a ``(K, O)`` kernel (``nn.Dense``,
   ``x @ W + b``), or of a ``conv_general_dilated`` on NHWC inputs with an HWIO
-  kernel (``nn.Conv``), its bias (if any) broadcast over the last axis and
-  added to that product alone, gets a :class:`games.Dense` /
+  kernel (``nn.Conv``), the input's rows being the samples, the kernel used
+  as it is (or converted to another dtype), its bias (if any) broadcast over
+  the last axis and added to that product alone, gets a :class:`games.Dense` /
   :class:`games.Conv2D` ``layer``; the stage function passes the product's
   input and the pre-activation through :func:`layer_taps.tap`, so that the
   Kronecker curvatures find their statistics as for the ready-made layers.
@@ -55,12 +56,16 @@ A stage function is evaluated by binding its equations in order
 functions on other batch sizes (and on single samples under ``vmap``), so
 ``apply_fn`` is traced again at each batch size it meets (once each), and the
 batch-dependent part of that trace must match the example's equation by
-equation.
+equation. The first stage reads its input in the example's dtypes: the
+solver hands the input over as floats where it differentiates through the
+states, and integer inputs (token ids) are converted back.
 
 Not yet done: parallel layers with no data dependence between them are not
 put in one stage (each gets its own, the other's input carried in the
-state); train-mode BatchNorm (a batch statistic is an error), dropout, Flax
-NNX modules, and params shared by two layers (an error naming the leaf).
+state); repeated layers sharing one scanned body (each traced stage has a
+function of its own); train-mode BatchNorm (a batch statistic is an error),
+dropout, Flax NNX modules, and params shared by two layers (an error naming
+the leaf).
 """
 
 from __future__ import annotations
@@ -408,7 +413,8 @@ class _TracedGame:
     self.leaf_paths = [tuple(games_lib._key_name(k) for k in kp)  # pylint: disable=protected-access
                        for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     example = self.program(self.batch)
-    other = self.program(self.batch + 1 if self.batch > 1 else 2)
+    self.other_batch = self.batch + 1 if self.batch > 1 else 2
+    other = self.program(self.other_batch)
     _check_program_samples(example, other)
     self._cut(example, other)
 
@@ -533,7 +539,8 @@ class _TracedGame:
     j = prog.x_index[v]
     ov = other.eqns[other.x_eqns[j]].outputs[prog.eqns[prog.x_eqns[j]].outputs.index(v)]
     axes = _batch_axes(prog.avals[v], other.avals[ov])
-    if axes != {0} or prog.avals[v].shape[0] != self.batch:
+    if axes != {0} or (prog.avals[v].shape[0], other.avals[ov].shape[0]) != (
+        self.batch, self.other_batch):
       eqn = prog.eqns[prog.x_eqns[j]]
       raise ValueError(
           f"from_function: {what} holds the result of {eqn.primitive.name} at {eqn.where}, "
@@ -591,8 +598,12 @@ class _TracedGame:
     lhs = eqn.inputs[0]
     if not (_is_var(lhs) and lhs in prog.batch_values):
       return None
-    other_eqn = other.eqns[other.x_eqns[j]]
-    lhs_axes = _batch_axes(prog.avals[lhs], other.avals[other_eqn.inputs[0]])
+    other_lhs = other.avals[other.eqns[other.x_eqns[j]].inputs[0]]
+    lhs_axes = _batch_axes(prog.avals[lhs], other_lhs)
+    # Rows of the product are the samples themselves, not the batch merged
+    # with other axes (a (B*S, K) reshape): the statistics are per sample.
+    if (prog.avals[lhs].shape[0], other_lhs.shape[0]) != (self.batch, self.other_batch):
+      return None
     kernel = prog.avals[eqn.inputs[1]]
     features = kernel.shape[-1]
     p = eqn.params
