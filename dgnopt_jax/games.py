@@ -1,5 +1,5 @@
 """Networks as multi-player dynamic games: stages, players, ready-made layers and
-networks, Flax models."""
+networks, Flax models, games traced from JAX functions."""
 
 from dgnopt_jax._src.games import AvgPool
 from dgnopt_jax._src.games import Conv2D
@@ -25,10 +25,11 @@ from dgnopt_jax._src.flax_games import update_batch_stats
 from dgnopt_jax._src.networks import IMAGE_NETWORKS
 from dgnopt_jax._src.networks import NETWORKS
 from dgnopt_jax._src.networks import network_from_name
+from dgnopt_jax._src.traced_games import from_function
 
 __all__ = ["AvgPool", "Conv2D", "Dense", "Flatten", "Game", "InceptionBlock", "Parallel",
            "Player", "RESIDUAL_ALIGNMENTS", "ResidualBlock", "Stage", "get_activation",
            "get_path", "sequential", "stage", "collapse_params", "fictitious", "split_params",
-           "from_flax", "update_batch_stats", "UnsupportedModuleError", "IMAGE_NETWORKS",
+           "from_flax", "from_function", "update_batch_stats", "UnsupportedModuleError", "IMAGE_NETWORKS",
            "NETWORKS", "network_from_name"]
 

@@ -198,3 +198,14 @@ def test_table3_experiment_writes_table(tmp_path):
   assert "| iris (10, 32, 5) |" in table and "[93.00]" in table and "[0.0552]" in table
   record = json.loads((tmp_path / "table3.json").read_text())
   assert len(record["results"]) == 8
+
+
+def test_games_traced_function_snippet():
+  scope, _ = _run_games_snippet("G.from_function(", 1)
+  traced, variables, mlp, data = scope["traced"], scope["variables"], scope["mlp"], scope["data"]
+  assert [s.num_players for s in traced.stages] == [1, 1, 1]
+  assert all(isinstance(p.layer, dgnopt.games.Dense) for p in traced.players)
+  x = jnp.asarray(data.x_test, jnp.float32)
+  np.testing.assert_allclose(traced.apply(variables, x), mlp.apply(variables, x), rtol=1e-5,
+                             atol=1e-5)
+  assert float(np.mean(np.argmax(mlp.apply(variables, x), -1) == data.y_test)) > 0.8

@@ -1,0 +1,791 @@
+"""Games traced from a JAX function: :func:`from_function`.
+
+A network written as an arbitrary function ``apply_fn(params, x)`` (a plain
+JAX function, a custom ``@nn.compact`` or setup-style Flax module's
+``apply``) is traced to a jaxpr on an example batch and cut into the stages of
+a game (DGNOpt §3.1, eq. 3):
+
+* **Inlining.** Nested ``jit`` / ``closed_call`` / ``checkpoint`` sub-jaxprs
+  are inlined, so that layers inside jitted helpers and Flax modules are
+  visible; ``custom_jvp_call`` / ``custom_vjp_call`` equations (``jax.nn.relu``,
+  ``jax.nn.softmax``) and control flow stay whole. Dead equations are dropped.
+* **Dependence.** An equation is *batch-dependent* when one of its inputs
+  depends on the input ``x``. The others compute from params and constants
+  only (a bias reshape, a weight normalisation); a stage recomputes the ones
+  it needs, so that a state never carries them.
+* **Players.** A batch-dependent equation *consumes* the params leaves its
+  other inputs are computed from. Leaves are grouped by their parent path into
+  players (Flax: ``params/Dense_0/{kernel, bias}`` is the player
+  ``("params", "Dense_0")``); a leaf directly under the root, or under a node
+  that also holds another player's leaves, is a player of its own.
+* **Stages.** A player's *layer* is the range of batch-dependent equations
+  from its first consumer to its last; overlapping ranges share a stage, and a
+  range that begins with an elementwise op applied to the output of one of
+  the previous range's parametric equations (a bias added right after a
+  kernel's ``dot_general``, held as separate leaves) joins it. The program is
+  cut before the first equation of each stage's range: parameter-free ops
+  after a layer (its activation, a pooling) belong to its stage, those before
+  the first layer to the first stage. The state between two stages is what is
+  live across the cut: the batch-dependent values computed before it and used
+  after it (a residual stream comes out as a second value), a bare array where
+  there is one, else a tuple in the order they are computed. The first stage's
+  state is the input ``x``, the last stage's output is the model's output.
+* **Kronecker structure.** A player whose params are ``{"kernel"[, "bias"]}``
+  and whose kernel is the right operand of a ``dot_general`` contracting the
+  last axis of a ``(B, K)`` input with a ``(K, O)`` kernel (``nn.Dense``,
+  ``x @ W + b``), or of a ``conv_general_dilated`` on NHWC inputs with an HWIO
+  kernel (``nn.Conv``), the input's rows being the samples, the kernel used
+  as it is (or converted to another dtype), its bias (if any) broadcast over
+  the last axis and added to that product alone, gets a :class:`games.Dense` /
+  :class:`games.Conv2D` ``layer``; the stage function passes the product's
+  input and the pre-activation through :func:`layer_taps.tap`, so that the
+  Kronecker curvatures find their statistics as for the ready-made layers.
+  Other players (a ``dot_general`` over other axes, a 3-D attention kernel, a
+  LayerNorm scale) have ``layer=None``: the diagonal curvatures and the
+  per-sample VJP handle them.
+
+Samples must propagate independently (the per-sample Jacobians of the game
+are block-diagonal over the batch): the program is traced at two batch sizes,
+the axes whose size follows the batch are the batch axes of each value, and
+an operation that combines values across a batch axis (a reduction, a
+cumulative op, a contraction, a window or slice along it, a value that loses
+its batch axis) is an error naming the primitive and where it is.
+
+A stage function is evaluated by binding its equations in order
+(``primitive.bind``, as ``jax.core.eval_jaxpr``). The solver calls stage
+functions on other batch sizes (and on single samples under ``vmap``), so
+``apply_fn`` is traced again at each batch size it meets (once each), and the
+batch-dependent part of that trace must match the example's equation by
+equation. The first stage reads its input in the example's dtypes: the
+solver hands the input over as floats where it differentiates through the
+states, and integer inputs (token ids) are converted back.
+
+Not yet done: parallel layers with no data dependence between them are not
+put in one stage (each gets its own, the other's input carried in the
+state); repeated layers sharing one scanned body (each traced stage has a
+function of its own); train-mode BatchNorm (a batch statistic is an error),
+dropout, Flax NNX modules, and params shared by two layers (an error naming
+the leaf).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+from jax.extend import core as jex_core
+import jax.numpy as jnp
+from jax.extend import source_info_util
+import numpy as np
+
+from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import layer_taps
+from dgnopt_jax._src import losses as losses_lib
+
+Array = jax.Array
+Params = Any
+Path = tuple
+
+# Call-like primitives whose sub-jaxpr is inlined, and the param holding it.
+_INLINED = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+            "core_call": "call_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr"}
+# Ops that only re-lay out one value: followed through when tracing a value to its source.
+_STRUCTURAL = frozenset({"reshape", "convert_element_type", "broadcast_in_dim", "squeeze",
+                         "expand_dims", "copy", "copy_p"})
+# Elementwise ops through which a range's parametric output continues into the next range.
+_EPILOGUE = frozenset({"add", "add_any", "sub", "mul", "div", "max", "min"})
+_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+                         "reduce_or", "reduce_xor", "argmax", "argmin"})
+_CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
+_WINDOWED = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min",
+                       "reduce_window"})
+_CONTROL_FLOW = frozenset({"while", "scan", "cond"})
+_NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Eqn:
+  """One equation of the inlined program; values are integer ids, constants ``Literal``s."""
+
+  primitive: Any
+  params: dict
+  inputs: tuple
+  outputs: tuple
+  where: str
+  ctx: Any
+
+
+def _is_var(a: Any) -> bool:
+  return isinstance(a, int)
+
+
+def _where(eqn: Any, prefix: str) -> str:
+  names = "/".join(s for s in (prefix, str(eqn.source_info.name_stack)) if s)
+  source = source_info_util.summarize(eqn.source_info)
+  return f"{names or '<top level>'} ({source})"
+
+
+def _sub_jaxprs(value: Any) -> list:
+  """The jaxprs held by an equation param (a jaxpr, a closed jaxpr or a tuple of them)."""
+  if isinstance(value, jex_core.ClosedJaxpr):
+    return [value.jaxpr]
+  if isinstance(value, jex_core.Jaxpr):
+    return [value]
+  if isinstance(value, (tuple, list)):
+    return [j for v in value for j in _sub_jaxprs(v)]
+  return []
+
+
+class _Program:
+  """``apply_fn`` traced at one batch size: the inlined equations and their dependences.
+
+  Attributes (value ids are integers):
+    eqns: live equations in program order.
+    param_ids, x_ids: the ids of the params leaves and the input leaves.
+    consts: ``{id: value}`` of the jaxpr's constants.
+    out_ids, out_tree: the outputs (ids or literals) and their pytree.
+    avals: ``{id: aval}``.
+    batch_values: ids that depend on ``x``.
+    sources: ``{id: frozenset of params leaf indices}`` for the other values.
+    x_eqns: positions in ``eqns`` of the batch-dependent equations.
+    x_index: ``{id: index in x_eqns of its equation}`` (-1: an input leaf).
+    defining: ``{id: position in eqns of the equation computing it}``.
+    consumed: per batch-dependent equation, the params leaves it consumes.
+    signature: what must agree between two traces for the cuts to carry over.
+    uses: ``{id: indices in x_eqns of the batch-dependent equations reading it}``.
+  """
+
+  def __init__(self, apply_fn: Callable, params_avals: Any, x_avals: Any):
+    closed, out_shapes = jax.make_jaxpr(apply_fn, return_shape=True)(params_avals, x_avals)
+    self.out_tree = jax.tree.structure(out_shapes)
+    self.avals: dict[int, Any] = {}
+    self.consts: dict[int, Any] = {}
+    self.eqns: list[_Eqn] = []
+    self._next = 0
+    jaxpr = closed.jaxpr
+    num_params = len(jax.tree.leaves(params_avals))
+    invars = [self._new(v.aval) for v in jaxpr.invars]
+    self.param_ids, self.x_ids = invars[:num_params], invars[num_params:]
+    const_ids = [self._new(v.aval) for v in jaxpr.constvars]
+    self.consts.update(zip(const_ids, closed.consts))
+    outs = self._inline(jaxpr, const_ids + invars, "")
+    self.out_ids = outs
+    self._dead_code_elimination()
+    self._analyse()
+
+  def _new(self, aval: Any) -> int:
+    self._next += 1
+    self.avals[self._next] = aval
+    return self._next
+
+  def _inline(self, jaxpr: Any, in_ids: list, prefix: str) -> list:
+    env = dict(zip(list(jaxpr.constvars) + list(jaxpr.invars), in_ids))
+    read = lambda a: a if isinstance(a, jex_core.Literal) else env[a]
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      args = [read(a) for a in eqn.invars]
+      if name in _INLINED and _INLINED[name] in eqn.params:
+        sub = eqn.params[_INLINED[name]]
+        inner = sub.jaxpr if isinstance(sub, jex_core.ClosedJaxpr) else sub
+        consts = []
+        for c in getattr(sub, "consts", ()):
+          cid = self._new(jax.typeof(c))
+          self.consts[cid] = c
+          consts.append(cid)
+        outs = self._inline(inner, consts + args, "/".join(
+            s for s in (prefix, str(eqn.source_info.name_stack)) if s))
+      else:
+        outs = [self._new(v.aval) for v in eqn.outvars]
+        self.eqns.append(_Eqn(eqn.primitive, dict(eqn.params), tuple(args), tuple(outs),
+                              _where(eqn, prefix), eqn.ctx))
+      for v, o in zip(eqn.outvars, outs):
+        env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+  def _dead_code_elimination(self) -> None:
+    needed = {a for a in self.out_ids if _is_var(a)}
+    kept = []
+    for eqn in reversed(self.eqns):
+      if any(o in needed for o in eqn.outputs):
+        kept.append(eqn)
+        needed.update(a for a in eqn.inputs if _is_var(a))
+    self.eqns = kept[::-1]
+
+  def _analyse(self) -> None:
+    leaf_of = {v: i for i, v in enumerate(self.param_ids)}
+    self.batch_values = set(self.x_ids)
+    self.sources: dict[int, frozenset] = {v: frozenset([i]) for v, i in leaf_of.items()}
+    self.x_eqns, self.consumed, self.x_index = [], [], {v: -1 for v in self.x_ids}
+    self.defining: dict[int, int] = {}
+    signature = []
+    for pos, eqn in enumerate(self.eqns):
+      for o in eqn.outputs:
+        self.defining[o] = pos
+      args = [a for a in eqn.inputs if _is_var(a)]
+      if not any(a in self.batch_values for a in args):
+        self.sources.update((o, frozenset().union(*[self.sources.get(a, frozenset())
+                                                     for a in args])) for o in eqn.outputs)
+        continue
+      j = len(self.x_eqns)
+      consumed = frozenset().union(*[self.sources.get(a, frozenset()) for a in args
+                                     if a not in self.batch_values])
+      self.x_eqns.append(pos)
+      self.consumed.append(consumed)
+      self.batch_values.update(eqn.outputs)
+      for o in eqn.outputs:
+        self.x_index[o] = j
+      signature.append((eqn.primitive.name, len(eqn.outputs), tuple(
+          self._describe(a) for a in eqn.inputs)))
+    self.signature = tuple(signature)
+    self.uses: dict[int, list[int]] = {}
+    for j, pos in enumerate(self.x_eqns):
+      for a in self.eqns[pos].inputs:
+        if _is_var(a):
+          self.uses.setdefault(a, []).append(j)
+
+  def _describe(self, a: Any) -> tuple:
+    if not _is_var(a):
+      return ("literal",)
+    if a in self.batch_values:
+      if a in self.x_ids:
+        return ("input", self.x_ids.index(a))
+      eqn = self.eqns[self.defining[a]]
+      return ("value", self.x_index[a], eqn.outputs.index(a))
+    return ("params", tuple(sorted(self.sources.get(a, ()))))
+
+  def live(self, cut: int) -> list[int]:
+    """The batch-dependent values computed before x-equation ``cut`` and used from it on."""
+    uses = self.uses
+    outputs = {a for a in self.out_ids if _is_var(a)}
+    vals = [v for v in self.x_ids]
+    for pos in self.x_eqns:
+      vals.extend(self.eqns[pos].outputs)
+    return [v for v in vals if self.x_index[v] < cut and
+            (v in outputs or any(u >= cut for u in uses.get(v, ())))]
+
+
+def _batch_axes(a: Any, b: Any) -> frozenset:
+  """The axes of a value whose size follows the batch: those that differ between two traces."""
+  return frozenset(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
+
+
+def _avals(atoms: Any, avals: dict) -> list:
+  """The avals of equation inputs or outputs (value ids looked up in ``avals``, literals' own)."""
+  return [avals[a] if _is_var(a) else a.aval for a in atoms]
+
+
+def _mixing(name: str, params: dict, ins_a: list, ins_b: list, outs_a: list,
+            outs_b: list) -> Optional[str]:
+  """Why an equation combines samples (None if it does not), from its avals at two batch sizes."""
+  axes = [_batch_axes(a, b) if hasattr(a, "shape") else frozenset()
+          for a, b in zip(ins_a, ins_b)]
+  out_axes = [_batch_axes(a, b) if hasattr(a, "shape") else frozenset()
+              for a, b in zip(outs_a, outs_b)]
+  batched = [n for n, ax in enumerate(axes) if ax]
+  if not batched:
+    return None
+  first = axes[batched[0]]
+  if name in _REDUCTIONS and first & set(params.get("axes", ())):
+    return "reduces over the batch axis"
+  if name in _CUMULATIVE and params.get("axis") in first:
+    return "accumulates along the batch axis"
+  if name == "sort" and params.get("dimension") in first:
+    return "sorts along the batch axis"
+  if name == "rev" and first & set(params.get("dimensions", ())):
+    return "reverses the batch axis"
+  if name == "concatenate" and any(params["dimension"] in ax for ax in axes):
+    return "concatenates along the batch axis"
+  if name == "pad" and any(tuple(params["padding_config"][d]) != (0, 0, 0) for d in first):
+    return "pads the batch axis"
+  if name == "slice":
+    shape = ins_a[0].shape
+    for d in first:
+      strides = params.get("strides") or (1,) * len(shape)
+      if (params["start_indices"][d], params["limit_indices"][d], strides[d]) != (0, shape[d], 1):
+        return "slices the batch axis"
+  if name in ("dynamic_slice", "gather"):
+    shape = ins_a[0].shape
+    keep = set(getattr(params.get("dimension_numbers"), "operand_batching_dims", ()))
+    if any(params["slice_sizes"][d] != shape[d] and d not in keep for d in axes[0]):
+      return "indexes into the batch axis"
+  if name == "dot_general":
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    if axes[0] & set(lc) or (len(axes) > 1 and axes[1] & set(rc)):
+      return "contracts the batch axis"
+    if len(batched) == 2 and not (axes[0] <= set(lb) and axes[1] <= set(rb)):
+      return "multiplies the samples of one operand with those of the other"
+  if name == "conv_general_dilated":
+    if axes[1] or params["batch_group_count"] != 1 or not axes[0] <= {
+        params["dimension_numbers"].lhs_spec[0]}:
+      return "convolves across the batch axis"
+  if name == "scan":
+    scanned = range(params["num_consts"] + params["num_carry"], len(axes))
+    if any(0 in axes[n] for n in scanned):
+      return "scans along the batch axis"
+  if name in _WINDOWED:
+    for d in first:
+      pad = tuple(params["padding"][d]) if "padding" in params else (0, 0)
+      if (params["window_dimensions"][d], params["window_strides"][d], pad) != (1, 1, (0, 0)):
+        return "pools across the batch axis"
+  # Control flow may return loop counters beside batch values; its bodies are checked.
+  if name not in _CONTROL_FLOW and any(not ax and hasattr(o, "shape")
+                                       for ax, o in zip(out_axes, outs_a)):
+    return "makes a value without the batch axis from batch-dependent inputs"
+  return None
+
+
+def _check_samples(name: str, params: dict, ins: tuple, outs: tuple, where: str) -> None:
+  """Raises a ``ValueError`` if the equation (at two batch sizes) combines samples.
+
+  ``ins``/``outs`` are pairs ``(avals at batch B, avals at batch B')``; the
+  sub-jaxprs of ``custom_jvp_call``, control flow and the like are checked
+  equation by equation.
+  """
+  reason = _mixing(name, params, ins[0], ins[1], outs[0], outs[1])
+  if reason is not None:
+    raise ValueError(
+        f"from_function: {name} at {where} {reason}, so the samples of a batch do not "
+        "propagate independently through the network (a game's stage must act on each "
+        "sample alone; batch statistics such as a train-mode BatchNorm are not supported)")
+
+
+def _check_program_samples(prog_a: _Program, prog_b: _Program) -> None:
+  """Checks every batch-dependent equation of the example trace against the second trace."""
+
+  def check_jaxprs(ja: Any, jb: Any, where: str) -> None:
+    if len(ja.eqns) != len(jb.eqns):
+      return
+    for ea, eb in zip(ja.eqns, jb.eqns):
+      if ea.primitive.name != eb.primitive.name:
+        return
+      ins = ([v.aval for v in ea.invars], [v.aval for v in eb.invars])
+      outs = ([v.aval for v in ea.outvars], [v.aval for v in eb.outvars])
+      check_eqn(ea.primitive.name, ea.params, eb.params, ins, outs, where)
+
+  def check_eqn(name, params_a, params_b, ins, outs, where):
+    _check_samples(name, params_a, ins, outs, where)
+    subs_a = [j for v in params_a.values() for j in _sub_jaxprs(v)]
+    subs_b = [j for v in params_b.values() for j in _sub_jaxprs(v)]
+    if len(subs_a) == len(subs_b):
+      for ja, jb in zip(subs_a, subs_b):
+        check_jaxprs(ja, jb, where)
+
+  for pa, pb in zip(prog_a.x_eqns, prog_b.x_eqns):
+    ea, eb = prog_a.eqns[pa], prog_b.eqns[pb]
+    ins = (_avals(ea.inputs, prog_a.avals), _avals(eb.inputs, prog_b.avals))
+    outs = (_avals(ea.outputs, prog_a.avals), _avals(eb.outputs, prog_b.avals))
+    check_eqn(ea.primitive.name, ea.params, eb.params, ins, outs, ea.where)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tap:
+  """Where a Kronecker player's pre-activation is: x-equation indices and its layer."""
+
+  player: int
+  product: int  # the dot_general / conv
+  preactivation: int  # the bias add (the product without a bias)
+  layer: Any
+
+
+class _TracedGame:
+  """The cut of ``apply_fn``'s program into stages, and the stage functions' evaluator."""
+
+  def __init__(self, apply_fn: Callable, params: Params, example_input: Any):
+    self.apply_fn = apply_fn
+    self.params_avals = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p),
+                                                                    jnp.result_type(p)),
+                                     params)
+    x_leaves, self.x_tree = jax.tree.flatten(example_input)
+    if not x_leaves:
+      raise ValueError("from_function: example_input has no arrays")
+    self.x_avals = [jax.ShapeDtypeStruct(tuple(np.shape(x)), jnp.result_type(x))
+                    for x in x_leaves]
+    if any(len(a.shape) == 0 for a in self.x_avals):
+      raise ValueError("from_function: every leaf of example_input needs a leading batch axis")
+    sizes = {a.shape[0] for a in self.x_avals}
+    if len(sizes) != 1:
+      raise ValueError(f"from_function: the leaves of example_input have different batch "
+                       f"sizes {sorted(sizes)}")
+    self.batch = sizes.pop()
+    self._programs: dict[int, _Program] = {}
+    self._plans: dict[tuple[int, int], Any] = {}
+    self.leaf_paths = [tuple(games_lib._key_name(k) for k in kp)  # pylint: disable=protected-access
+                       for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    example = self.program(self.batch)
+    self.other_batch = self.batch + 1 if self.batch > 1 else 2
+    other = self.program(self.other_batch)
+    _check_program_samples(example, other)
+    self._cut(example, other)
+
+  # -- traces ---------------------------------------------------------------
+
+  def program(self, batch: int) -> _Program:
+    """The program traced at ``batch`` (once per batch size)."""
+    if batch not in self._programs:
+      x = jax.tree.unflatten(self.x_tree, [jax.ShapeDtypeStruct((batch,) + a.shape[1:], a.dtype)
+                                           for a in self.x_avals])
+      prog = _Program(self.apply_fn, self.params_avals, x)
+      if self._programs:
+        self._check_same(prog, f"batch size {batch}")
+      self._programs[batch] = prog
+    return self._programs[batch]
+
+  def _check_same(self, prog: _Program, what: str) -> None:
+    example = self._programs[self.batch]
+    if prog.signature == example.signature:
+      return
+    for j, (a, b) in enumerate(zip(example.signature, prog.signature)):
+      if a != b:
+        raise ValueError(
+            f"from_function: traced at {what}, apply_fn computes differently from the example "
+            f"batch (size {self.batch}): operation {j} on the batch is {b[0]} at "
+            f"{prog.eqns[prog.x_eqns[j]].where}, where the example has {a[0]} at "
+            f"{example.eqns[example.x_eqns[j]].where}; the stages need a program whose "
+            "operations do not depend on the batch size")
+    raise ValueError(
+        f"from_function: traced at {what}, apply_fn has {len(prog.signature)} operations on "
+        f"the batch, the example batch (size {self.batch}) {len(example.signature)}; the "
+        "stages need a program whose operations do not depend on the batch size")
+
+  # -- players and stages -----------------------------------------------------
+
+  def _name(self, path: Path) -> str:
+    return "/".join(map(str, path)) or "<root>"
+
+  def _cut(self, prog: _Program, other: _Program) -> None:
+    paths = self.leaf_paths
+    consumers: dict[int, list[int]] = {}
+    for j, leaves in enumerate(prog.consumed):
+      for i in leaves:
+        consumers.setdefault(i, []).append(j)
+    if not consumers:
+      raise ValueError("from_function: no params act on the batch in apply_fn, so the game "
+                       "would have no players")
+    unused = [self._name(paths[i]) for i in range(len(paths)) if i not in consumers]
+    if unused:
+      raise ValueError(f"from_function: params {unused} do not act on the batch in apply_fn "
+                       "(unused, or used only for outputs that do not depend on the input); "
+                       "every params leaf must belong to a player")
+    # Players: leaves grouped by parent; a leaf under the root, or under a node
+    # holding another group's leaves too, is a player of its own.
+    parent = {i: p[:-1] for i, p in enumerate(paths)}
+    unit = {}
+    for i, p in enumerate(paths):
+      owner = parent[i]
+      nested = any(parent[k] != owner and paths[k][:len(owner)] == owner for k in parent)
+      unit[i] = owner if owner and not nested else p
+    units: dict[Path, list[int]] = {}
+    for i in range(len(paths)):
+      units.setdefault(unit[i], []).append(i)
+    for u, leaves in units.items():
+      try:
+        sub = games_lib.get_path(self.params_avals, u)
+      except ValueError:
+        sub = None
+      if sub is None or len(jax.tree.leaves(sub)) != len(leaves):
+        raise TypeError(f"from_function: the params node at {self._name(u)!r} cannot be "
+                        "addressed by dict keys and sequence indices")
+    # A leaf consumed on both sides of another player's layer is shared by two layers.
+    owner_of = lambda j: {unit[i] for i in prog.consumed[j]}
+    for i, js in consumers.items():
+      for a, b in zip(js, js[1:]):
+        between = [k for k in range(a + 1, b) if owner_of(k) - {unit[i]}]
+        if between:
+          other_layer = prog.eqns[prog.x_eqns[between[0]]]
+          raise ValueError(
+              f"from_function: params {self._name(paths[i])!r} are used by two layers (at "
+              f"{prog.eqns[prog.x_eqns[a]].where} and at {prog.eqns[prog.x_eqns[b]].where}, "
+              f"with {other_layer.primitive.name} at {other_layer.where} between them); "
+              "tied weights are not supported: give each layer its own params")
+    # Ranges of x-equations per player, merged where they overlap.
+    spans = {}
+    for u, leaves in units.items():
+      js = [j for i in leaves for j in consumers[i]]
+      spans[u] = (min(js), max(js))
+    groups: list[list] = []  # [first, last, [units]]
+    for u in sorted(spans, key=lambda u: spans[u]):
+      first, last = spans[u]
+      if groups and first <= groups[-1][1]:
+        groups[-1][1] = max(groups[-1][1], last)
+        groups[-1][2].append(u)
+      elif groups and self._continues(prog, first, groups[-1]):
+        groups[-1][1] = max(groups[-1][1], last)
+        groups[-1][2].append(u)
+      else:
+        groups.append([first, last, [u]])
+    self.starts = [0] + [g[0] for g in groups[1:]]
+    self.ends = self.starts[1:] + [len(prog.x_eqns)]
+    self.units = [tuple(g[2]) for g in groups]
+    self.unit_leaves = units
+    # States between stages must carry the batch on axis 0 alone.
+    for k in range(1, len(groups)):
+      for v in prog.live(self.starts[k]):
+        self._check_state(prog, other, v, f"the state before stage {k}")
+    for v in prog.out_ids:
+      if not _is_var(v) or v not in prog.batch_values:
+        raise ValueError("from_function: an output of apply_fn does not depend on the input")
+      self._check_state(prog, other, v, "the output")
+    self.taps = {}
+    for k, us in enumerate(self.units):
+      for n, u in enumerate(us):
+        tap = self._kronecker(prog, other, n, u, consumers)
+        if tap is not None:
+          self.taps[(k, n)] = tap
+
+  def _check_state(self, prog: _Program, other: _Program, v: int, what: str) -> None:
+    if v in prog.x_ids:
+      return
+    j = prog.x_index[v]
+    ov = other.eqns[other.x_eqns[j]].outputs[prog.eqns[prog.x_eqns[j]].outputs.index(v)]
+    axes = _batch_axes(prog.avals[v], other.avals[ov])
+    if axes != {0} or (prog.avals[v].shape[0], other.avals[ov].shape[0]) != (
+        self.batch, self.other_batch):
+      eqn = prog.eqns[prog.x_eqns[j]]
+      raise ValueError(
+          f"from_function: {what} holds the result of {eqn.primitive.name} at {eqn.where}, "
+          f"of shape {prog.avals[v].shape}, whose batch axes are {sorted(axes)}; states "
+          "need the batch as their leading axis alone")
+
+  def _source(self, prog: _Program, v: Any) -> Any:
+    """``v`` followed back through single-value layout ops to the value they re-lay out."""
+    while _is_var(v) and v in prog.defining:
+      eqn = prog.eqns[prog.defining[v]]
+      args = [a for a in eqn.inputs if _is_var(a)]
+      if eqn.primitive.name not in _STRUCTURAL or len(args) != 1:
+        break
+      v = args[0]
+    return v
+
+  def _converted(self, prog: _Program, v: Any) -> Any:
+    """``v`` followed back through dtype conversions (a mixed-precision kernel)."""
+    while _is_var(v) and v in prog.defining:
+      eqn = prog.eqns[prog.defining[v]]
+      if eqn.primitive.name != "convert_element_type":
+        break
+      v = eqn.inputs[0]
+    return v
+
+  def _continues(self, prog: _Program, first: int, group: list) -> bool:
+    """Whether x-equation ``first`` is an elementwise op on the output of ``group``'s last layer op."""
+    eqn = prog.eqns[prog.x_eqns[first]]
+    if eqn.primitive.name not in _EPILOGUE:
+      return False
+    batch_args = [a for a in eqn.inputs if _is_var(a) and a in prog.batch_values]
+    if len(batch_args) != 1:
+      return False
+    source = self._source(prog, batch_args[0])
+    if source in prog.x_ids:
+      return False
+    j = prog.x_index[source]
+    return group[0] <= j <= group[1] and bool(prog.consumed[j])
+
+  def _kronecker(self, prog: _Program, other: _Program, n: int, u: Path,
+                 consumers: dict) -> Optional[_Tap]:
+    """The tap of player ``u`` (n-th of its stage) if its layer has Kronecker structure."""
+    theta = games_lib.get_path(self.params_avals, u)
+    if not isinstance(theta, dict) or set(theta) not in ({"kernel"}, {"kernel", "bias"}):
+      return None
+    index = {self.leaf_paths[i][-1]: i for i in self.unit_leaves[u]}
+    kernel_uses = consumers[index["kernel"]]
+    if len(kernel_uses) != 1:
+      return None
+    j = kernel_uses[0]
+    eqn = prog.eqns[prog.x_eqns[j]]
+    if (len(eqn.inputs) != 2 or
+        self._converted(prog, eqn.inputs[1]) != prog.param_ids[index["kernel"]]):
+      return None
+    lhs = eqn.inputs[0]
+    if not (_is_var(lhs) and lhs in prog.batch_values):
+      return None
+    other_lhs = other.avals[other.eqns[other.x_eqns[j]].inputs[0]]
+    lhs_axes = _batch_axes(prog.avals[lhs], other_lhs)
+    # Rows of the product are the samples themselves, not the batch merged
+    # with other axes (a (B*S, K) reshape): the statistics are per sample.
+    if (prog.avals[lhs].shape[0], other_lhs.shape[0]) != (self.batch, self.other_batch):
+      return None
+    kernel = prog.avals[eqn.inputs[1]]
+    features = kernel.shape[-1]
+    p = eqn.params
+    if eqn.primitive.name == "dot_general":
+      if (len(kernel.shape) != 2 or len(prog.avals[lhs].shape) != 2 or lhs_axes != {0} or
+          tuple(map(tuple, p["dimension_numbers"][0])) != ((1,), (0,)) or
+          any(p["dimension_numbers"][1])):
+        return None
+      layer = games_lib.Dense(int(features), None, "bias" in theta)
+    elif eqn.primitive.name == "conv_general_dilated":
+      dn = p["dimension_numbers"]
+      if (len(kernel.shape) != 4 or lhs_axes != {0} or
+          (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != _NHWC_HWIO or
+          any(d != 1 for d in tuple(p["lhs_dilation"]) + tuple(p["rhs_dilation"])) or
+          p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
+        return None
+      padding = tuple(tuple(int(e) for e in pair) for pair in p["padding"])
+      layer = games_lib.Conv2D(int(features), tuple(int(s) for s in kernel.shape[:2]),
+                               tuple(int(s) for s in p["window_strides"]), padding, None,
+                               "bias" in theta)
+    else:
+      return None
+    product = eqn.outputs[0]
+    if "bias" not in theta:
+      return _Tap(n, j, j, layer)
+    bias_uses = consumers[index["bias"]]
+    if len(bias_uses) != 1:
+      return None
+    add = prog.eqns[prog.x_eqns[bias_uses[0]]]
+    if add.primitive.name not in ("add", "add_any") or product not in add.inputs:
+      return None
+    if len(prog.uses.get(product, ())) != 1 or product in prog.out_ids:
+      return None
+    (bias_arg,) = [a for a in add.inputs if a != product]
+    if not self._broadcasts_last_axis(prog, bias_arg, prog.param_ids[index["bias"]], features):
+      return None
+    return _Tap(n, j, bias_uses[0], layer)
+
+  def _broadcasts_last_axis(self, prog: _Program, v: Any, bias: int, features: int) -> bool:
+    """Whether ``v`` is the bias leaf laid out along the last axis (reshape/broadcast/convert)."""
+    while _is_var(v) and v != bias:
+      if v not in prog.defining:
+        return False
+      eqn = prog.eqns[prog.defining[v]]
+      shape = prog.avals[v].shape
+      if not shape or shape[-1] != features:
+        return False
+      name = eqn.primitive.name
+      if name == "reshape" and int(np.prod(shape[:-1])) != 1:
+        return False
+      if name == "broadcast_in_dim" and tuple(eqn.params["broadcast_dimensions"])[-1:] != (
+          len(shape) - 1,):
+        return False
+      if name not in ("reshape", "broadcast_in_dim", "convert_element_type"):
+        return False
+      v = eqn.inputs[0]
+    return v == bias
+
+  # -- evaluation -----------------------------------------------------------
+
+  def _plan(self, prog: _Program, k: int) -> tuple:
+    """Stage ``k`` of ``prog``: (inputs, equations, outputs, taps by equation position)."""
+    key = (id(prog), k)
+    if key not in self._plans:
+      last = k == len(self.units) - 1
+      inputs = prog.x_ids if k == 0 else prog.live(self.starts[k])
+      outputs = prog.out_ids if last else prog.live(self.ends[k])
+      x_positions = prog.x_eqns[self.starts[k]:self.ends[k]]
+      needed, side = set(), set()
+      for pos in x_positions:
+        needed.update(a for a in prog.eqns[pos].inputs
+                      if _is_var(a) and a not in prog.batch_values)
+      in_slice = set(x_positions)
+      for pos in range(max(x_positions), -1, -1):
+        eqn = prog.eqns[pos]
+        if pos not in in_slice and any(o in needed for o in eqn.outputs):
+          side.add(pos)
+          needed.update(a for a in eqn.inputs if _is_var(a))
+      positions = sorted(side) + list(x_positions)
+      taps = {}
+      for (stage, n), tap in self.taps.items():
+        if stage == k:
+          product = prog.eqns[prog.x_eqns[tap.product]]
+          taps[prog.x_eqns[tap.preactivation]] = (n, product.inputs[0], tap.layer)
+      leaf_ids = [[prog.param_ids[i] for i in self.unit_leaves[u]] for u in self.units[k]]
+      self._plans[key] = (inputs, [prog.eqns[p] for p in positions], positions, outputs, taps,
+                          leaf_ids)
+    return self._plans[key]
+
+  def evaluate(self, k: int, state: Any, thetas: tuple) -> Any:
+    """Stage ``k``'s function: its equations on the incoming state and its players' params."""
+    if k == 0:
+      leaves, tree = jax.tree.flatten(state)
+      if tree != self.x_tree:
+        raise ValueError(f"the game's input has the structure {tree}; apply_fn was traced on "
+                         f"{self.x_tree}")
+      # The solver hands the input over as floats where it differentiates
+      # through the states (integer token ids included): the program reads
+      # it in the example's dtypes.
+      leaves = [jax.lax.convert_element_type(x, a.dtype) if jnp.result_type(x) != a.dtype
+                else x for x, a in zip(leaves, self.x_avals)]
+    else:
+      leaves = list(state) if isinstance(state, tuple) else [state]
+    batch = np.shape(leaves[0])[0]
+    prog = self.program(batch)
+    inputs, eqns, positions, outputs, taps, leaf_ids = self._plan(prog, k)
+    if len(leaves) != len(inputs):
+      raise ValueError(f"stage {k} expects a state of {len(inputs)} arrays, got {len(leaves)}")
+    env = dict(prog.consts)
+    env.update(zip(inputs, leaves))
+    for ids, theta, unit in zip(leaf_ids, thetas, self.units[k]):
+      values = jax.tree.leaves(theta)
+      want = [prog.avals[i] for i in ids]
+      if [(np.shape(v), jnp.result_type(v)) for v in values] != [(a.shape, a.dtype)
+                                                                  for a in want]:
+        raise TypeError(
+            f"the params of player {self._name(unit)!r} have shapes and dtypes "
+            f"{[(np.shape(v), str(jnp.result_type(v))) for v in values]}; apply_fn was traced "
+            f"on {[(a.shape, str(a.dtype)) for a in want]}")
+      env.update(zip(ids, values))
+    read = lambda a: env[a] if _is_var(a) else a.val
+    for pos, eqn in zip(positions, eqns):
+      with eqn.ctx.manager:
+        out = eqn.primitive.bind(*[read(a) for a in eqn.inputs],
+                                 **eqn.primitive.get_bind_params(eqn.params))
+      out = list(out) if eqn.primitive.multiple_results else [out]
+      if pos in taps:
+        n, layer_input, layer = taps[pos]
+        out[0] = layer_taps.tap(layer, thetas[n], env[layer_input], out[0])
+      env.update(zip(eqn.outputs, out))
+    values = [read(a) for a in outputs]
+    if k == len(self.units) - 1:
+      return jax.tree.unflatten(prog.out_tree, values)
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, example_input: Any,
+                  loss: losses_lib.LossLike = "softmax_cross_entropy", *,
+                  weight_decay: float = 0.0) -> games_lib.Game:
+  """The game a JAX function defines, traced on an example batch (module docstring).
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> outputs`` on a batch: a plain JAX
+      function, or a Flax module's ``apply`` (then ``params`` are the
+      variables ``{"params": ...}``). Samples must propagate independently.
+    params: the params pytree (arrays or ``jax.ShapeDtypeStruct``s), nested
+      dicts and sequences; every leaf must act on the batch.
+    example_input: a batch (array or pytree of arrays, or
+      ``jax.ShapeDtypeStruct``s) with the batch as every leaf's leading axis;
+      its per-sample shape is the game's ``input_shape`` when it is one array.
+    loss: terminal loss name, :class:`TerminalLoss` or per-sample callable.
+    weight_decay: stage-cost coefficient ``weight_decay/2 |theta|^2`` of every player.
+
+  Returns:
+    A :class:`games.Game` on ``params``: one stage per layer, one player per
+    params subtree a layer consumes; ``game.apply(params, x)`` equals
+    ``apply_fn(params, x)``. It has no ``init`` (``params`` are given).
+
+  Raises:
+    ValueError: an operation combines the samples of a batch, params that are
+      unused or shared by two layers, a state or output without the batch as
+      its leading axis, or a program that changes with the batch size; each
+      named by its primitive and where it is.
+    TypeError: ``apply_fn`` is not callable, or a params node cannot be
+      addressed by keys and indices.
+  """
+  if not callable(apply_fn):
+    raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+  traced = _TracedGame(apply_fn, params, example_input)
+  stages = []
+  for k, units in enumerate(traced.units):
+    players = tuple(games_lib.Player(u, weight_decay,
+                                     traced.taps[(k, n)].layer if (k, n) in traced.taps else None)
+                    for n, u in enumerate(units))
+    fn = _stage_fn(traced, k)
+    stages.append(games_lib.Stage(fn, players, "+".join(p.name for p in players)))
+  input_shape = (tuple(traced.x_avals[0].shape[1:])
+                 if jax.tree_util.treedef_is_leaf(traced.x_tree) else None)
+  return games_lib.Game(tuple(stages), losses_lib.get_loss(loss), None, input_shape)
+
+
+def _stage_fn(traced: _TracedGame, k: int) -> Callable:
+  def fn(x, thetas):
+    return traced.evaluate(k, x, thetas)
+  return fn
