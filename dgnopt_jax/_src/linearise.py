@@ -296,6 +296,9 @@ def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | No
   """
   leaves = jax.tree.leaves(start)
   dtype = jnp.result_type(*leaves)
+  # The tridiagonal and its eigenvalues in at least float32: LAPACK has no
+  # half-precision eigensolver, and bfloat16 scalars would lose the estimate.
+  scalar = jnp.promote_types(dtype, jnp.float32)
   static = isinstance(iterations, int)
   capacity = iterations if static else TRACED_COUNT_CAPACITY
 
@@ -305,7 +308,7 @@ def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | No
   def projections(basis, w):  # q_m^T w for every basis vector: (capacity,)
     parts = [jnp.sum((b * x[None]).reshape(capacity, -1), axis=1)
              for b, x in zip(jax.tree.leaves(basis), jax.tree.leaves(w))]
-    return sum(parts[1:], parts[0]).astype(dtype)
+    return sum(parts[1:], parts[0]).astype(scalar)
 
   def remove(basis, w, coeffs):  # w - sum_m coeffs_m q_m
     return jax.tree.map(
@@ -315,11 +318,11 @@ def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | No
     basis, diagonal, off_diagonal = carry
     q = jax.tree.map(lambda b: b[j], basis)
     w = jax.tree.map(lambda g, x: g.astype(x.dtype), gram(q), q)
-    alpha = tree_vdot(q, w).astype(dtype)
-    size = jnp.sqrt(tree_vdot(w, w)).astype(dtype)
+    alpha = tree_vdot(q, w).astype(scalar)
+    size = jnp.sqrt(tree_vdot(w, w)).astype(scalar)
     for _ in range(2):  # against every earlier vector, twice (Kahan's "twice is enough")
       w = remove(basis, w, projections(basis, w))
-    beta = jnp.sqrt(tree_vdot(w, w)).astype(dtype)
+    beta = jnp.sqrt(tree_vdot(w, w)).astype(scalar)
     beta = jnp.where(beta > jnp.sqrt(jnp.finfo(dtype).eps) * size, beta, 0.0)
     following = tree_scale(jnp.where(beta > 0, 1.0 / jnp.where(beta > 0, beta, 1.0), 0.0), w)
     basis = jax.tree.map(lambda b, x: b.at[j + 1].set(x.astype(b.dtype), mode="drop"),
@@ -329,7 +332,7 @@ def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | No
   def lanczos():
     first = normalised(start)
     basis = jax.tree.map(lambda x: jnp.zeros((capacity,) + x.shape, x.dtype).at[0].set(x), first)
-    carry = (basis, jnp.zeros(capacity, dtype), jnp.zeros(capacity, dtype))
+    carry = (basis, jnp.zeros(capacity, scalar), jnp.zeros(capacity, scalar))
     if static and unroll:
       for j in range(capacity):
         carry = step(j, carry)
@@ -340,7 +343,7 @@ def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | No
     tridiagonal = (jnp.diag(diagonal) + jnp.diag(off_diagonal[:-1], 1) +
                    jnp.diag(off_diagonal[:-1], -1))
     largest = symmetric_eigh.symmetric_eigh(tridiagonal)[0][-1]
-    return 1.0 / jnp.maximum(largest, 1.0)
+    return (1.0 / jnp.maximum(largest, 1.0)).astype(dtype)
 
   if trace is None:
     return lanczos()
