@@ -214,7 +214,9 @@ def _group_backward(stage, cfg, hyper, f, exact, group: Group, joint: bool, stre
           solve=lambda g: lin.tree_scale(eta, _solve(curvature, joint, steps, g, damping)),
           push=lambda d: f.jvp_thetas(d, group), iterations=cfg.coupling_iterations,
           gram=None if form.gram is None else (lambda v: eta * form.gram(v)), vxx_reg=eps,
-          jacobian_trace=None if form.jacobian_trace is None else eta * form.jacobian_trace)
+          jacobian_trace=None if form.jacobian_trace is None else eta * form.jacobian_trace,
+          convexity_test=None if form.convexity_test is None else form.convexity_test._replace(
+              certifies=lambda c: form.convexity_test.certifies(eta * c)))
       grads = form.gradients if lin.is_zero(eps) else None
   v_x = q_x
   if cfg.feedback:

@@ -396,7 +396,9 @@ def kronecker_forms(f: Any, players: tuple[int, ...], factor_next: Any,
   ``(G v)_ir = g~_ir^T (a~_i^T (D * U))``, ``U = sum_js v_js a~_j g~_js^T``,
   ``D = 1 / (e + damping)``: two (B x Ka) by (Ka x O) products per Lanczos
   step of the convexity safeguard, where the stage's VJP, a Kronecker
-  solve and the stage's JVP cost two such products and four rotations.
+  solve and the stage's JVP cost two such products and four rotations; the
+  same factors give the safeguard a test cheaper than its Lanczos process
+  (:func:`quadratic_forms.rank_one_convexity_test`).
   Otherwise ``(G v)_ir = sum_jk Q~_irjk u_jk / (e_jk + damping)`` with
   ``u = sum_js Q~_js v_js``.
   """
@@ -420,7 +422,9 @@ def kronecker_forms(f: Any, players: tuple[int, ...], factor_next: Any,
       back = a_rot @ (inverse * (a_rot.T @ combined))  # a~_i^T (D * U): (B, O)
       return lin.per_sample_dot(g_rot, back[:, None], 1).astype(v.dtype)
 
-    return quadratic_forms.Form(s.astype(dtype), rank_one_gram)
+    return quadratic_forms.Form(
+        s.astype(dtype), rank_one_gram,
+        convexity_test=quadratic_forms.rank_one_convexity_test(a_rot, g_rot, inverse))
   # Per-sample gradients in the eigenbasis, U_A^T (sum_p a_p g_p^T) U_G: the sum
   # over positions first, then two large matrix products, rather than rotating
   # the layer inputs first (B P Ka^2 multiplications) or g (as wide as all the

@@ -9,7 +9,7 @@ after the batch, ``V_xx^(i) = sum_r Z[i, r] Z[i, r]^T``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -253,8 +253,23 @@ def tree_vdot(a: Any, b: Any) -> jax.Array:
 TRACED_COUNT_CAPACITY = 32
 
 
+class ConvexityTest(NamedTuple):
+  """A test that certifies ``lambda_max(c G) <= 1`` for the coupling matrix G of a stage.
+
+  Attributes:
+    certifies: ``c -> bool``: True only where ``lambda_max(c G) <= 1`` holds
+      (False says nothing).
+    products: its cost in products with G (multiplications, one ``v -> G v``
+      counting as one), to weigh it against the Lanczos process.
+  """
+
+  certifies: Callable[[jax.Array], jax.Array]
+  products: float
+
+
 def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | None,
-                   iterations: int | jax.Array = 8, unroll: bool = False) -> jax.Array:
+                   iterations: int | jax.Array = 8, unroll: bool = False,
+                   certified: Callable[[], jax.Array] | None = None) -> jax.Array:
   """w = 1 / max(1, lambda_max(G)): the shrinkage that keeps the stage's model convex.
 
   With ``V~_xx' = R R^T``, ``R = [Z', sqrt(eps) I]``, the stage's quadratic
@@ -268,7 +283,11 @@ def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | No
   exact DDP untouched (docs/ALGORITHM.md §6).
 
   ``lambda_max(G) <= tr(G)``: where the trace is known and at most 1, ``w = 1``
-  and nothing more is computed (``lax.cond``). Otherwise ``lambda_max(G)`` is
+  and nothing more is computed (``lax.cond``); then, where the caller has a
+  cheaper certificate of ``lambda_max(G) <= 1`` (``certified``, e.g.
+  :func:`quadratic_forms.rank_one_convexity_test`), ``w = 1`` where it holds.
+  Both are exact: the Lanczos estimate never exceeds ``lambda_max(G)``, so it
+  would give ``w = 1`` there too. Otherwise ``lambda_max(G)`` is
   estimated by ``iterations`` steps of the Lanczos process from ``start``:
   with ``Q_k`` an orthonormal basis of the Krylov space
   ``span{v, G v, .., G^(k-1) v}`` (Gram-Schmidt against every earlier
@@ -290,6 +309,8 @@ def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | No
     iterations: products with G. A traced count (``optax.inject_hyperparams``)
       runs as a loop of at most :data:`TRACED_COUNT_CAPACITY` steps.
     unroll: a Python loop rather than a ``fori_loop`` (static counts).
+    certified: ``() -> bool``, True only where ``lambda_max(G) <= 1``; run
+      where the trace test fails, before the Lanczos process.
 
   Returns:
     The scalar w in (0, 1].
@@ -345,17 +366,22 @@ def coupling_scale(gram: Callable[[Any], Any], start: Any, trace: jax.Array | No
     largest = symmetric_eigh.symmetric_eigh(tridiagonal)[0][-1]
     return (1.0 / jnp.maximum(largest, 1.0)).astype(dtype)
 
+  ones = lambda: jnp.ones([], dtype)
+  estimate = lanczos
+  if certified is not None:
+    estimate = lambda: jax.lax.cond(certified(), ones, lanczos)
   if trace is None:
-    return lanczos()
+    return estimate()
   # tr(G) <= 1 bounds lambda_max(G) <= 1: the model is convex, w = 1.
-  return jax.lax.cond(trace <= 1.0, lambda: jnp.ones([], dtype), lanczos)
+  return jax.lax.cond(trace <= 1.0, ones, estimate)
 
 
 def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
                           pull: Callable[[State], Any], solve: Callable[[Any], Any],
                           push: Callable[[Any], State], iterations: int,
                           gram: Callable[[jax.Array], jax.Array] | None = None,
-                          vxx_reg: Any = 0.0, jacobian_trace: jax.Array | None = None
+                          vxx_reg: Any = 0.0, jacobian_trace: jax.Array | None = None,
+                          convexity_test: ConvexityTest | None = None
                           ) -> tuple[jax.Array, State]:
   """``(w, Z)``: the coupling scale and the new factor ``Z = q_x (I - w^2 S)_+^{1/2}``.
 
@@ -381,6 +407,11 @@ def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
     vxx_reg: eps, the value Hessian's Tikhonov term.
     jacobian_trace: ``sum_i tr(F_theta^(i) M^-1 F_theta^(i)T)`` where cheap,
       else None (with ``vxx_reg > 0`` the Lanczos process then always runs).
+    convexity_test: a certificate of ``lambda_max(G) <= 1`` (its ``certifies``
+      called with 1: G here is already scaled), tried before the Lanczos
+      process where it costs at most half of it (``products <=
+      iterations / 2``; a traced count taken at its capacity). Used with
+      ``vxx_reg = 0``.
   """
   diag = jnp.diagonal(s, axis1=-2, axis2=-1)
   columns_start = jnp.sqrt(jnp.maximum(diag, 0.0)) + 1e-3
@@ -390,7 +421,11 @@ def guarded_factor_update(factor_next: State, q_x: State, s: jax.Array,
       def gram(v):
         return factor_transpose_apply(factor_next,
                                       push(solve(pull(factor_apply(factor_next, v)))))
-    scale = coupling_scale(gram, columns_start, trace, iterations)
+    certified = None
+    budget = iterations if isinstance(iterations, int) else TRACED_COUNT_CAPACITY
+    if convexity_test is not None and convexity_test.products <= budget / 2:
+      certified = lambda: convexity_test.certifies(jnp.ones([], s.dtype))
+    scale = coupling_scale(gram, columns_start, trace, iterations, certified=certified)
   else:
     root = jnp.sqrt(vxx_reg)
 

@@ -131,12 +131,15 @@ class Form(NamedTuple):
     jacobian_trace: ``sum_i tr(F_theta^(i) (C + damping)^-1 F_theta^(i)T)``
       where cheap (dense players), else None: the Tikhonov term's share of
       the coupling matrix's trace (:func:`linearise.guarded_factor_update`).
+    convexity_test: a certificate of ``lambda_max(c G) <= 1`` cheaper than
+      the Lanczos process (:func:`rank_one_convexity_test`), or None.
   """
 
   s: jax.Array
   gram: Optional[Callable[[jax.Array], jax.Array]] = None
   gradients: Any = None
   jacobian_trace: Optional[jax.Array] = None
+  convexity_test: Optional[lin.ConvexityTest] = None
 
 
 def sum_forms(forms: list) -> Form:
@@ -148,7 +151,68 @@ def sum_forms(forms: list) -> Form:
   gram = (lambda v: sum(f.gram(v) for f in forms)) if every("gram") else None
   gradients = tuple(f.gradients for f in forms) if every("gradients") else None
   jacobian_trace = sum(f.jacobian_trace for f in forms) if every("jacobian_trace") else None
-  return Form(s, gram, gradients, jacobian_trace)
+  # A certificate of one player's G is one of the stage's only when it is the only player.
+  convexity_test = forms[0].convexity_test if len(forms) == 1 else None
+  return Form(s, gram, gradients, jacobian_trace, convexity_test)
+
+
+def rank_one_convexity_test(inputs: jax.Array, output_grads: jax.Array,
+                            inverse: jax.Array) -> lin.ConvexityTest:
+  """Certifies ``lambda_max(c G) <= 1`` for a player whose per-sample gradients are rank one.
+
+  For one output position the gradients are ``q_ir = a_i (x) g_ir`` (``a_i``:
+  the layer's input with a 1 for the bias, ``g_ir``: the column's derivative
+  at the pre-activation; rotated into the eigenbasis under a Kronecker
+  curvature) and, with the diagonal inverse curvature ``D`` (Ka x O),
+  ``G_ir,js = sum_ko a_ik a_jk g_iro g_jso D_ko``. For any ``u, v >= 0`` with
+  ``D_ko <= u_k v_o``::
+
+      G <= G' = P o Q,   P_ij = sum_k u_k a_ik a_jk,   Q_ir,js = sum_o v_o g_iro g_jso
+
+  (Loewner order; ``G' - G = X diag(u v^T - D) X^T`` with X's rows ``q_ir``),
+  so ``I - c G'`` positive definite (its Cholesky factorisation exists)
+  implies ``lambda_max(c G) < 1``. The majorant is ``v_o = max_k D_ko``,
+  ``u_k = max_o D_ko / v_o`` over the rows some sample's ``a`` uses (the
+  others do not enter G): exact for a constant ``D`` (the identity
+  curvature), and close where ``D`` is nearly a product of a row and a
+  column scale, where the trace test before it (``lambda_max(G) <= tr(G)``)
+  is loose by about the number of G's significant eigenvalues (how close, on
+  Adam's diagonal: docs/PERFORMANCE.md). The test costs
+  ``B^2 (Ka + r^2 O) + (B r)^3 / 3`` multiplications (``products``: in
+  products with G, ``2 B Ka O`` each); it is formed in at least float32
+  (LAPACK has no half-precision Cholesky).
+
+  Args:
+    inputs: ``a``, (B, Ka).
+    output_grads: ``g``, (B, r, O).
+    inverse: ``D``, (Ka, O), non-negative.
+
+  Returns:
+    The :class:`linearise.ConvexityTest`.
+  """
+  batch, ka = inputs.shape
+  rank, out = output_grads.shape[1:]
+  rows = batch * rank
+  products = (batch * batch * (ka + rank * rank * out) + rows ** 3 / 3) / (2 * batch * ka * out)
+
+  def certifies(scale: jax.Array) -> jax.Array:
+    dtype = jnp.promote_types(jnp.result_type(inputs, output_grads, inverse), jnp.float32)
+    a, g = inputs.astype(dtype), output_grads.astype(dtype).reshape(rows, out)
+    used = jnp.any(a != 0, axis=0)  # rows of D that enter G
+    d = jnp.where(used[:, None], inverse.astype(dtype), 0.0)
+    v = jnp.max(d, axis=0)
+    u = jnp.max(jnp.where(v > 0, d / jnp.where(v > 0, v, 1.0), 0.0), axis=1)
+    p = (a * u) @ a.T  # (B, B)
+    q = ((g * v) @ g.T).reshape(batch, rank, batch, rank)
+    majorant = (q * p[:, None, :, None]).reshape(rows, rows)
+    shifted = jnp.eye(rows, dtype=dtype) - scale.astype(dtype) * majorant
+    # Symmetric by construction: nothing to symmetrise (LAPACK reads one
+    # triangle), and its transpose is its column-major layout, which LAPACK
+    # takes without the transposing copy XLA's CPU backend otherwise makes.
+    factor = jax.lax.linalg.cholesky(shifted.T, symmetrize_input=False)
+    return jnp.all(jnp.isfinite(jnp.diagonal(factor)))
+
+  return lin.ConvexityTest(certifies, products)
 
 
 def gram_blocks(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -186,7 +250,8 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   ``U = sum_js v_js a_j g_js^T``, ``u = sum_js v_js g_js``: two matrix
   products per Lanczos step of the convexity safeguard, and the factors
   (:class:`DenseGradients`) serve the value correction and the rollout's
-  feedback. No per-sample gradient is formed. For the named (elementwise)
+  feedback; they also give the safeguard a test cheaper than its Lanczos
+  process (:func:`rank_one_convexity_test`). No per-sample gradient is formed. For the named (elementwise)
   activations the Jacobian's share of the trace is
   ``sum_io act'(h_io)^2 ((a_i*a_i)^T D_kernel + D_bias)_o``.
   """
@@ -196,8 +261,12 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   g = jax.vmap(lambda c: act_pull(c)[0], in_axes=1, out_axes=1)(factor_next)
   dk = inv_diag["kernel"]
   w = jnp.sum(a * a, axis=-1, keepdims=True) * dk if dk.ndim == 0 else (a * a) @ dk
+  augmented, inverse = a, jnp.broadcast_to(dk, theta["kernel"].shape)
   if layer.use_bias:
     w = w + inv_diag["bias"]
+    augmented = jnp.concatenate([a, jnp.ones_like(a[:, :1])], axis=1)
+    inverse = jnp.concatenate(
+        [inverse, jnp.broadcast_to(inv_diag["bias"], theta["bias"].shape)[None]], axis=0)
   s = gram_blocks(g, g * jnp.expand_dims(w, 1))
   jacobian_trace = None
   if layer.activation is None or isinstance(layer.activation, str):  # elementwise
@@ -211,7 +280,8 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
       back = back + inv_diag["bias"] * jnp.sum(combined, axis=0)
     return lin.per_sample_dot(g, back[:, None], 1).astype(v.dtype)
 
-  return Form(s, gram, DenseGradients(a, g), jacobian_trace)
+  return Form(s, gram, DenseGradients(a, g), jacobian_trace,
+              rank_one_convexity_test(augmented, g, inverse))
 
 
 def explicit_gradients_pay(f: lin.Linearised, n: int, factor_next: State) -> bool:
