@@ -178,9 +178,10 @@ def rank_one_convexity_test(inputs: jax.Array, output_grads: jax.Array,
   column scale, where the trace test before it (``lambda_max(G) <= tr(G)``)
   is loose by about the number of G's significant eigenvalues (how close, on
   Adam's diagonal: docs/PERFORMANCE.md). The test costs
-  ``B^2 (Ka + r^2 O) + (B r)^3 / 3`` multiplications (``products``: in
-  products with G, ``2 B Ka O`` each); it is formed in at least float32
-  (LAPACK has no half-precision Cholesky).
+  ``n (Ka + r^2 O) + (B r)^3 / 3`` multiplications, ``n ~ 3 B^2 / 4`` the
+  sample pairs of the triangle LAPACK reads; ``products`` prices it with
+  ``n = B^2``, in products with G (``2 B Ka O`` each). It is formed in at
+  least float32 (LAPACK has no half-precision Cholesky).
 
   Args:
     inputs: ``a``, (B, Ka).
@@ -193,22 +194,35 @@ def rank_one_convexity_test(inputs: jax.Array, output_grads: jax.Array,
   batch, ka = inputs.shape
   rank, out = output_grads.shape[1:]
   rows = batch * rank
+  half = batch // 2
+  # Priced as if the whole matrix were formed (a margin for the extra ops).
   products = (batch * batch * (ka + rank * rank * out) + rows ** 3 / 3) / (2 * batch * ka * out)
 
   def certifies(scale: jax.Array) -> jax.Array:
     dtype = jnp.promote_types(jnp.result_type(inputs, output_grads, inverse), jnp.float32)
-    a, g = inputs.astype(dtype), output_grads.astype(dtype).reshape(rows, out)
+    a, g = inputs.astype(dtype), output_grads.astype(dtype)
     used = jnp.any(a != 0, axis=0)  # rows of D that enter G
     d = jnp.where(used[:, None], inverse.astype(dtype), 0.0)
     v = jnp.max(d, axis=0)
     u = jnp.max(jnp.where(v > 0, d / jnp.where(v > 0, v, 1.0), 0.0), axis=1)
-    p = (a * u) @ a.T  # (B, B)
-    q = ((g * v) @ g.T).reshape(batch, rank, batch, rank)
-    majorant = (q * p[:, None, :, None]).reshape(rows, rows)
-    shifted = jnp.eye(rows, dtype=dtype) - scale.astype(dtype) * majorant
-    # Symmetric by construction: nothing to symmetrise (LAPACK reads one
-    # triangle), and its transpose is its column-major layout, which LAPACK
-    # takes without the transposing copy XLA's CPU backend otherwise makes.
+    scaled_u = a * u
+    g = g.reshape(batch, rank, out)
+
+    def shifted_rows(first: int, last: int) -> jax.Array:
+      """Rows [first, last) of ``I - scale P o Q`` from column ``first`` on (samples)."""
+      p = scaled_u[first:last] @ a[first:].T
+      q = jnp.einsum("bro,cso->brcs", g[first:last] * v, g[first:])
+      block = (q * p[:, None, :, None]).reshape((last - first) * rank, -1)
+      return jnp.eye(*block.shape, dtype=dtype) - scale.astype(dtype) * block
+
+    # The matrix is symmetric and LAPACK reads one triangle: the upper one
+    # is formed (two row blocks, 3/4 of the products), the rest left zero.
+    # Its transpose is its column-major layout, which LAPACK takes without
+    # the transposing copy XLA's CPU backend otherwise makes.
+    top = shifted_rows(0, half)
+    bottom = jnp.concatenate([jnp.zeros(((batch - half) * rank, half * rank), dtype),
+                              shifted_rows(half, batch)], axis=1)
+    shifted = jnp.concatenate([top, bottom], axis=0)
     factor = jax.lax.linalg.cholesky(shifted.T, symmetrize_input=False)
     return jnp.all(jnp.isfinite(jnp.diagonal(factor)))
 
