@@ -52,9 +52,10 @@ def test_certifies_only_convex_scales(seed):
   assert certified[0] and not certified[-1]
 
 
-def test_exact_for_a_constant_curvature():
+@pytest.mark.parametrize("batch", [7, 1])
+def test_exact_for_a_constant_curvature(batch):
   # D = const (the identity curvature): the majorant is G itself.
-  a, g, d = _problem(3, constant=True)
+  a, g, d = _problem(3, batch=batch, constant=True)
   lam = _coupling_eigenvalue(a, g, d)
   assert _certifies(a, g, d, (1 - 1e-6) / lam)
   assert not _certifies(a, g, d, (1 + 1e-6) / lam)

@@ -212,7 +212,7 @@ def rank_one_convexity_test(inputs: jax.Array, output_grads: jax.Array,
       """Rows [first, last) of ``I - scale P o Q`` from column ``first`` on (samples)."""
       p = scaled_u[first:last] @ a[first:].T
       q = jnp.einsum("bro,cso->brcs", g[first:last] * v, g[first:])
-      block = (q * p[:, None, :, None]).reshape((last - first) * rank, -1)
+      block = (q * p[:, None, :, None]).reshape((last - first) * rank, (batch - first) * rank)
       return jnp.eye(*block.shape, dtype=dtype) - scale.astype(dtype) * block
 
     # The matrix is symmetric and LAPACK reads one triangle: the upper one
