@@ -27,8 +27,10 @@ BatchNorm read its running averages and Dropout the identity).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Iterator
 
 from flax import nnx
 import jax
@@ -38,6 +40,53 @@ import numpy as np
 from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import losses as losses_lib
 from dgnopt_jax._src import traced_games
+
+
+@contextlib.contextmanager
+def _module_scopes(model: nnx.Module) -> Iterator[None]:
+  """Calls of ``model``'s submodules traced under ``jax.named_scope`` of their module path.
+
+  NNX modules set no name scope, so without this an equation's name stack
+  (what :func:`games.from_function` names in its errors) says nothing of the
+  module it comes from. For the duration of the trace, ``__call__`` of each
+  submodule's class is wrapped to enter the scope of the module path of the
+  instance it is called on (relative to the enclosing module being called),
+  and restored on exit.
+  """
+  modules = [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
+  paths = {id(m): path for path, m in modules}
+  classes = {type(m) for _, m in modules}
+  originals = {cls: (cls.__dict__.get("__call__"), getattr(cls, "__call__", None))
+               for cls in classes}
+  active: list[tuple] = []
+
+  def wrap(call: Callable) -> Callable:
+    @functools.wraps(call)
+    def scoped(self, *args, **kwargs):
+      path = paths.get(id(self))
+      if path is None or (active and active[-1] == path):
+        return call(self, *args, **kwargs)
+      outer = active[-1] if active else ()
+      relative = path[len(outer):] if path[:len(outer)] == outer else path
+      active.append(path)
+      try:
+        with jax.named_scope("/".join(map(str, relative)) or type(self).__name__):
+          return call(self, *args, **kwargs)
+      finally:
+        active.pop()
+    return scoped
+
+  for cls, (_, call) in originals.items():
+    if call is not None:
+      cls.__call__ = wrap(call)
+  try:
+    yield
+  finally:
+    for cls, (own, call) in originals.items():
+      if own is not None:
+        cls.__call__ = own
+      elif call is not None:
+        del cls.__call__
 
 
 def _variables_by_path(state: Any) -> list[tuple[str, nnx.Variable]]:
@@ -136,7 +185,9 @@ def from_nnx(model: nnx.Module, example_input: Any,
                      "game would have no players")
 
   def apply_fn(params: Any, x: Any) -> Any:
-    return nnx.merge(graphdef, params, rest)(x)
+    merged = nnx.merge(graphdef, params, rest)
+    with _module_scopes(merged):
+      return merged(x)
 
   game = traced_games.from_function(apply_fn, params, example_input, loss,
                                     weight_decay=weight_decay)
