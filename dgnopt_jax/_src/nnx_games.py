@@ -22,7 +22,9 @@ advances its counter, a module counts its calls). The forward pass is
 therefore traced once with every variable as an input, and a variable whose
 value after the call is not the one it came in with is an error naming its
 module path and type, before any stage is cut (``model.eval()`` makes
-BatchNorm read its running averages and Dropout the identity).
+BatchNorm read its running averages and Dropout the identity). The
+submodules' calls are traced under ``jax.named_scope`` of their module path,
+so that :func:`traced_games.from_function`'s errors name it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ def _module_scopes(model: nnx.Module) -> Iterator[None]:
   module it comes from. For the duration of the trace, ``__call__`` of each
   submodule's class is wrapped to enter the scope of the module path of the
   instance it is called on (relative to the enclosing module being called),
-  and restored on exit.
+  and restored on exit. Patching the classes (an instance's ``__call__`` is
+  looked up on its type) is the one hook NNX leaves; it holds only while
+  ``apply_fn`` is traced, so calls of those classes traced in another thread
+  at the same moment would be scoped too, which changes names, not results.
   """
   modules = [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
   paths = {id(m): path for path, m in modules}
