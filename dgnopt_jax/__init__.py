@@ -28,6 +28,7 @@ from dgnopt_jax._src.optimizer_names import NamedOptimizer
 from dgnopt_jax._src.optimizer_names import OptimizerName
 from dgnopt_jax._src.optimizer_names import optimizer_from_name
 from dgnopt_jax._src.optimizer_names import parse_optimizer_name
+from dgnopt_jax._src.train_state import apply_game_step
 from dgnopt_jax._src.transform import DGNOptState
 from dgnopt_jax._src.transform import fne
 from dgnopt_jax._src.transform import gr
@@ -43,6 +44,7 @@ __all__ = [
     "OptimizerName",
     "PerAlignment",
     "aligned",
+    "apply_game_step",
     "bandits",
     "checkpoint",
     "curvature",

@@ -1,5 +1,5 @@
 """Networks as multi-player dynamic games: stages, players, ready-made layers and
-networks, Flax models, games traced from JAX functions."""
+networks, Flax models (linen and NNX), games traced from JAX functions."""
 
 from dgnopt_jax._src.games import AvgPool
 from dgnopt_jax._src.games import Conv2D
@@ -22,6 +22,7 @@ from dgnopt_jax._src.fictitious import split_params
 from dgnopt_jax._src.flax_games import UnsupportedModuleError
 from dgnopt_jax._src.flax_games import from_flax
 from dgnopt_jax._src.flax_games import update_batch_stats
+from dgnopt_jax._src.nnx_games import from_nnx
 from dgnopt_jax._src.networks import IMAGE_NETWORKS
 from dgnopt_jax._src.networks import NETWORKS
 from dgnopt_jax._src.networks import network_from_name
@@ -30,6 +31,6 @@ from dgnopt_jax._src.traced_games import from_function
 __all__ = ["AvgPool", "Conv2D", "Dense", "Flatten", "Game", "InceptionBlock", "Parallel",
            "Player", "RESIDUAL_ALIGNMENTS", "ResidualBlock", "Stage", "get_activation",
            "get_path", "sequential", "stage", "collapse_params", "fictitious", "split_params",
-           "from_flax", "from_function", "update_batch_stats", "UnsupportedModuleError", "IMAGE_NETWORKS",
+           "from_flax", "from_function", "from_nnx", "update_batch_stats", "UnsupportedModuleError", "IMAGE_NETWORKS",
            "NETWORKS", "network_from_name"]
 

@@ -28,7 +28,7 @@ def test_readme_commands_are_the_main_job_and_the_ci_test_command():
 
 
 def test_readme_quick_start_trains_the_flax_model_and_names_an_optimizer():
-  quick_start, by_name = _snippets("README.md")
+  quick_start, _, by_name = _snippets("README.md")
   scope = {}
   exec(compile(quick_start, "README.md", "exec"), scope)
   model, game, variables, data = (scope["model"], scope["game"], scope["variables"],
@@ -43,6 +43,24 @@ def test_readme_quick_start_trains_the_flax_model_and_names_an_optimizer():
   exec(compile(by_name, "README.md", "exec"), scope)
   assert scope["named"].learning_rate == 0.03 and np.isfinite(float(scope["loss"]))
   assert int(scope["state"].count) + int(scope["state"].rejected) == 1
+
+
+def test_readme_flax_loops_snippet_trains_a_train_state_and_an_nnx_module():
+  from flax import nnx
+  quick_start, loops, _ = _snippets("README.md")
+  scope = {}
+  exec(compile(quick_start.replace("range(200)", "range(1)"), "README.md", "exec"), scope)
+  exec(compile(loops, "README.md", "exec"), scope)
+  state = scope["state"]
+  assert int(state.step) == 1 and jax.tree.structure(state.params) == jax.tree.structure(
+      scope["variables"])
+  net, data = scope["net"], scope["data"]
+  x = jnp.asarray(data.x_test)
+  assert int(scope["optimizer"].step[...]) == 200
+  accuracy = float(np.mean(np.argmax(net(x), -1) == data.y_test))
+  assert accuracy > 0.9, accuracy
+  game = dgnopt.games.from_nnx(net, x[:32])
+  assert [p.name for p in game.players] == ["conv", "head"]
 
 
 def test_doc_links_lead_to_files_and_headings():
@@ -198,6 +216,20 @@ def test_table3_experiment_writes_table(tmp_path):
   assert "| iris (10, 32, 5) |" in table and "[93.00]" in table and "[0.0552]" in table
   record = json.loads((tmp_path / "table3.json").read_text())
   assert len(record["results"]) == 8
+
+
+@pytest.mark.slow
+def test_games_nnx_snippet_trains():
+  from flax import nnx
+  scope, _ = _run_games_snippet("G.from_nnx(", 1, ("range(100)", "range(20)"))
+  net, game, data = scope["net"], scope["nnx_game"], scope["data"]
+  assert [p.name for p in game.players] == ["layers/0", "layers/1", "head"]
+  assert all(p.layer is not None for p in game.players)
+  assert int(scope["optimizer"].step[...]) == 20
+  x, y = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+  untrained = scope["Net"](nnx.Rngs(0))  # the snippet's initial params
+  params = lambda m: nnx.as_pure(nnx.state(m, nnx.Param))
+  assert game.loss_value(params(net), x, y) < 0.7 * game.loss_value(params(untrained), x, y)
 
 
 def test_games_traced_function_snippet():

@@ -90,6 +90,7 @@ import functools
 import threading
 from typing import Any, Callable, Sequence
 
+from flax import nnx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,6 +99,7 @@ from dgnopt_jax._src import flax_blocks
 from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import guards
 from dgnopt_jax._src import losses as losses_lib
+from dgnopt_jax._src import nnx_games
 
 Array = jax.Array
 Params = Any
@@ -669,6 +671,10 @@ def from_flax(model: nn.Module, example_input: Array | jax.ShapeDtypeStruct,
               variables: Params | None = None) -> games_lib.Game:
   """The game a Flax linen model defines, on the params ``model.init`` makes.
 
+  An ``nnx.Module`` is read by :func:`games.from_nnx` (its game's params are
+  the pure ``nnx.State`` of its ``nnx.Param`` variables); ``train``,
+  ``alignment`` and ``variables`` do not apply to it.
+
   Args:
     model: an unbound Flax module: ``nn.Sequential``, a
       :class:`dgnopt_jax.models.Chain` / ``Residual`` / ``Branches``, or a
@@ -698,8 +704,15 @@ def from_flax(model: nn.Module, example_input: Array | jax.ShapeDtypeStruct,
       named by its path and class, with the reason.
     ValueError: an unknown alignment, or params that no stage uses.
   """
+  if isinstance(model, nnx.Module):
+    if not train or alignment != "merge" or variables is not None:
+      raise TypeError("from_flax: an nnx.Module holds its variables and its mode "
+                      "(model.eval()); train=, alignment= and variables= are for linen "
+                      "models (see games.from_nnx)")
+    return nnx_games.from_nnx(model, example_input, loss, weight_decay=weight_decay)
   if not isinstance(model, nn.Module):
-    raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+    raise TypeError(f"model must be a flax.linen.Module or flax.nnx.Module, got "
+                    f"{type(model).__name__}")
   if alignment not in ALIGNMENTS:
     raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
   x = jax.ShapeDtypeStruct(tuple(example_input.shape), example_input.dtype)

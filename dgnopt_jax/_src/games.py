@@ -17,6 +17,7 @@ derivatives are passed through unchanged.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import math
@@ -541,7 +542,14 @@ def with_constants(game: Game, constant_paths: frozenset, params: Params) -> Gam
 
 
 def get_path(tree: Params, path: Path) -> Params:
-  """The subtree of ``tree`` at ``path``; a clear error if it is missing."""
+  """The subtree of ``tree`` at ``path``; a clear error if it is missing.
+
+  A mapping that is not a ``dict`` (a Flax NNX ``nnx.State``, a
+  ``FrozenDict``) comes back as nested ``dict``s holding the same leaves: a
+  player's params are then plain dicts wherever they are read (the layers'
+  ``{"kernel", "bias"}`` structure, the curvature statistics), whatever
+  mapping the params pytree is made of.
+  """
   node = tree
   for i, key in enumerate(path):
     try:
@@ -552,6 +560,13 @@ def get_path(tree: Params, path: Path) -> Params:
       raise ValueError(
           f"params do not match the game: player {'/'.join(map(str, path))!r} needs "
           f"key {key!r} under {where!r}, which has {keys}") from None
+  return _as_dicts(node)
+
+
+def _as_dicts(node: Params) -> Params:
+  """``node`` with every non-``dict`` mapping in it (from its root down) made a ``dict``."""
+  if isinstance(node, collections.abc.Mapping) and not isinstance(node, dict):
+    return {k: _as_dicts(v) for k, v in node.items()}
   return node
 
 

@@ -64,8 +64,8 @@ Not yet done: parallel layers with no data dependence between them are not
 put in one stage (each gets its own, the other's input carried in the
 state); repeated layers sharing one scanned body (each traced stage has a
 function of its own); train-mode BatchNorm (a batch statistic is an error),
-dropout, Flax NNX modules, and params shared by two layers (an error naming
-the leaf).
+dropout, and params shared by two layers (an error naming the leaf). Flax
+NNX modules are traced through ``nnx.merge`` by :mod:`nnx_games`.
 """
 
 from __future__ import annotations

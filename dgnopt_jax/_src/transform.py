@@ -1,7 +1,9 @@
 """The optax surface: ``fne``, ``gr`` and ``olne`` as ``optax.GradientTransformationExtraArgs``.
 
 ``update(updates, state, params, *, batch)`` computes the step from ``params``
-and ``batch`` (the game): ``updates`` must be ``None``. Gradients passed in
+and ``batch`` (the game): ``updates`` must be ``None`` (or hold no arrays: the
+empty ``nnx.State`` that ``flax.nnx.Optimizer.update(model, None, batch=...)``
+passes on). Gradients passed in
 would be ignored, and a transformation placed before the step in a chain
 would act on nothing the step reads, so both are refused with an error that
 says what to do (:mod:`composition`); transformations placed after it act on
@@ -276,10 +278,13 @@ def _make(name: str, game: games_lib.Game, learning_rate: ScalarOrSchedule, curv
 
   def update_fn(updates, state, params=None, *, batch=None, **extra_args):
     del extra_args
-    if updates is not None:
+    # None, or a pytree without arrays: flax.nnx.Optimizer.update(model, None,
+    # batch=...) hands tx.update the empty nnx.State it makes of None.
+    if updates is not None and jax.tree.leaves(updates):
       raise TypeError(
           f"dgnopt_jax.{name} computes its step from params and batch (the game), not from "
-          f"incoming updates: call tx.update(None, state, params, batch=...); got updates "
+          f"incoming updates: call tx.update(None, state, params, batch=...) (with "
+          "flax.nnx.Optimizer: optimizer.update(model, None, batch=...)); got updates "
           f"of type {type(updates).__name__}, which would be ignored. Transformations meant "
           f"for the step go after it in optax.chain (optax.chain(dgnopt.{name}(...), "
           "optax.clip_by_global_norm(1.0))); weight decay is weight_decay= on the "
@@ -430,8 +435,9 @@ def fne(game: games_lib.Game, learning_rate: ScalarOrSchedule,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``update(updates, state,
-    params, *, batch)`` needs ``updates=None`` (the step comes from the game;
-    anything else raises a TypeError that says what to do), ``params`` and
+    params, *, batch)`` needs ``updates=None`` (or a pytree without arrays;
+    the step comes from the game; gradients raise a TypeError that says what
+    to do), ``params`` and
     ``batch=(inputs, targets)``, and returns exactly the change the rollout
     applied. A step whose loss, update or updated params are not finite is
     skipped or raises (``nonfinite``); one the trust region rejects returns
