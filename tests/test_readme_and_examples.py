@@ -143,6 +143,31 @@ def test_example_runs():
   assert "DDP-SGD (fne)" in out.stdout and "SGD" in out.stdout
 
 
+def _model_zoo_table(*args):
+  """The rows ``(model, optimizer)`` -> cells of examples/model_zoo.py's table, run as documented."""
+  out = subprocess.run([sys.executable, "examples/model_zoo.py", "--quick", *args], cwd=ROOT,
+                       capture_output=True, text=True, check=True).stdout
+  rows = [line.strip("|").split("|") for line in out.splitlines()
+          if line.startswith("| ") and not line.startswith("| model")]
+  return {(r[0].strip(), r[1].strip()): [c.strip() for c in r[2:]] for r in rows}
+
+
+def test_model_zoo_example_cnn_quick():
+  table = _model_zoo_table("--models", "cnn")
+  assert list(table) == [("cnn", "adam"), ("cnn", "fne-adam"), ("cnn", "gr-adam")]
+  for (_, name), (lr, loss, accuracy, _, ratio, _) in table.items():
+    assert lr == "0.01" and np.isfinite(float(loss)) and 0 <= float(accuracy) <= 100
+    assert ratio == "1.00×" if name == "adam" else ratio.endswith("×")
+
+
+@pytest.mark.slow
+def test_model_zoo_example_quick():
+  table = _model_zoo_table()
+  assert [k for k in table if k[0] == "transformer"] == [
+      ("transformer", "adam"), ("transformer", "fne-adam"), ("transformer", "gr-adam")]
+  assert all(np.isfinite(float(cells[1])) for cells in table.values())
+
+
 def _fault_script():
   import importlib.util
   spec = importlib.util.spec_from_file_location("reliability_faults",

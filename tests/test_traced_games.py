@@ -1,10 +1,12 @@
 """games.from_function: games traced from JAX functions and custom Flax modules.
 
-The traced game computes the function it was traced from, its open-loop
-solvers are optax's on ``jax.grad`` of the same loss (DGNOpt Theorem 6), its
-FNE/GR steps equal the dense reference, and on networks that today's
-readers (``games.sequential``, ``games.from_flax``) also handle it gives
-their updates.
+How the tracer cuts a program into players, stages and states, which layers
+get Kronecker structure, that on networks today's readers
+(``games.sequential``, ``games.from_flax``) also handle it gives their
+updates, and what it refuses. The models are ``tests/zoo.py``'s; that each
+computes its function, that its open-loop solvers are optax's and its FNE/GR
+steps the dense reference's, and that it compiles once, is in
+``tests/test_model_zoo.py``.
 """
 
 import flax.linen as nn
@@ -17,99 +19,13 @@ import pytest
 import dgnopt_jax as dgnopt
 from dgnopt_jax import models
 import helpers as h
+import zoo
 
 G = dgnopt.games
 
 
-# ----------------------------------------------------------------------------
-# Models written without the library's vocabulary.
-# ----------------------------------------------------------------------------
-
-
-def plain_mlp(params, x):
-  """A function MLP: dict layers, ``jnp.dot`` and a jitted helper."""
-  hidden = jnp.tanh(jnp.dot(x, params["dense0"]["kernel"]) + params["dense0"]["bias"])
-  hidden = _jitted_layer(params["dense1"], hidden)
-  return hidden @ params["out"]["kernel"] + params["out"]["bias"]
-
-
-@jax.jit
-def _jitted_layer(layer, x):
-  return jax.nn.gelu(x @ layer["kernel"] + layer["bias"])
-
-
-def plain_mlp_params(dtype, seed=0, sizes=(4, 5, 5, 3)):
-  rng = np.random.default_rng(seed)
-  names = ["dense0", "dense1", "out"]
-  return {n: {"kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), dtype),
-              "bias": jnp.asarray(0.1 * rng.normal(size=(b,)), dtype)}
-          for n, a, b in zip(names, sizes[:-1], sizes[1:])}
-
-
-class CompactMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.tanh(nn.Dense(5)(x))
-    x = nn.relu(nn.Dense(5)(x))
-    return nn.Dense(3)(x)
-
-
-class CompactCNN(nn.Module):
-  """An inline residual ``x + conv(relu(conv(x)))`` and a max pooling."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Conv(2, (3, 3))(x))
-    x = x + nn.Conv(2, (3, 3))(nn.relu(nn.Conv(2, (3, 3))(x)))
-    x = nn.max_pool(x, (2, 2), (2, 2))
-    x = x.reshape((x.shape[0], -1))
-    return nn.Dense(3)(x)
-
-
-class SetupMLP(nn.Module):
-  def setup(self):
-    self.hidden = nn.Dense(4)
-    self.norm = nn.LayerNorm()
-    self.head = nn.Dense(3)
-
-  def __call__(self, x):
-    return self.head(nn.swish(self.norm(self.hidden(x))))
-
-
-class Attention(nn.Module):
-  """Self-attention over a sequence: 3-D projection kernels, products of two batch values."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(x)
-    return nn.Dense(3)(jnp.mean(x, axis=1))
-
-
-def flax_case(module, shape):
-  def make(dtype, seed=0):
-    x = jnp.zeros((2,) + shape, dtype)
-    variables = module.init(jax.random.PRNGKey(seed), x)
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: jnp.asarray(np.asarray(a) + 0.1 * rng.normal(size=a.shape),
-                                              dtype), variables)
-  return module.apply, make, shape
-
-
-CASES = {
-    "plain_mlp": (plain_mlp, plain_mlp_params, (4,)),
-    "compact_mlp": flax_case(CompactMLP(), (4,)),
-    "compact_cnn": flax_case(CompactCNN(), (4, 4, 1)),
-    "setup_mlp": flax_case(SetupMLP(), (4,)),
-    "attention": flax_case(Attention(), (3, 4)),
-}
-
-
-def case(name, dtype=jnp.float64, batch=5):
-  apply_fn, make_params, shape = CASES[name]
-  params = make_params(dtype)
-  x, y = h.classification_batch(shape, batch)
-  x = x.astype(dtype)
-  return apply_fn, params, x, y
+case = zoo.case
+plain_mlp, plain_mlp_params = zoo.plain_mlp, zoo.plain_mlp_params
 
 
 def cross_entropy(apply_fn):
@@ -224,69 +140,9 @@ def test_root_leaves_and_bias_share_a_stage():
 
 
 # ----------------------------------------------------------------------------
-# The forward pass and the solvers.
+# The same updates as today's readers. (Every model's forward pass, open-loop
+# and FNE/GR steps and compilation: tests/test_model_zoo.py.)
 # ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_apply_equals_the_function(name):
-  apply_fn, params, x, _ = case(name, jnp.float32)
-  game = G.from_function(apply_fn, params, x)
-  np.testing.assert_allclose(game.apply(params, x), apply_fn(params, x), rtol=1e-6, atol=1e-6)
-  # Another batch size, and single samples under vmap, as the solver calls the stages.
-  x_big = jnp.concatenate([x, x[:2]])
-  np.testing.assert_allclose(game.apply(params, x_big), apply_fn(params, x_big), rtol=1e-6,
-                             atol=1e-6)
-  single = jax.vmap(lambda xi: game.apply(params, xi[None])[0])(x)
-  np.testing.assert_allclose(single, apply_fn(params, x), rtol=1e-6, atol=1e-6)
-
-
-OPEN_LOOP = [("identity", lambda: optax.sgd(0.1), 0.1),
-             ("rmsprop", lambda: optax.rmsprop(1e-2), 1e-2),
-             ("adam", lambda: optax.adam(3e-3, b1=0.8, eps_root=1e-9), 3e-3)]
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_open_loop_equals_optax(name):
-  """OLNE with a diagonal curvature is SGD/RMSProp/Adam on the gradient (DGNOpt Thm. 6)."""
-  apply_fn, params, _, _ = case(name)
-  shape = CASES[name][2]
-  data = [h.classification_batch(shape, 4, seed=20 + i) for i in range(10)]
-  game = G.from_function(apply_fn, params, data[0][0])
-  loss = cross_entropy(apply_fn)
-  for curvature, make_optax, lr in OPEN_LOOP:
-    kwargs = {"b1": 0.8, "eps_root": 1e-9} if curvature == "adam" else {}
-    tx = dgnopt.olne(game, lr, getattr(dgnopt.curvature, curvature)(**kwargs))
-    opt = make_optax()
-    ours, theirs = params, params
-    state, opt_state = tx.init(params), opt.init(params)
-    for batch in data:
-      updates, state = h.step(tx, ours, batch, state)
-      expected, opt_state = opt.update(jax.grad(loss)(theirs, *batch), opt_state, theirs)
-      h.assert_trees_close(updates, expected, 1e-10)
-      ours = optax.apply_updates(ours, updates)
-      theirs = optax.apply_updates(theirs, expected)
-
-
-# One FNE and one GR step per model in the default run; the others with -m slow.
-@pytest.mark.parametrize("name,principle,curvature", [
-    ("plain_mlp", "fne", "kfac"), ("plain_mlp", "gr", "kfac"),
-    ("compact_mlp", "fne", "adam"), ("compact_mlp", "gr", "rmsprop"),
-    ("compact_cnn", "fne", "identity"), ("compact_cnn", "gr", "kfac"),
-    ("setup_mlp", "fne", "kfac"), ("setup_mlp", "gr", "identity"),
-    ("attention", "fne", "adam"), ("attention", "gr", "identity"),
-    pytest.param("plain_mlp", "fne", "identity", marks=pytest.mark.slow),
-    pytest.param("compact_cnn", "fne", "ekfac", marks=pytest.mark.slow),
-    pytest.param("compact_mlp", "gr", "kfac", marks=pytest.mark.slow)])
-def test_steps_equal_dense_reference(name, principle, curvature):
-  apply_fn, params, x, y = case(name, batch=3)
-  game = G.from_function(apply_fn, params, x, weight_decay=0.01)
-  lr = 0.05
-  make = dgnopt.gr if principle == "gr" else dgnopt.fne
-  tx = make(game, lr, curvature, damping=0.5, vxx_reg=1e-2)
-  h.assert_steps_match_reference(tx, game, params, (x, y), 1, learning_rate=lr,
-                                 curvature=curvature, damping=0.5, vxx_reg=1e-2,
-                                 principle=principle)
 
 
 def equivalent_games():
@@ -328,35 +184,6 @@ def test_updates_equal_todays_game(name, curvature):
     runs.append(updates)
   for a, b in zip(*runs):
     h.assert_trees_close(a, b, 1e-10)
-
-
-def test_train_step_compiles_once():
-  traces = []
-
-  def counted(params, x):
-    traces.append(x.shape)
-    return plain_mlp(params, x)
-
-  params = plain_mlp_params(jnp.float64)
-  x, y = h.classification_batch((4,), 6)
-  game = G.from_function(counted, params, x)
-  tx = dgnopt.fne(game, 0.1, "kfac")
-  compiles = []
-
-  def update(p, s, b):
-    compiles.append(1)
-    return tx.update(None, s, p, batch=b)
-
-  step = jax.jit(update)
-  state = tx.init(params)
-  for i in range(4):
-    updates, state = step(params, state, (x + 0.01 * i, y))
-    params = optax.apply_updates(params, updates)
-    if i == 0:
-      traced_shapes = len(traces)
-  assert len(compiles) == 1
-  assert len(traces) == traced_shapes  # no tracing of apply_fn after the first step
-  assert traced_shapes <= 3  # the example batch, a second batch size, single samples
 
 
 # ----------------------------------------------------------------------------

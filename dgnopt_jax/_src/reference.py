@@ -34,6 +34,7 @@ from jax.flatten_util import ravel_pytree
 
 from dgnopt_jax._src import curvature as curvature_lib
 from dgnopt_jax._src import games as games_lib
+from dgnopt_jax._src import guards
 from dgnopt_jax._src import kronecker
 from dgnopt_jax._src import layer_taps
 
@@ -195,7 +196,10 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
   Args:
     game: the game.
     params: params pytree.
-    inputs, targets: the batch.
+    inputs, targets: the batch. Integer and boolean input leaves (token ids)
+      are read as floats of the players' dtype, as the solvers read them:
+      every state, the input included, is differentiated with respect to
+      (a traced game's first stage reads them back as ids).
     learning_rate: eta.
     curvature: a curvature name or object (identity, rmsprop, adam, dense).
     curvature_state: ``{player name: state}``; fresh states when None.
@@ -217,6 +221,7 @@ def dense_step(game: games_lib.Game, params: Any, inputs: Any, targets: jax.Arra
   curvature = curvature_lib.get_curvature(curvature)
   if damping is None:
     damping = curvature.default_damping
+  inputs = guards.float_inputs(inputs, guards.common_player_dtype(game, params))
   joint_name = lambda players: "+".join(p.name for p in players)
 
   def is_joint(stage, thetas):
