@@ -55,3 +55,44 @@ def _release_compiled_programs():
   yield
   if _mapping_count() > _MAX_MAPPINGS:
     jax.clear_caches()
+
+
+# The slowest checks of the default run on a 2-core CPU (10-100 s each), run
+# with ``-m slow``. Each one has a faster sibling that stays in the default
+# run: another parametrisation of the same test, or a smaller test of the
+# same path (the 8-device run: tests/multidevice through ``-m slow``).
+_SLOW_CHECKS = frozenset({
+    "tests/test_multidevice.py::test_eight_cpu_devices",
+    "tests/test_blocks.py::test_blocks_equal_dense_reference[merge-fne-identity-0.3]",
+    "tests/test_blocks.py::test_alignments_share_params_but_not_updates",
+    "tests/test_kronecker.py::test_fast_path_equals_dense_reference[mlp-gr-ekfac-3]",
+    "tests/test_kronecker.py::test_fast_path_equals_dense_reference[parallel-gr-kfac-3]",
+    "tests/test_kronecker.py::test_fast_path_equals_dense_reference[mlp-fne-kfac-1]",
+    "tests/test_kronecker.py::test_shared_statistics_fast_path_equals_dense_reference[kfac]",
+    "tests/test_readme_and_examples.py::test_games_alignment_snippet",
+    "tests/test_readme_and_examples.py::test_games_traced_function_snippet",
+    "tests/test_readme_and_examples.py::test_games_fictitious_players_snippet",
+    "tests/test_readme_and_examples.py::test_lr_ablation_experiment_writes_table",
+    "tests/test_large_steps.py::test_projected_factor_matches_the_dense_reference",
+    "tests/test_large_steps.py::test_fne_does_not_diverge_where_sgd_does_not[8]",
+    "tests/test_large_steps.py::test_no_loss_spikes_at_large_kfac_steps",
+    "tests/test_main_job.py::test_sigterm_then_the_same_command_gives_the_uninterrupted_record",
+    "tests/test_coupling_forms.py::test_feedback_from_gradients_matches_reference[fne-identity-0.5]",
+    "tests/test_coupling_forms.py::test_the_gradient_route_is_taken_where_it_pays",
+    "tests/test_coupling_forms.py::test_matvec_from_gradients_equals_the_stage_products[gr-ekfac-1.0]",
+    "tests/test_coupling_forms.py::test_dense_kronecker_players_without_tikhonov_match_reference[fne-kfac]",
+    "tests/test_group_rational.py::test_gr_equals_dense_reference[identity-0.3-True]",
+    "tests/test_group_rational.py::test_single_player_stages_gr_is_fne_step_for_step[identity-0.3]",
+    "tests/test_group_rational.py::test_single_player_stages_gr_is_fne_step_for_step[rmsprop-0.001]",
+    "tests/test_alignment.py::test_per_alignment_states_when_the_stages_differ",
+    "tests/test_from_flax.py::test_updates_equal_hand_written_game[residual-gr-identity]",
+    "tests/test_benchmark_scripts.py::test_resnet18_throughput_writes_its_record",
+})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Marks the checks in ``_SLOW_CHECKS`` slow, before ``-m`` selects."""
+  for item in items:
+    if item.nodeid in _SLOW_CHECKS:
+      item.add_marker(pytest.mark.slow)

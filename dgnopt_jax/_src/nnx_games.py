@@ -170,6 +170,8 @@ def from_nnx(model: nnx.Module, example_input: Any,
 
   Raises:
     TypeError: ``model`` is not an ``nnx.Module``.
+    ImportError: the installed Flax predates ``nnx.as_pure`` (Flax 0.12),
+      the pure params ``nnx.Optimizer`` hands to ``tx.update``.
     ValueError: the forward pass changes or adds variables (named by module
       path and type), no variable matches ``wrt``, or anything
       :func:`games.from_function` refuses.
@@ -177,6 +179,9 @@ def from_nnx(model: nnx.Module, example_input: Any,
   if not isinstance(model, nnx.Module):
     raise TypeError(f"games.from_nnx: model must be a flax.nnx.Module, got "
                     f"{type(model).__name__}")
+  if not hasattr(nnx, "as_pure"):
+    raise ImportError("games.from_nnx needs flax>=0.12 (nnx.as_pure, the pure params "
+                      "nnx.Optimizer passes to tx.update)")
   name = type(model).__name__
   graphdef, state = nnx.split(model)
   x_leaves, x_tree = jax.tree.flatten(example_input)
