@@ -202,3 +202,22 @@ def assert_safeguard_converges_to_reference(game, params, batch, principle, roug
                  batch)[0]
     assert max_relative_error(rough, ref) > 1e-10  # the safeguard is active
     assert_trees_close(exact, ref, 1e-8)
+
+
+def assert_open_loop_equals_optax(game: Any, params: Any, loss: Any, data: list) -> None:
+  """OLNE with the identity, RMSprop and Adam curvatures against optax.sgd, rmsprop, adam
+  on ``jax.grad(loss)`` (DGNOpt Theorem 6), step for step over ``data`` (1e-10)."""
+  import optax
+  cases = [("identity", {}, optax.sgd(0.1), 0.1),
+           ("rmsprop", {}, optax.rmsprop(1e-2), 1e-2),
+           ("adam", {"b1": 0.8, "eps_root": 1e-9}, optax.adam(3e-3, b1=0.8, eps_root=1e-9), 3e-3)]
+  for curvature, options, opt, lr in cases:
+    tx = dgnopt.olne(game, lr, getattr(dgnopt.curvature, curvature)(**options))
+    ours, theirs = params, params
+    state, opt_state = tx.init(params), opt.init(params)
+    for batch in data:
+      updates, state = step(tx, ours, batch, state)
+      expected, opt_state = opt.update(jax.grad(loss)(theirs, *batch), opt_state, theirs)
+      assert_trees_close(updates, expected, 1e-10)
+      ours = optax.apply_updates(ours, updates)
+      theirs = optax.apply_updates(theirs, expected)

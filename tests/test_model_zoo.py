@@ -50,11 +50,6 @@ def test_apply_equals_the_function(name):
   np.testing.assert_allclose(single, apply_fn(params, x), rtol=1e-6, atol=1e-6)
 
 
-OPEN_LOOP = [("identity", lambda: optax.sgd(0.1), 0.1),
-             ("rmsprop", lambda: optax.rmsprop(1e-2), 1e-2),
-             ("adam", lambda: optax.adam(3e-3, b1=0.8, eps_root=1e-9), 3e-3)]
-
-
 @pytest.mark.parametrize("name", zoo_names())
 def test_open_loop_equals_optax(name):
   """OLNE with a diagonal curvature is SGD/RMSProp/Adam on the gradient (DGNOpt Thm. 6)."""
@@ -62,18 +57,7 @@ def test_open_loop_equals_optax(name):
   data = zoo.batches(name, 10)
   game = G.from_function(apply_fn, params, data[0][0])
   loss = cross_entropy(apply_fn)
-  for curvature, make_optax, lr in OPEN_LOOP:
-    kwargs = {"b1": 0.8, "eps_root": 1e-9} if curvature == "adam" else {}
-    tx = dgnopt.olne(game, lr, getattr(dgnopt.curvature, curvature)(**kwargs))
-    opt = make_optax()
-    ours, theirs = params, params
-    state, opt_state = tx.init(params), opt.init(params)
-    for batch in data:
-      updates, state = h.step(tx, ours, batch, state)
-      expected, opt_state = opt.update(jax.grad(loss)(theirs, *batch), opt_state, theirs)
-      h.assert_trees_close(updates, expected, 1e-10)
-      ours = optax.apply_updates(ours, updates)
-      theirs = optax.apply_updates(theirs, expected)
+  h.assert_open_loop_equals_optax(game, params, loss, data)
 
 
 # One FNE and one GR step per model in the default run (the transformer's with -m slow);
