@@ -204,9 +204,15 @@ def assert_safeguard_converges_to_reference(game, params, batch, principle, roug
     assert_trees_close(exact, ref, 1e-8)
 
 
-def assert_open_loop_equals_optax(game: Any, params: Any, loss: Any, data: list) -> None:
+def assert_open_loop_equals_optax(game: Any, params: Any, loss: Any, data: list,
+                                  one_trajectory: bool = False) -> None:
   """OLNE with the identity, RMSprop and Adam curvatures against optax.sgd, rmsprop, adam
-  on ``jax.grad(loss)`` (DGNOpt Theorem 6), step for step over ``data`` (1e-10)."""
+  on ``jax.grad(loss)`` (DGNOpt Theorem 6), step for step over ``data`` (1e-10).
+
+  ``one_trajectory``: optax's step is taken at OLNE's params (each optimizer
+  keeps its own state), for networks whose training amplifies a roundoff-sized
+  difference between two trajectories beyond 1e-10 within the steps.
+  """
   import optax
   cases = [("identity", {}, optax.sgd(0.1), 0.1),
            ("rmsprop", {}, optax.rmsprop(1e-2), 1e-2),
@@ -220,4 +226,4 @@ def assert_open_loop_equals_optax(game: Any, params: Any, loss: Any, data: list)
       expected, opt_state = opt.update(jax.grad(loss)(theirs, *batch), opt_state, theirs)
       assert_trees_close(updates, expected, 1e-10)
       ours = optax.apply_updates(ours, updates)
-      theirs = optax.apply_updates(theirs, expected)
+      theirs = ours if one_trajectory else optax.apply_updates(theirs, expected)

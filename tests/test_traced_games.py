@@ -191,20 +191,6 @@ def test_updates_equal_todays_game(name, curvature):
 # ----------------------------------------------------------------------------
 
 
-def test_batch_mean_is_an_error():
-  class Centred(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      x = nn.Dense(4)(x)
-      x = x - jnp.mean(x, axis=0, keepdims=True)
-      return nn.Dense(3)(x)
-
-  model = Centred()
-  x = jnp.ones((3, 4))
-  with pytest.raises(ValueError, match=r"reduce_sum at Centred .*batch axis"):
-    G.from_function(model.apply, model.init(jax.random.PRNGKey(0), x), x)
-
-
 @pytest.mark.parametrize("mixing,primitive", [
     (lambda x: x @ x.T @ x, "dot_general"),
     (lambda x: jnp.cumsum(x, axis=0), "cumsum"),

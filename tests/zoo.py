@@ -1,7 +1,8 @@
 """The model zoo: networks written the way JAX and Flax users write them.
 
-None of them uses this library's vocabulary; ``games.from_function`` traces
-each. ``tests/test_model_zoo.py`` checks every one against independent
+None of them but ``models.resnet18`` uses this library's vocabulary;
+``games.from_function`` traces each, the networks with train-mode BatchNorm
+(:data:`BATCH_STATISTICS`) through their train-mode forward pass. ``tests/test_model_zoo.py`` checks every one against independent
 computations, ``tests/test_traced_games.py`` how the tracer cuts them.
 
 Each entry of :data:`CASES` is a :class:`Case`: the function, a params maker
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgnopt_jax import models
 import helpers as h
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -126,6 +128,35 @@ class Attention(nn.Module):
     return nn.Dense(3)(jnp.mean(x, axis=1))
 
 
+class BatchNormMLP(nn.Module):
+  """A dense layer, train-mode BatchNorm (batch statistics), tanh and a dense head."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.8)(nn.Dense(4)(x))
+    return nn.Dense(3)(nn.tanh(x))
+
+
+class BatchNormCNN(nn.Module):
+  """Train-mode BatchNorm after each convolution (batch statistics), an inline residual."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.8)
+    x = nn.relu(norm()(nn.Conv(2, (3, 3), use_bias=False)(x)))
+    x = x + norm()(nn.Conv(2, (3, 3))(x))
+    x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+    return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+def train_mode(module):
+  """``module``'s train-mode forward pass: the outputs of ``apply(..., mutable=["batch_stats"])``."""
+  return lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"])[0]
+
+
+RESNET18 = models.resnet18(num_classes=3, width=2)
+
+
 # The example's transformer at its smallest: token ids through nn.Embed,
 # learned positions (a bare param), two pre-LayerNorm blocks of attention and
 # an MLP, mean pooling and a dense head.
@@ -154,15 +185,16 @@ def tokens(batch, seed):
   return jnp.asarray(rng.integers(0, VOCAB, size=(batch, LENGTH)), jnp.int32)
 
 
-def flax_case(module, make_input):
-  """``module.apply`` with its variables from ``init``, each perturbed by 0.1-sized noise."""
+def flax_case(module, make_input, apply_fn=None):
+  """``module.apply`` (or ``apply_fn``) with the variables from ``init``, each perturbed by
+  0.1-sized noise."""
 
   def make(dtype, seed=0):
     variables = module.init(jax.random.PRNGKey(seed), make_input(2, 0))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda a: jnp.asarray(np.asarray(a) + 0.1 * rng.normal(size=a.shape),
                                               dtype), variables)
-  return Case(module.apply, make, make_input)
+  return Case(apply_fn or module.apply, make, make_input)
 
 
 CASES = {
@@ -173,7 +205,12 @@ CASES = {
     "setup_projection": flax_case(ProjectionBlock(), features((4, 4, 2))),
     "attention": flax_case(Attention(), features((3, 4))),
     "transformer": flax_case(TRANSFORMER, tokens),
+    "batch_norm_mlp": flax_case(BatchNormMLP(), features((3,)), train_mode(BatchNormMLP())),
+    "batch_norm_cnn": flax_case(BatchNormCNN(), features((4, 4, 1)), train_mode(BatchNormCNN())),
+    "resnet18": flax_case(RESNET18, features((4, 4, 3)), train_mode(RESNET18)),
 }
+# Models whose samples are coupled by batch statistics (train-mode BatchNorm).
+BATCH_STATISTICS = {"batch_norm_mlp", "batch_norm_cnn", "resnet18"}
 
 
 def case(name, dtype=jnp.float64, batch=5, seed=1):

@@ -84,10 +84,8 @@ never changes them). The running averages are not params of any player;
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import threading
 from typing import Any, Callable, Sequence
 
 from flax import nnx
@@ -100,6 +98,7 @@ from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import guards
 from dgnopt_jax._src import losses as losses_lib
 from dgnopt_jax._src import nnx_games
+from dgnopt_jax._src import running_averages
 
 Array = jax.Array
 Params = Any
@@ -213,26 +212,6 @@ class _FlaxApply:
     return self.module.apply({"params": thetas[0]}, x)
 
 
-class _Recorder(threading.local):
-  stack: list
-
-
-_RECORDING = _Recorder()
-
-
-@contextlib.contextmanager
-def _recording_batch_stats():
-  stack = getattr(_RECORDING, "stack", None)
-  if stack is None:
-    stack = _RECORDING.stack = []
-  records: list = []
-  stack.append(records)
-  try:
-    yield records
-  finally:
-    stack.pop()
-
-
 def _batch_moments(x: Array, fast_variance: bool) -> tuple[Array, Array]:
   """Flax's batch statistics over every axis but the last (``_compute_stats``)."""
   axes = tuple(range(x.ndim - 1))
@@ -264,9 +243,7 @@ class _BatchStats:
   def __call__(self, x: Array, thetas: tuple) -> tuple[Array, Array, Array]:
     del thetas
     mean, var = _batch_moments(x, self.fast_variance)
-    stack = getattr(_RECORDING, "stack", None)
-    if stack:
-      stack[-1].append((self, mean, var))
+    running_averages.record((self, mean, var))
     batch = x.shape[0]
     held = (lambda s: s) if self.exact else jax.lax.stop_gradient
     copies = lambda s: jnp.broadcast_to(held(s), (batch,) + s.shape)
@@ -767,26 +744,34 @@ def update_batch_stats(game: games_lib.Game, params: Params, inputs: Array) -> P
   the ``"batch_stats"`` collection that
   ``model.apply(params, inputs, mutable=["batch_stats"])`` returns. Leaves
   outside ``"batch_stats"`` are kept; a game without train-mode BatchNorm
-  returns ``params`` unchanged. Use it beside the optimizer's update, which
+  returns ``params`` unchanged. For a :func:`games.from_function` game whose
+  ``apply_fn`` returns Flax's mutated collections (``model.apply(v, x,
+  train=True, mutable=["batch_stats"])``), the collections it returns on
+  ``(params, inputs)`` replace those of ``params``: Flax's own update, for
+  any module. Use it beside the optimizer's update, which
   leaves the running averages alone (no player owns them)::
 
     updates, opt_state = tx.update(None, opt_state, params, batch=(x, y))
     params = optax.apply_updates(update_batch_stats(game, params, x), updates)
 
   Args:
-    game: a game from :func:`from_flax`.
+    game: a game from :func:`from_flax` or :func:`games.from_function`.
     params: its params (the model's variables).
     inputs: the batch the step trains on.
 
   Returns:
     A pytree like ``params``.
   """
-  with _recording_batch_stats() as records:
+  with running_averages.recording() as records:
     game.apply(params, inputs)
   if not records:
     return params
   new = jax.tree.map(lambda a: a, params)  # fresh containers
-  for stats, mean, var in records:
+  for item in records:
+    if callable(item):  # a traced game's update of Flax's collections
+      new = item(new, inputs)
+      continue
+    stats, mean, var = item
     node = new["batch_stats"]
     for key in stats.path:
       node = node[key]

@@ -49,7 +49,56 @@ are block-diagonal over the batch): the program is traced at two batch sizes,
 the axes whose size follows the batch are the batch axes of each value, and
 an operation that combines values across a batch axis (a reduction, a
 cumulative op, a contraction, a window or slice along it, a value that loses
-its batch axis) is an error naming the primitive and where it is.
+its batch axis) is an error naming the primitive and where it is, with one
+exception:
+
+* **Batch statistics.** A ``reduce_sum`` over every batch axis of its operand
+  at the top level of the program (a mean, a mean of squares: a train-mode
+  ``nn.BatchNorm``, ``x - x.mean(0)``) makes a *statistic*, a value without
+  a batch axis, and so does every operation on statistics, params and
+  constants alone (``var = max(0, m2 - m^2)``, ``rsqrt(var + eps)``). They
+  follow the BatchNorm rule of :mod:`flax_games`: a parameter-free
+  *statistics stage* ``F_stats(x) = (x, sg(mean), sg(var))`` begins with the
+  parameter-free operations before the sum whose values only the statistics
+  use (Flax's ``x**2``) and ends before the first operation that makes a
+  batched value from a statistic (``x - mean``) or reads one computed before
+  it, or at the next layer; it hands on the values live across its end, each
+  statistic as one copy per sample (``(B,) + shape``) under
+  ``jax.lax.stop_gradient``, and its ``Stage.gradient_fn`` is the same map
+  without the stop-gradient. So the first-order terms (``Q_x``,
+  ``Q_theta``) are exact, ``Q_theta`` is ``jax.grad`` of the train-mode loss
+  (``olne`` is optax on it), and the second-order terms hold the statistics
+  fixed. The operations after a statistics stage join the next layer's stage
+  when statistics are live where that layer begins (Flax's BatchNorm: its
+  ``scale`` multiplies ``rsqrt(var + eps)``), else they form a stage of their
+  own, so Flax's ``Conv, BatchNorm, relu`` is cut as :func:`games.from_flax`
+  cuts it (conv | statistics | normalisation and relu), with the same state
+  up to the statistics' layout (``(B, 1, C)`` copies of Flax's broadcast
+  ``(1, C)`` statistics, the same values) and the same updates.
+  A stage whose state holds statistics is evaluated *sample by sample*:
+  ``jax.vmap`` over the samples of its equations traced on a batch of one,
+  each sample reading its own copy where the batch program reads the
+  shared statistic. Rewriting the broadcasts instead would need a rule per
+  primitive that consumes a statistic (``sub``, ``mul``, ``broadcast_in_dim``,
+  a ``dot_general`` with a statistic operand...); the batch-of-one program
+  has them all, its Jacobians act on each sample alone by construction, and
+  ``vmap`` batches its convolutions and products back into one. Its players
+  are generic (the Kronecker taps record statistics outside that ``vmap``).
+  A sum over the batch inside a layer (between two uses of one player's
+  params) or inside control flow or a custom derivative has no place to cut
+  and is an error.
+* **Flax variables.** When ``params`` is a dict with a ``"params"``
+  collection, only its leaves are players; leaves of other collections (a
+  BatchNorm's running averages) must not act on the batch (an error names
+  the leaf). ``apply_fn`` may return Flax's ``(outputs, mutated
+  collections)`` (``model.apply(v, x, train=True, mutable=["batch_stats"])``,
+  recognised by a second item laid out as those collections of ``params``):
+  the game's output is the first item, and :func:`games.update_batch_stats`
+  replaces the collections by the second, Flax's own running averages.
+* **Random draws.** Dropout in train mode is not supported yet: without an
+  rng Flax's error is reported with the module's path, and random numbers of
+  a batch-sized shape drawn from a key ``apply_fn`` holds are an error (the
+  stages are evaluated at other batch sizes, where that key draws others).
 
 A stage function is evaluated by binding its equations in order
 (``primitive.bind``, as ``jax.core.eval_jaxpr``). The solver calls stage
@@ -63,16 +112,18 @@ states, and integer inputs (token ids) are converted back.
 Not yet done: parallel layers with no data dependence between them are not
 put in one stage (each gets its own, the other's input carried in the
 state); repeated layers sharing one scanned body (each traced stage has a
-function of its own); train-mode BatchNorm (a batch statistic is an error),
-dropout, and params shared by two layers (an error naming the leaf). Flax
-NNX modules are traced through ``nnx.merge`` by :mod:`nnx_games`.
+function of its own); dropout in train mode (an rng carried in the batch),
+and params shared by two layers (an error naming the leaf). Flax NNX modules
+are traced through ``nnx.merge`` by :mod:`nnx_games`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
+from flax import errors as flax_errors
+import flax.linen as nn
 import jax
 from jax.extend import core as jex_core
 import jax.numpy as jnp
@@ -82,6 +133,7 @@ import numpy as np
 from dgnopt_jax._src import games as games_lib
 from dgnopt_jax._src import layer_taps
 from dgnopt_jax._src import losses as losses_lib
+from dgnopt_jax._src import running_averages
 
 Array = jax.Array
 Params = Any
@@ -102,6 +154,9 @@ _WINDOWED = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_
                        "reduce_window"})
 _CONTROL_FLOW = frozenset({"while", "scan", "cond"})
 _NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+# How a stage is evaluated: on the batch; on the batch, its statistics handed
+# on as one copy per sample; sample by sample (its state holds statistics).
+_BATCH, _STATISTICS, _PER_SAMPLE = "batch", "statistics", "per sample"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -158,7 +213,12 @@ class _Program:
 
   def __init__(self, apply_fn: Callable, params_avals: Any, x_avals: Any):
     closed, out_shapes = jax.make_jaxpr(apply_fn, return_shape=True)(params_avals, x_avals)
-    self.out_tree = jax.tree.structure(out_shapes)
+    # ``model.apply(..., mutable=[...])`` returns ``(outputs, collections)``:
+    # the game's output is the first, the second updates the variables
+    # (update_batch_stats), no stage computes it.
+    self.mutable = _returns_collections(out_shapes, params_avals)
+    model_out = out_shapes[0] if self.mutable else out_shapes
+    self.out_tree = jax.tree.structure(model_out)
     self.avals: dict[int, Any] = {}
     self.consts: dict[int, Any] = {}
     self.eqns: list[_Eqn] = []
@@ -170,7 +230,7 @@ class _Program:
     const_ids = [self._new(v.aval) for v in jaxpr.constvars]
     self.consts.update(zip(const_ids, closed.consts))
     outs = self._inline(jaxpr, const_ids + invars, "")
-    self.out_ids = outs
+    self.out_ids = outs[:self.out_tree.num_leaves]
     self._dead_code_elimination()
     self._analyse()
 
@@ -265,6 +325,22 @@ class _Program:
             (v in outputs or any(u >= cut for u in uses.get(v, ())))]
 
 
+def _returns_collections(out: Any, params: Any) -> bool:
+  """Whether ``out`` is Flax's ``(outputs, mutated collections)`` for the variables ``params``.
+
+  The second item of a pair must map names of collections of ``params``
+  other than ``"params"`` to trees of their leaves' paths and shapes (the
+  dtypes may differ: float32 running averages updated from float64 inputs).
+  """
+  if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping) and out[1]
+          and isinstance(params, Mapping)):
+    return False
+  layout = lambda tree: [(tuple(games_lib._key_name(k) for k in kp), tuple(np.shape(a)))  # pylint: disable=protected-access
+                         for kp, a in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return all(name != "params" and name in params and layout(tree) == layout(params[name])
+             for name, tree in out[1].items())
+
+
 def _batch_axes(a: Any, b: Any) -> frozenset:
   """The axes of a value whose size follows the batch: those that differ between two traces."""
   return frozenset(i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q)
@@ -347,11 +423,28 @@ def _check_samples(name: str, params: dict, ins: tuple, outs: tuple, where: str)
     raise ValueError(
         f"from_function: {name} at {where} {reason}, so the samples of a batch do not "
         "propagate independently through the network (a game's stage must act on each "
-        "sample alone; batch statistics such as a train-mode BatchNorm are not supported)")
+        "sample alone; the one coupling supported is a batch statistic: a reduce_sum over "
+        "every batch axis, outside control flow and custom derivatives, as a mean or a "
+        "mean of squares)")
 
 
-def _check_program_samples(prog_a: _Program, prog_b: _Program) -> None:
-  """Checks every batch-dependent equation of the example trace against the second trace."""
+def _is_statistic(name: str, params: dict, ins: tuple, outs: tuple) -> bool:
+  """Whether an equation (avals at two batch sizes) sums its operand over every batch axis."""
+  if name != "reduce_sum" or not hasattr(ins[0][0], "shape"):
+    return False
+  axes = _batch_axes(ins[0][0], ins[1][0])
+  return bool(axes) and axes <= set(params["axes"]) and not _batch_axes(outs[0][0], outs[1][0])
+
+
+def _check_program_samples(prog_a: _Program, prog_b: _Program) -> set[int]:
+  """Checks every batch-dependent equation of the example trace against the second trace.
+
+  Returns:
+    The x-equation indices of the batch statistics' reductions (sums over
+    every batch axis, at the top level of the program), which the stages
+    treat by the BatchNorm rule (module docstring); any other combination of
+    samples is an error.
+  """
 
   def check_jaxprs(ja: Any, jb: Any, where: str) -> None:
     if len(ja.eqns) != len(jb.eqns):
@@ -371,11 +464,52 @@ def _check_program_samples(prog_a: _Program, prog_b: _Program) -> None:
       for ja, jb in zip(subs_a, subs_b):
         check_jaxprs(ja, jb, where)
 
-  for pa, pb in zip(prog_a.x_eqns, prog_b.x_eqns):
+  reductions = set()
+  for j, (pa, pb) in enumerate(zip(prog_a.x_eqns, prog_b.x_eqns)):
     ea, eb = prog_a.eqns[pa], prog_b.eqns[pb]
     ins = (_avals(ea.inputs, prog_a.avals), _avals(eb.inputs, prog_b.avals))
     outs = (_avals(ea.outputs, prog_a.avals), _avals(eb.outputs, prog_b.avals))
-    check_eqn(ea.primitive.name, ea.params, eb.params, ins, outs, ea.where)
+    if _is_statistic(ea.primitive.name, ea.params, ins, outs):
+      reductions.add(j)
+    else:
+      check_eqn(ea.primitive.name, ea.params, eb.params, ins, outs, ea.where)
+  return reductions
+
+
+_RANDOM = frozenset({"random_bits", "rng_bit_generator", "rng_uniform", "threefry2x32"})
+
+
+def _check_random_draws(prog_a: _Program, prog_b: _Program) -> None:
+  """Raises a ``ValueError`` if random numbers of a batch-sized shape come from a fixed key.
+
+  Dropout with ``rngs={"dropout": key}`` closed over by ``apply_fn``: the
+  solver evaluates the stages at other batch sizes and on single samples,
+  where the same key draws other numbers, so the stages would not compute
+  the network the example batch does.
+  """
+  if len(prog_a.eqns) != len(prog_b.eqns):
+    return
+  for ea, eb in zip(prog_a.eqns, prog_b.eqns):
+    if ea.primitive.name in _RANDOM and ea.primitive.name == eb.primitive.name and any(
+        prog_a.avals[a].shape != prog_b.avals[b].shape for a, b in zip(ea.outputs, eb.outputs)):
+      raise ValueError(
+          f"from_function: {ea.primitive.name} at {ea.where} draws random numbers whose shape "
+          "follows the batch from a key apply_fn holds (dropout with rngs={'dropout': key}?); "
+          "the stages are evaluated on other batch sizes and single samples, where that key "
+          "draws other numbers, so dropout in train mode is not supported by traced games "
+          "yet: apply the model with deterministic=True")
+
+
+def _failing_module(error: BaseException) -> str:
+  """The path of the innermost Flax module whose method raised ``error`` ("?" if none)."""
+  path, tb = "?", error.__traceback__
+  while tb is not None:
+    module = tb.tb_frame.f_locals.get("self")
+    scope = getattr(module, "scope", None) if isinstance(module, nn.Module) else None
+    if scope is not None:
+      path = "/".join(scope.path) or type(module).__name__
+    tb = tb.tb_next
+  return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,7 +549,14 @@ class _TracedGame:
     example = self.program(self.batch)
     self.other_batch = self.batch + 1 if self.batch > 1 else 2
     other = self.program(self.other_batch)
-    _check_program_samples(example, other)
+    self.reductions = _check_program_samples(example, other)
+    _check_random_draws(example, other)
+    # Batch-dependent values without a batch axis: (x-equation, output) keys.
+    self.statistics = {
+        (j, o) for j, (pa, pb) in enumerate(zip(example.x_eqns, other.x_eqns))
+        for o, (va, vb) in enumerate(zip(example.eqns[pa].outputs, other.eqns[pb].outputs))
+        if hasattr(example.avals[va], "shape") and
+        not _batch_axes(example.avals[va], other.avals[vb])}
     self._cut(example, other)
 
   # -- traces ---------------------------------------------------------------
@@ -425,7 +566,14 @@ class _TracedGame:
     if batch not in self._programs:
       x = jax.tree.unflatten(self.x_tree, [jax.ShapeDtypeStruct((batch,) + a.shape[1:], a.dtype)
                                            for a in self.x_avals])
-      prog = _Program(self.apply_fn, self.params_avals, x)
+      try:
+        prog = _Program(self.apply_fn, self.params_avals, x)
+      except flax_errors.InvalidRngError as e:
+        raise ValueError(
+            f"from_function: the module at {_failing_module(e)!r} draws random numbers "
+            f"without an rng ({e}); dropout in train mode is not supported by traced games "
+            "yet: apply the model with deterministic=True (or train=False for its dropout)"
+        ) from e
       if self._programs:
         self._check_same(prog, f"batch size {batch}")
       self._programs[batch] = prog
@@ -453,30 +601,49 @@ class _TracedGame:
   def _name(self, path: Path) -> str:
     return "/".join(map(str, path)) or "<root>"
 
+  def is_statistic(self, prog: _Program, v: Any) -> bool:
+    """Whether ``v`` is a batch statistic or computed from batch statistics alone (no batch axis)."""
+    if not _is_var(v) or v not in prog.batch_values or v in prog.x_ids:
+      return False
+    j = prog.x_index[v]
+    return (j, prog.eqns[prog.x_eqns[j]].outputs.index(v)) in self.statistics
+
   def _cut(self, prog: _Program, other: _Program) -> None:
     paths = self.leaf_paths
+    # Flax variables: the "params" collection holds the players; the others
+    # (a BatchNorm's running averages) must not act on the batch.
+    flax_variables = isinstance(self.params_avals, Mapping) and "params" in self.params_avals
+    owned = [i for i, p in enumerate(paths) if not flax_variables or p[:1] == ("params",)]
     consumers: dict[int, list[int]] = {}
     for j, leaves in enumerate(prog.consumed):
       for i in leaves:
+        if i not in owned:
+          eqn = prog.eqns[prog.x_eqns[j]]
+          raise ValueError(
+              f"from_function: the variable {self._name(paths[i])!r}, outside the 'params' "
+              f"collection, acts on the batch ({eqn.primitive.name} at {eqn.where}); only "
+              "'params' leaves are players, the other collections are state the game does "
+              "not train: apply a BatchNorm in train mode (mutable=['batch_stats']), or "
+              "close over eval-mode running averages in apply_fn")
         consumers.setdefault(i, []).append(j)
     if not consumers:
       raise ValueError("from_function: no params act on the batch in apply_fn, so the game "
                        "would have no players")
-    unused = [self._name(paths[i]) for i in range(len(paths)) if i not in consumers]
+    unused = [self._name(paths[i]) for i in owned if i not in consumers]
     if unused:
       raise ValueError(f"from_function: params {unused} do not act on the batch in apply_fn "
                        "(unused, or used only for outputs that do not depend on the input); "
                        "every params leaf must belong to a player")
     # Players: leaves grouped by parent; a leaf under the root, or under a node
     # holding another group's leaves too, is a player of its own.
-    parent = {i: p[:-1] for i, p in enumerate(paths)}
+    parent = {i: paths[i][:-1] for i in owned}
     unit = {}
-    for i, p in enumerate(paths):
+    for i in owned:
       owner = parent[i]
       nested = any(parent[k] != owner and paths[k][:len(owner)] == owner for k in parent)
-      unit[i] = owner if owner and not nested else p
+      unit[i] = owner if owner and not nested else paths[i]
     units: dict[Path, list[int]] = {}
-    for i in range(len(paths)):
+    for i in owned:
       units.setdefault(unit[i], []).append(i)
     for u, leaves in units.items():
       try:
@@ -514,24 +681,98 @@ class _TracedGame:
         groups[-1][2].append(u)
       else:
         groups.append([first, last, [u]])
-    self.starts = [0] + [g[0] for g in groups[1:]]
-    self.ends = self.starts[1:] + [len(prog.x_eqns)]
-    self.units = [tuple(g[2]) for g in groups]
+    self._stages(prog, groups)
     self.unit_leaves = units
-    # States between stages must carry the batch on axis 0 alone.
-    for k in range(1, len(groups)):
+    # States between stages must carry the batch on axis 0 alone (statistics:
+    # one copy per sample).
+    for k in range(1, len(self.starts)):
       for v in prog.live(self.starts[k]):
-        self._check_state(prog, other, v, f"the state before stage {k}")
+        if not self.is_statistic(prog, v):
+          self._check_state(prog, other, v, f"the state before stage {k}")
     for v in prog.out_ids:
       if not _is_var(v) or v not in prog.batch_values:
         raise ValueError("from_function: an output of apply_fn does not depend on the input")
       self._check_state(prog, other, v, "the output")
     self.taps = {}
     for k, us in enumerate(self.units):
+      if self.kinds[k] == _PER_SAMPLE:  # evaluated under vmap: the taps would leak
+        continue
       for n, u in enumerate(us):
         tap = self._kronecker(prog, other, n, u, consumers)
         if tap is not None:
           self.taps[(k, n)] = tap
+
+  def _stages(self, prog: _Program, groups: list) -> None:
+    """Cuts the program into stages at the players' layers and around the batch statistics.
+
+    A statistics stage begins with the parameter-free operations before a
+    batch reduction whose values only the statistics use, and ends before the
+    first operation that makes a batched value from a statistic (``x - mean``)
+    or reads a statistic computed before it, or at the next layer. The
+    operations after it form a stage with the next layer when statistics are
+    live where that layer begins (a BatchNorm's ``scale`` multiplies
+    ``rsqrt(var + eps)``), else one of their own. Sets ``starts``, ``ends``,
+    ``units`` and ``kinds``.
+
+    Raises:
+      ValueError: a batch reduction inside a layer (between the first and
+        the last use of a player's params).
+    """
+    n = len(prog.x_eqns)
+    stat = lambda v: self.is_statistic(prog, v)
+    eqn_at = lambda j: prog.eqns[prog.x_eqns[j]]
+    firsts = [g[0] for g in groups]
+    segments: list[tuple[int, int]] = []
+    for r in sorted(self.reductions):
+      if segments and r < segments[-1][1]:
+        continue
+      for first, last, us in groups:
+        if first <= r <= last:
+          eqn = eqn_at(r)
+          raise ValueError(
+              f"from_function: {eqn.primitive.name} at {eqn.where} computes a batch statistic "
+              f"inside the layer of {' and '.join(map(self._name, us))} (between the first "
+              "and the last use of its params), where no statistics stage can be cut; "
+              "compute it before the layer uses its params, or after")
+      limit = min([f for f in firsts if f > r], default=n)
+      end, computed = r, set()
+      while end < limit:
+        eqn = eqn_at(end)
+        read = [a for a in eqn.inputs if stat(a)]
+        if any(a not in computed for a in read) or (read and not all(map(stat, eqn.outputs))):
+          break
+        computed.update(o for o in eqn.outputs if stat(o))
+        end += 1
+      lower = max([g[1] + 1 for g in groups if g[1] < r] +
+                  [segments[-1][1] + 1 if segments else 0])
+      start = r
+      while start > lower:
+        eqn = eqn_at(start - 1)
+        if any(map(stat, eqn.inputs)) or any(
+            o in prog.out_ids or any(u >= end for u in prog.uses.get(o, ()))
+            for o in eqn.outputs):
+          break
+        start -= 1
+      segments.append((start, end))
+    kinds = {f: _BATCH for f in firsts}
+    after_statistics = set()
+    for start, end in segments:
+      kinds[start] = _STATISTICS
+      if end < n:
+        kinds.setdefault(end, _BATCH)
+        after_statistics.add(end)
+    starts: list[int] = []
+    for b in sorted(kinds):
+      if (starts and starts[-1] in after_statistics and b not in after_statistics and
+          kinds[b] == _BATCH and any(map(stat, prog.live(b)))):
+        continue  # the operations after the statistics join this layer
+      starts.append(b)
+    self.kinds = [_STATISTICS if kinds[b] == _STATISTICS else
+                  _PER_SAMPLE if b and any(map(stat, prog.live(b))) else _BATCH for b in starts]
+    self.starts = [0] + starts[1:]
+    self.ends = self.starts[1:] + [n]
+    self.units = [tuple(u for first, _, us in groups if lo <= first < hi for u in us)
+                  for lo, hi in zip(self.starts, self.ends)]
 
   def _check_state(self, prog: _Program, other: _Program, v: int, what: str) -> None:
     if v in prog.x_ids:
@@ -693,8 +934,15 @@ class _TracedGame:
                           leaf_ids)
     return self._plans[key]
 
-  def evaluate(self, k: int, state: Any, thetas: tuple) -> Any:
-    """Stage ``k``'s function: its equations on the incoming state and its players' params."""
+  def evaluate(self, k: int, state: Any, thetas: tuple, exact: bool = False) -> Any:
+    """Stage ``k``'s function: its equations on the incoming state and its players' params.
+
+    A statistics stage hands its statistics on as one copy per sample, under
+    ``jax.lax.stop_gradient`` unless ``exact`` (its ``gradient_fn``). A stage
+    whose state holds statistics is evaluated sample by sample: ``jax.vmap``
+    of its equations traced on a batch of one, each sample reading its own
+    copy, so that its Jacobians act on each sample alone.
+    """
     if k == 0:
       leaves, tree = jax.tree.flatten(state)
       if tree != self.x_tree:
@@ -708,10 +956,35 @@ class _TracedGame:
     else:
       leaves = list(state) if isinstance(state, tuple) else [state]
     batch = np.shape(leaves[0])[0]
-    prog = self.program(batch)
-    inputs, eqns, positions, outputs, taps, leaf_ids = self._plan(prog, k)
+    prog = self.program(1 if self.kinds[k] == _PER_SAMPLE else batch)
+    if k == 0 and prog.mutable:
+      running_averages.record(self.update_collections)
+    inputs, outputs = self._plan(prog, k)[0], self._plan(prog, k)[3]
     if len(leaves) != len(inputs):
       raise ValueError(f"stage {k} expects a state of {len(inputs)} arrays, got {len(leaves)}")
+    if self.kinds[k] == _PER_SAMPLE:
+      copies = [self.is_statistic(prog, v) for v in inputs]
+
+      def one(sample: list) -> list:
+        values = self._run(prog, k, [a if c else a[None] for a, c in zip(sample, copies)],
+                           thetas)
+        return [a if self.is_statistic(prog, v) else a[0] for a, v in zip(values, outputs)]
+
+      values = jax.vmap(one)(leaves)
+    else:
+      values = self._run(prog, k, leaves, thetas)
+    if self.kinds[k] == _STATISTICS:
+      held = (lambda a: a) if exact else jax.lax.stop_gradient
+      values = [jnp.broadcast_to(held(a), (batch,) + np.shape(a))
+                if self.is_statistic(prog, v) and v not in inputs else a
+                for a, v in zip(values, outputs)]
+    if k == len(self.units) - 1:
+      return jax.tree.unflatten(prog.out_tree, values)
+    return values[0] if len(values) == 1 else tuple(values)
+
+  def _run(self, prog: _Program, k: int, leaves: list, thetas: tuple) -> list:
+    """The values of stage ``k``'s outputs: its equations of ``prog`` bound in order."""
+    inputs, eqns, positions, outputs, taps, leaf_ids = self._plan(prog, k)
     env = dict(prog.consts)
     env.update(zip(inputs, leaves))
     for ids, theta, unit in zip(leaf_ids, thetas, self.units[k]):
@@ -734,10 +1007,17 @@ class _TracedGame:
         n, layer_input, layer = taps[pos]
         out[0] = layer_taps.tap(layer, thetas[n], env[layer_input], out[0])
       env.update(zip(eqn.outputs, out))
-    values = [read(a) for a in outputs]
-    if k == len(self.units) - 1:
-      return jax.tree.unflatten(prog.out_tree, values)
-    return values[0] if len(values) == 1 else tuple(values)
+    return [read(a) for a in outputs]
+
+  def update_collections(self, variables: Params, inputs: Any) -> Params:
+    """``variables`` with the collections ``apply_fn`` returns beside its output replaced.
+
+    For ``model.apply(v, x, train=True, mutable=["batch_stats"])``: the
+    running averages Flax computes on this batch (:func:`games.update_batch_stats`).
+    """
+    _, collections = self.apply_fn(variables, inputs)
+    merged = {**variables, **collections}
+    return merged if isinstance(variables, dict) else type(variables)(merged)
 
 
 def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, example_input: Any,
@@ -748,9 +1028,15 @@ def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, exampl
   Args:
     apply_fn: ``apply_fn(params, x) -> outputs`` on a batch: a plain JAX
       function, or a Flax module's ``apply`` (then ``params`` are the
-      variables ``{"params": ...}``). Samples must propagate independently.
+      variables ``{"params": ...}``), train-mode BatchNorm's
+      ``model.apply(v, x, train=True, mutable=["batch_stats"])`` included
+      (it returns ``(outputs, collections)``; the game's output is
+      ``outputs``). Samples must propagate independently but for batch
+      statistics (module docstring).
     params: the params pytree (arrays or ``jax.ShapeDtypeStruct``s), nested
-      dicts and sequences; every leaf must act on the batch.
+      dicts and sequences; every leaf must act on the batch, but for the
+      leaves of Flax variables outside their ``"params"`` collection, which
+      are no player's and must not act on it.
     example_input: a batch (array or pytree of arrays, or
       ``jax.ShapeDtypeStruct``s) with the batch as every leaf's leading axis;
       its per-sample shape is the game's ``input_shape`` when it is one array.
@@ -759,14 +1045,18 @@ def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, exampl
 
   Returns:
     A :class:`games.Game` on ``params``: one stage per layer, one player per
-    params subtree a layer consumes; ``game.apply(params, x)`` equals
-    ``apply_fn(params, x)``. It has no ``init`` (``params`` are given).
+    params subtree a layer consumes, and a statistics stage (named
+    ``"statistics"``, with a ``gradient_fn``) per group of batch statistics;
+    ``game.apply(params, x)`` equals ``apply_fn(params, x)`` (its outputs).
+    It has no ``init`` (``params`` are given).
 
   Raises:
-    ValueError: an operation combines the samples of a batch, params that are
-      unused or shared by two layers, a state or output without the batch as
-      its leading axis, or a program that changes with the batch size; each
-      named by its primitive and where it is.
+    ValueError: an operation combines the samples of a batch other than as
+      a batch statistic (or computes one inside a layer), params that are
+      unused or shared by two layers, variables outside Flax's ``"params"``
+      that act on the batch, dropout in train mode, a state or output
+      without the batch as its leading axis, or a program that changes with
+      the batch size; each named by its primitive and where it is.
     TypeError: ``apply_fn`` is not callable, or a params node cannot be
       addressed by keys and indices.
   """
@@ -779,13 +1069,16 @@ def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, exampl
                                      traced.taps[(k, n)].layer if (k, n) in traced.taps else None)
                     for n, u in enumerate(units))
     fn = _stage_fn(traced, k)
-    stages.append(games_lib.Stage(fn, players, "+".join(p.name for p in players)))
+    statistics = traced.kinds[k] == _STATISTICS
+    stages.append(games_lib.Stage(
+        fn, players, "statistics" if statistics else "+".join(p.name for p in players),
+        gradient_fn=_stage_fn(traced, k, exact=True) if statistics else None))
   input_shape = (tuple(traced.x_avals[0].shape[1:])
                  if jax.tree_util.treedef_is_leaf(traced.x_tree) else None)
   return games_lib.Game(tuple(stages), losses_lib.get_loss(loss), None, input_shape)
 
 
-def _stage_fn(traced: _TracedGame, k: int) -> Callable:
+def _stage_fn(traced: _TracedGame, k: int, exact: bool = False) -> Callable:
   def fn(x, thetas):
-    return traced.evaluate(k, x, thetas)
+    return traced.evaluate(k, x, thetas, exact)
   return fn
