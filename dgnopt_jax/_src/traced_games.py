@@ -102,6 +102,10 @@ _WINDOWED = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_
                        "reduce_window"})
 _CONTROL_FLOW = frozenset({"while", "scan", "cond"})
 _NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+# Levels of custom JVP rules compared between stages: the rules themselves
+# (first derivatives, all the solver takes), not the rules of the functions
+# they call (second derivatives; tracing those costs as much again per level).
+_JVP_ORDERS = 1
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -378,6 +382,113 @@ def _check_program_samples(prog_a: _Program, prog_b: _Program) -> None:
     check_eqn(ea.primitive.name, ea.params, eb.params, ins, outs, ea.where)
 
 
+def _array_key(value: Any) -> tuple:
+  """A hashable key equal for two arrays exactly when their shapes, dtypes and values are."""
+  a = np.asarray(value)
+  return ("array", a.shape, str(a.dtype), a.tobytes())
+
+
+class _CanonicalForms:
+  """Forms of equation params and sub-jaxprs that are equal for programs equal up to renaming.
+
+  Two stages share one stage function when their programs are the same up
+  to the names of their variables (:meth:`_TracedGame.representatives`): the
+  shared function binds one stage's equations to the other's state and
+  params, so every part of an equation that its result depends on must be
+  compared, by value, not by object: the primitive, its params (nested
+  tuples, arrays by their bytes, sub-jaxprs by their own forms), the avals
+  and the context it is bound in. Objects that cannot be compared by value
+  (a Python callable such as a ``custom_vjp`` backward rule) are compared by
+  identity, so that stages holding distinct ones keep their own functions.
+  A ``custom_jvp_call``'s JVP rule is a thunk made afresh for every call: it
+  is compared through the JVP jaxpr it traces (with every tangent nonzero,
+  the only case whose jaxpr does not depend on which tangents the caller
+  has; a rule that asks for ``symbolic_zeros`` is compared by identity).
+  A JVP jaxpr may call the function again (``relu``'s does), so rules are
+  traced to ``jvp_orders`` levels (:data:`_JVP_ORDERS`): the derivatives of
+  the stage functions to that order are compared.
+
+  One instance per program: the forms of sub-jaxprs and constants are
+  computed once however many equations hold them. ``jvp_orders``: how many
+  levels of JVP rules are traced (0: none, the rules are left out).
+  """
+
+  def __init__(self, consts: dict, jvp_orders: int):
+    self._consts = consts
+    self._jvp_orders = jvp_orders
+    self._const_keys: dict[int, tuple] = {}
+    self._jaxprs: dict[tuple, tuple] = {}  # (id, order) -> (the jaxpr, kept alive; its form)
+    self._order = 0  # how many JVP rules the jaxpr being formed is nested in
+
+  def const(self, v: int) -> tuple:
+    if v not in self._const_keys:
+      self._const_keys[v] = ("const", _array_key(self._consts[v]))
+    return self._const_keys[v]
+
+  def value(self, v: Any) -> Any:
+    """The form of one equation param."""
+    if isinstance(v, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+      return self.jaxpr(v)
+    if isinstance(v, (np.ndarray, np.generic, jax.Array)):
+      return _array_key(v)
+    if isinstance(v, (tuple, list)):
+      return (type(v), tuple(self.value(e) for e in v))
+    if isinstance(v, dict):
+      return (dict, tuple((k, self.value(e)) for k, e in v.items()))
+    try:
+      hash(v)
+    except TypeError:
+      return ("object", id(v))
+    return (type(v), v)
+
+  def params(self, primitive: Any, params: dict, num_inputs: int) -> tuple:
+    """The form of an equation's params."""
+    form = []
+    for name, v in params.items():
+      if primitive.name == "custom_jvp_call" and name == "jvp_jaxpr_fun":
+        if self._order >= self._jvp_orders:
+          continue
+        if not params.get("symbolic_zeros", False):
+          v = self._jvp(v, num_inputs - params["num_consts"])
+      form.append((name, self.value(v)))
+    return tuple(form)
+
+  def _jvp(self, rule: Any, num_tangents: int) -> Any:
+    """A ``custom_jvp_call``'s JVP rule as (its jaxpr, its constants, its zero outputs)."""
+    try:
+      jaxpr, consts, out_zeros = rule.call_wrapped(*[False] * num_tangents)
+    except Exception:  # pylint: disable=broad-except  (compared by identity instead)
+      return rule
+    self._order += 1
+    try:
+      form = self.jaxpr(jaxpr)
+    finally:
+      self._order -= 1
+    return ("jvp", form, tuple(_array_key(c) for c in consts), tuple(out_zeros))
+
+  def jaxpr(self, j: Any) -> tuple:
+    """The form of a (closed) jaxpr: its equations with variables named by position."""
+    key = (id(j), self._order)
+    if key in self._jaxprs:
+      return self._jaxprs[key][1]
+    inner = j.jaxpr if isinstance(j, jex_core.ClosedJaxpr) else j
+    names = {v: ("const", n) for n, v in enumerate(inner.constvars)}
+    names.update((v, ("in", n)) for n, v in enumerate(inner.invars))
+    atom = lambda a: (("literal", a.aval, _array_key(a.val))
+                      if isinstance(a, jex_core.Literal) else names[a])
+    eqns = []
+    for e, eqn in enumerate(inner.eqns):
+      inputs = tuple(atom(a) for a in eqn.invars)
+      names.update((v, ("eqn", e, n)) for n, v in enumerate(eqn.outvars))
+      eqns.append((eqn.primitive, self.params(eqn.primitive, eqn.params, len(eqn.invars)),
+                   inputs, tuple(v.aval for v in eqn.outvars), eqn.ctx))
+    form = (tuple(v.aval for v in inner.constvars), tuple(v.aval for v in inner.invars),
+            tuple(eqns), tuple(atom(a) for a in inner.outvars),
+            tuple(_array_key(c) for c in getattr(j, "consts", ())))
+    self._jaxprs[key] = (j, form)
+    return form
+
+
 @dataclasses.dataclass(frozen=True)
 class _Tap:
   """Where a Kronecker player's pre-activation is: x-equation indices and its layer."""
@@ -417,6 +528,10 @@ class _TracedGame:
     other = self.program(self.other_batch)
     _check_program_samples(example, other)
     self._cut(example, other)
+    # Stage k is evaluated by the plan of stage representative[k]; every later
+    # trace (another batch size) must group the stages alike.
+    self.representative = self._representatives(example)
+    self._check_representatives(other, f"batch size {self.other_batch}")
 
   # -- traces ---------------------------------------------------------------
 
@@ -429,6 +544,8 @@ class _TracedGame:
       if self._programs:
         self._check_same(prog, f"batch size {batch}")
       self._programs[batch] = prog
+      if hasattr(self, "representative"):
+        self._check_representatives(prog, f"batch size {batch}")
     return self._programs[batch]
 
   def _check_same(self, prog: _Program, what: str) -> None:
@@ -447,6 +564,78 @@ class _TracedGame:
         f"from_function: traced at {what}, apply_fn has {len(prog.signature)} operations on "
         f"the batch, the example batch (size {self.batch}) {len(example.signature)}; the "
         "stages need a program whose operations do not depend on the batch size")
+
+  # -- stages with the same program ------------------------------------------
+
+  def _stage_form(self, prog: _Program, k: int, forms: _CanonicalForms) -> tuple:
+    """Stage ``k``'s program up to the names of its values: equal for stages one function computes.
+
+    Values are named by their role: the ``n``-th array of the incoming state,
+    leaf ``m`` of the stage's ``n``-th player (by position in its params
+    subtree), the ``n``-th output of the stage's ``e``-th equation, a constant
+    or a literal by its value. Two stages with equal forms evaluate the same
+    equations on the same kinds of values and hand on the same layout of
+    values, so that one stage's plan evaluated on the other's state and
+    params computes the other stage (:meth:`evaluate`). The taps (which
+    equation, which player, which layer input) and the first and last stage's
+    own handling of the input and output are part of the form.
+    """
+    inputs, eqns, positions, outputs, taps, leaf_ids = self._plan(prog, k)
+    names = {v: ("state", n) for n, v in enumerate(inputs)}
+    for n, ids in enumerate(leaf_ids):
+      names.update((v, ("theta", n, m)) for m, v in enumerate(ids))
+
+    def atom(a):
+      if not _is_var(a):
+        return ("literal", a.aval, _array_key(a.val))
+      if a in names:
+        return names[a]
+      return forms.const(a)  # every other value a stage reads is a constant
+
+    body = []
+    for e, (pos, eqn) in enumerate(zip(positions, eqns)):
+      args = tuple(atom(a) for a in eqn.inputs)
+      names.update((o, ("eqn", e, n)) for n, o in enumerate(eqn.outputs))
+      tap = taps.get(pos)
+      body.append((eqn.primitive, forms.params(eqn.primitive, eqn.params, len(eqn.inputs)),
+                   args, tuple(prog.avals[o] for o in eqn.outputs), eqn.ctx,
+                   tap and (tap[0], atom(tap[1]), tap[2])))
+    return (k == 0, k == len(self.units) - 1, tuple(prog.avals[v] for v in inputs),
+            tuple(tuple(prog.avals[v] for v in ids) for ids in leaf_ids), tuple(body),
+            tuple(atom(a) for a in outputs))
+
+  def _representatives(self, prog: _Program) -> list[int]:
+    """Per stage, the first stage whose program is the same up to renaming (:meth:`_stage_form`).
+
+    Stages with one representative get one stage function object, so that
+    :func:`segments.plan_segments` solves a run of them (equal layers, or the
+    stages of equal blocks) with ``lax.scan``. Each stage's form is computed
+    once, in one pass over its equations (sub-jaxprs once per program).
+    """
+    forms = _CanonicalForms(prog.consts, _JVP_ORDERS)
+    first: dict[tuple, int] = {}
+    return [first.setdefault(self._stage_form(prog, k, forms), k)
+            for k in range(len(self.units))]
+
+  def _check_representatives(self, prog: _Program, what: str) -> None:
+    """Raises a ``ValueError`` unless every stage's program in ``prog`` is its representative's.
+
+    The custom JVP rules, compared on the example's trace, are the same
+    Python rules traced at another batch size: they are not traced again.
+    """
+    forms = _CanonicalForms(prog.consts, 0)
+    of_representative = {}
+    for k, r in enumerate(self.representative):
+      if r == k:
+        continue
+      if r not in of_representative:
+        of_representative[r] = self._stage_form(prog, r, forms)
+      if self._stage_form(prog, k, forms) != of_representative[r]:
+        raise ValueError(
+            f"from_function: traced at {what}, stage {k} "
+            f"({', '.join(self._name(u) for u in self.units[k])}) computes differently from "
+            f"stage {r}, whose program it has on the example batch (size {self.batch}); the "
+            "stages need a program whose operations do not depend on the batch size")
 
   # -- players and stages -----------------------------------------------------
 
@@ -693,8 +882,19 @@ class _TracedGame:
                           leaf_ids)
     return self._plans[key]
 
+  def _alike(self, k: int, name: str) -> str:
+    """``name`` (of a part of stage ``k``) and the stages sharing stage ``k``'s function, for errors."""
+    others = self.representative.count(k) - 1
+    return name + (f" (or its counterpart in one of {others} stages with the same program)"
+                   if others else "")
+
   def evaluate(self, k: int, state: Any, thetas: tuple) -> Any:
-    """Stage ``k``'s function: its equations on the incoming state and its players' params."""
+    """Stage ``k``'s function: its equations on the incoming state and its players' params.
+
+    It is also the function of every stage whose representative is ``k``
+    (:meth:`_representatives`): those stages' programs are stage ``k``'s up to
+    renaming, so stage ``k``'s equations on their states and params compute them.
+    """
     if k == 0:
       leaves, tree = jax.tree.flatten(state)
       if tree != self.x_tree:
@@ -711,16 +911,18 @@ class _TracedGame:
     prog = self.program(batch)
     inputs, eqns, positions, outputs, taps, leaf_ids = self._plan(prog, k)
     if len(leaves) != len(inputs):
-      raise ValueError(f"stage {k} expects a state of {len(inputs)} arrays, got {len(leaves)}")
+      raise ValueError(f"{self._alike(k, f'stage {k}')} expects a state of {len(inputs)} "
+                       f"arrays, got {len(leaves)}")
     env = dict(prog.consts)
     env.update(zip(inputs, leaves))
-    for ids, theta, unit in zip(leaf_ids, thetas, self.units[k]):
+    for n, (ids, theta) in enumerate(zip(leaf_ids, thetas)):
       values = jax.tree.leaves(theta)
       want = [prog.avals[i] for i in ids]
       if [(np.shape(v), jnp.result_type(v)) for v in values] != [(a.shape, a.dtype)
                                                                   for a in want]:
         raise TypeError(
-            f"the params of player {self._name(unit)!r} have shapes and dtypes "
+            f"the params of {self._alike(k, f'player {self._name(self.units[k][n])!r}')} have "
+            "shapes and dtypes "
             f"{[(np.shape(v), str(jnp.result_type(v))) for v in values]}; apply_fn was traced "
             f"on {[(a.shape, str(a.dtype)) for a in want]}")
       env.update(zip(ids, values))
@@ -773,12 +975,16 @@ def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, exampl
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
   traced = _TracedGame(apply_fn, params, example_input)
-  stages = []
+  stages, fns = [], {}
   for k, units in enumerate(traced.units):
     players = tuple(games_lib.Player(u, weight_decay,
                                      traced.taps[(k, n)].layer if (k, n) in traced.taps else None)
                     for n, u in enumerate(units))
-    fn = _stage_fn(traced, k)
+    # Stages with the same program share one function (one scanned body).
+    rep = traced.representative[k]
+    if rep == k:
+      fns[k] = _stage_fn(traced, k)
+    fn = fns[rep]
     stages.append(games_lib.Stage(fn, players, "+".join(p.name for p in players)))
   input_shape = (tuple(traced.x_avals[0].shape[1:])
                  if jax.tree_util.treedef_is_leaf(traced.x_tree) else None)
