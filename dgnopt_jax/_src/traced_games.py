@@ -44,6 +44,24 @@ a game (DGNOpt §3.1, eq. 3):
   LayerNorm scale) have ``layer=None``: the diagonal curvatures and the
   per-sample VJP handle them.
 
+* **Repeated stages.** Stages whose programs are the same up to the names
+  of their values share one stage function object, so that
+  :func:`segments.plan_segments` solves a run of them (equal layers, the
+  stages of equal residual blocks) with ``lax.scan`` and the compiled step
+  does not grow with the depth. The same means: the same equations in
+  order (primitives; params equal by value, sub-jaxprs by structure, a
+  ``custom_jvp``'s JVP rule through the jaxpr it traces, a ``custom_vjp``'s
+  rules by identity), the same avals,
+  each input wired alike (the state's n-th array, the stage's own earlier
+  outputs, its n-th player's m-th leaf, constants and literals of equal
+  value), the same taps and Kronecker layers, the same outputs. The shared
+  function evaluates the first such stage's equations on each stage's own
+  state and params. The form of each stage is computed once, when the game
+  is built (and checked again for each batch size traced later). The
+  last block of a run followed by parameter-free ops (a pooling, a reshape
+  before the head) takes them into its stage, so it is not one of the
+  repeats.
+
 Samples must propagate independently (the per-sample Jacobians of the game
 are block-diagonal over the batch): the program is traced at two batch sizes,
 the axes whose size follows the batch are the batch axes of each value, and
@@ -62,10 +80,9 @@ states, and integer inputs (token ids) are converted back.
 
 Not yet done: parallel layers with no data dependence between them are not
 put in one stage (each gets its own, the other's input carried in the
-state); repeated layers sharing one scanned body (each traced stage has a
-function of its own); train-mode BatchNorm (a batch statistic is an error),
-dropout, and params shared by two layers (an error naming the leaf). Flax
-NNX modules are traced through ``nnx.merge`` by :mod:`nnx_games`.
+state); train-mode BatchNorm (a batch statistic is an error), dropout, and
+params shared by two layers (an error naming the leaf). Flax NNX modules are
+traced through ``nnx.merge`` by :mod:`nnx_games`.
 """
 
 from __future__ import annotations
