@@ -19,13 +19,16 @@ a game (DGNOpt §3.1, eq. 3):
   ``("params", "Dense_0")``); a leaf directly under the root, or under a node
   that also holds another player's leaves, is a player of its own.
 * **Stages.** A player's *layer* is the range of batch-dependent equations
-  from its first consumer to its last; overlapping ranges share a stage, and a
-  range that begins with an elementwise op applied to the output of one of
+  from its first consumer to its last; overlapping ranges are one layer, and
+  a range that begins with an elementwise op applied to the output of one of
   the previous range's parametric equations (a bias added right after a
-  kernel's ``dot_general``, held as separate leaves) joins it. The program is
-  cut before the first equation of each stage's range: parameter-free ops
-  after a layer (its activation, a pooling) belong to its stage, those before
-  the first layer to the first stage. The state between two stages is what is
+  kernel's ``dot_general``, held as separate leaves) joins it. Layers play
+  at levels (:func:`_levels`, the ``alignment``): layers at one level share a
+  stage (parallel branches, attention's projections, a projection shortcut
+  beside a residual body's last or first layer), a parameter-free equation
+  plays at the latest level of what it reads, and the equations are put in
+  level order, so each stage is a contiguous range. The state between two
+  stages is what is
   live across the cut: the batch-dependent values computed before it and used
   after it (a residual stream comes out as a second value), a bare array where
   there is one, else a tuple in the order they are computed. The first stage's
@@ -78,11 +81,9 @@ equation. The first stage reads its input in the example's dtypes: the
 solver hands the input over as floats where it differentiates through the
 states, and integer inputs (token ids) are converted back.
 
-Not yet done: parallel layers with no data dependence between them are not
-put in one stage (each gets its own, the other's input carried in the
-state); train-mode BatchNorm (a batch statistic is an error), dropout, and
-params shared by two layers (an error naming the leaf). Flax NNX modules are
-traced through ``nnx.merge`` by :mod:`nnx_games`.
+Not yet done: train-mode BatchNorm (a batch statistic is an error), dropout,
+and params shared by two layers (an error naming the leaf). Flax NNX modules
+are traced through ``nnx.merge`` by :mod:`nnx_games`.
 """
 
 from __future__ import annotations
@@ -239,7 +240,6 @@ class _Program:
     self.sources: dict[int, frozenset] = {v: frozenset([i]) for v, i in leaf_of.items()}
     self.x_eqns, self.consumed, self.x_index = [], [], {v: -1 for v in self.x_ids}
     self.defining: dict[int, int] = {}
-    signature = []
     for pos, eqn in enumerate(self.eqns):
       for o in eqn.outputs:
         self.defining[o] = pos
@@ -256,14 +256,26 @@ class _Program:
       self.batch_values.update(eqn.outputs)
       for o in eqn.outputs:
         self.x_index[o] = j
-      signature.append((eqn.primitive.name, len(eqn.outputs), tuple(
-          self._describe(a) for a in eqn.inputs)))
-    self.signature = tuple(signature)
+    self._index()
+
+  def _index(self) -> None:
+    """``signature`` and ``uses`` from the order of ``x_eqns``."""
+    self.signature = tuple((self.eqns[pos].primitive.name, len(self.eqns[pos].outputs),
+                            tuple(self._describe(a) for a in self.eqns[pos].inputs))
+                           for pos in self.x_eqns)
     self.uses: dict[int, list[int]] = {}
     for j, pos in enumerate(self.x_eqns):
       for a in self.eqns[pos].inputs:
         if _is_var(a):
           self.uses.setdefault(a, []).append(j)
+
+  def reorder(self, order: list[int]) -> None:
+    """Puts the batch-dependent equations in ``order`` (old indices; a topological order)."""
+    new_index = {old: new for new, old in enumerate(order)}
+    self.x_eqns = [self.x_eqns[j] for j in order]
+    self.consumed = [self.consumed[j] for j in order]
+    self.x_index = {v: new_index.get(j, -1) for v, j in self.x_index.items()}
+    self._index()
 
   def _describe(self, a: Any) -> tuple:
     if not _is_var(a):
@@ -506,6 +518,57 @@ class _CanonicalForms:
     return form
 
 
+def _levels(prog: _Program, layers: list[tuple[int, int]], alignment: str) -> tuple[list, list]:
+  """The stage level of every layer and of every batch-dependent equation.
+
+  ``layers`` are the x-equation ranges of the layers, in program order. A
+  layer reads another when one of its equations reads, directly or through
+  parameter-free equations, a value the other's equations compute. With
+  ``"split"`` a layer plays at its depth, the longest chain of layers it
+  reads (as early as its inputs allow: a projection shortcut beside the
+  residual body's first layer); with ``"merge"`` at the deepest layer's
+  depth less the longest chain of layers that read it (as late as its users
+  allow: beside the body's last layer). Parallel branches of equal depth
+  play at one level either way (DGNOpt Fig. 3a, 10a). A parameter-free
+  equation plays at the latest level of the values it reads (an activation
+  or a pooling in the stage of the layer before it; what reads only the
+  input, in the first stage).
+
+  Returns:
+    (level per layer, level per x-equation). No equation's level is below
+    the levels of the equations it reads, so the equations sorted by level
+    (program order within one) are in an order the program can run in.
+  """
+  owner = {j: n for n, (first, last) in enumerate(layers) for j in range(first, last + 1)}
+
+  def producers(j: int) -> list[int]:
+    return [prog.x_index[a] for a in prog.eqns[prog.x_eqns[j]].inputs
+            if _is_var(a) and a in prog.batch_values and a not in prog.x_ids]
+
+  reads: list[set] = []  # per equation, the layers it reads through parameter-free equations
+  for j in range(len(prog.x_eqns)):
+    reads.append(set().union(*[{owner[i]} if i in owner else reads[i] for i in producers(j)]))
+  read_by_layer = [set() for _ in layers]
+  for j, n in owner.items():
+    read_by_layer[n] |= reads[j] - {n}
+  depth: list[int] = []
+  for n in range(len(layers)):
+    depth.append(1 + max((depth[m] for m in read_by_layer[n]), default=-1))
+  if alignment == "split":
+    layer_levels = depth
+  else:
+    height = [0] * len(layers)
+    for n in reversed(range(len(layers))):
+      for m in read_by_layer[n]:
+        height[m] = max(height[m], height[n] + 1)
+    layer_levels = [max(depth) - h for h in height]
+  eqn_levels: list[int] = []
+  for j in range(len(prog.x_eqns)):
+    eqn_levels.append(layer_levels[owner[j]] if j in owner else
+                      max((eqn_levels[i] for i in producers(j)), default=0))
+  return layer_levels, eqn_levels
+
+
 @dataclasses.dataclass(frozen=True)
 class _Tap:
   """Where a Kronecker player's pre-activation is: x-equation indices and its layer."""
@@ -519,8 +582,11 @@ class _Tap:
 class _TracedGame:
   """The cut of ``apply_fn``'s program into stages, and the stage functions' evaluator."""
 
-  def __init__(self, apply_fn: Callable, params: Params, example_input: Any):
+  def __init__(self, apply_fn: Callable, params: Params, example_input: Any,
+               alignment: str = "merge"):
     self.apply_fn = apply_fn
+    self.alignment = alignment
+    self._order: Optional[list[int]] = None
     self.params_avals = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p),
                                                                     jnp.result_type(p)),
                                      params)
@@ -558,6 +624,8 @@ class _TracedGame:
       x = jax.tree.unflatten(self.x_tree, [jax.ShapeDtypeStruct((batch,) + a.shape[1:], a.dtype)
                                            for a in self.x_avals])
       prog = _Program(self.apply_fn, self.params_avals, x)
+      if self._order is not None:
+        prog.reorder(self._order)
       if self._programs:
         self._check_same(prog, f"batch size {batch}")
       self._programs[batch] = prog
@@ -720,12 +788,25 @@ class _TracedGame:
         groups[-1][2].append(u)
       else:
         groups.append([first, last, [u]])
-    self.starts = [0] + [g[0] for g in groups[1:]]
+    # Layers at one level share a stage; the equations are put in stage order.
+    layer_levels, eqn_levels = _levels(prog, [(g[0], g[1]) for g in groups], self.alignment)
+    order = sorted(range(len(prog.x_eqns)), key=lambda j: (eqn_levels[j], j))
+    if order != list(range(len(order))):
+      self._order = order
+      for p in (prog, other):
+        p.reorder(order)
+      consumers = {}
+      for j, leaves in enumerate(prog.consumed):
+        for i in leaves:
+          consumers.setdefault(i, []).append(j)
+    levels = sorted(set(eqn_levels))
+    self.starts = [sum(1 for l in eqn_levels if l < level) for level in levels]
     self.ends = self.starts[1:] + [len(prog.x_eqns)]
-    self.units = [tuple(g[2]) for g in groups]
+    self.units = [tuple(u for g, l in zip(groups, layer_levels) if l == level for u in g[2])
+                  for level in levels]
     self.unit_leaves = units
     # States between stages must carry the batch on axis 0 alone.
-    for k in range(1, len(groups)):
+    for k in range(1, len(self.units)):
       for v in prog.live(self.starts[k]):
         self._check_state(prog, other, v, f"the state before stage {k}")
     for v in prog.out_ids:
@@ -827,6 +908,12 @@ class _TracedGame:
           p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
         return None
       padding = tuple(tuple(int(e) for e in pair) for pair in p["padding"])
+      # Named where it is one (the Kronecker curvatures join "SAME" convolutions of a stage).
+      spatial, window = prog.avals[lhs].shape[1:3], kernel.shape[:2]
+      for name in ("SAME", "VALID"):
+        if padding == tuple(jax.lax.padtype_to_pads(spatial, window, p["window_strides"], name)):
+          padding = name
+          break
       layer = games_lib.Conv2D(int(features), tuple(int(s) for s in kernel.shape[:2]),
                                tuple(int(s) for s in p["window_strides"]), padding, None,
                                "bias" in theta)
@@ -961,7 +1048,7 @@ class _TracedGame:
 
 def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, example_input: Any,
                   loss: losses_lib.LossLike = "softmax_cross_entropy", *,
-                  weight_decay: float = 0.0) -> games_lib.Game:
+                  weight_decay: float = 0.0, alignment: str = "merge") -> games_lib.Game:
   """The game a JAX function defines, traced on an example batch (module docstring).
 
   Args:
@@ -975,10 +1062,16 @@ def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, exampl
       its per-sample shape is the game's ``input_shape`` when it is one array.
     loss: terminal loss name, :class:`TerminalLoss` or per-sample callable.
     weight_decay: stage-cost coefficient ``weight_decay/2 |theta|^2`` of every player.
+    alignment: at which level a layer on a shorter parallel path plays:
+      ``"merge"`` as late as the layers reading it allow (a residual block's
+      projection shortcut beside the body's last layer), ``"split"`` as
+      early as its inputs allow (beside the first; DGNOpt Fig. 10a).
+      Parallel layers of equal depth (inception branches, attention's
+      query, key and value projections) share a stage either way.
 
   Returns:
-    A :class:`games.Game` on ``params``: one stage per layer, one player per
-    params subtree a layer consumes; ``game.apply(params, x)`` equals
+    A :class:`games.Game` on ``params``: one stage per level of layers, one
+    player per params subtree a layer consumes; ``game.apply(params, x)`` equals
     ``apply_fn(params, x)``. It has no ``init`` (``params`` are given).
 
   Raises:
@@ -991,7 +1084,10 @@ def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, exampl
   """
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
-  traced = _TracedGame(apply_fn, params, example_input)
+  if alignment not in games_lib.RESIDUAL_ALIGNMENTS:
+    raise ValueError(f"alignment must be one of {games_lib.RESIDUAL_ALIGNMENTS}, got "
+                     f"{alignment!r}")
+  traced = _TracedGame(apply_fn, params, example_input, alignment)
   stages, fns = [], {}
   for k, units in enumerate(traced.units):
     players = tuple(games_lib.Player(u, weight_decay,
