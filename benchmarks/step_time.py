@@ -29,6 +29,15 @@ Memory is XLA's compiled memory analysis: arguments + outputs + temporaries
 Prints, per model, a table of step time, ratio to optax.sgd and optax.adam,
 compile time and memory relative to optax.sgd; writes the figures as JSON
 (after every model, the models done so far).
+
+``--games`` times the ``mlp`` and the ``resnet`` made several ways
+(``flax_networks.py``): ``network`` (the hand-written game, the default),
+``flax`` (the same network as a Flax model read by ``games.from_flax``),
+``traced`` (that model's ``apply`` traced by ``games.from_function``). All
+games' steps run in the same interleaved rounds, and the table gains each
+step time's ratio to the first game's for the same optimizer::
+
+    python benchmarks/step_time.py --games flax,traced,network
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from dgnopt_jax import datasets
 from dgnopt_jax import games
 from dgnopt_jax import models
 
+import flax_networks
 import timing
 
 DEFAULT_OPTIMIZERS = ("sgd,adam,olne-sgd,fne-sgd,gr-sgd,olne-adam,fne-adam,gr-adam,"
@@ -110,55 +120,76 @@ def training_batches(model: str, batch: int, device):
 
 
 def problem(model: str, batch: int, resnet18_width: int):
-  """(game, params, x, y) of a model on a fixed batch."""
+  """(game, params, x, y) of a model on a fixed batch (the hand-written game where there is one)."""
+  made, x, y = problems(model, batch, resnet18_width)
+  return made["network"] + (x, y)
+
+
+def problems(model: str, batch: int, resnet18_width: int, kinds=("network",)):
+  """({kind: (game, params)}, x, y) of a model on a fixed batch, its game made each ``kind`` way."""
   rng = np.random.default_rng(0)
   if model == "resnet18":
+    if tuple(kinds) != ("network",):
+      raise ValueError("--games applies to the mlp and the resnet; resnet18 is read by from_flax")
     x = jax.numpy.asarray(rng.normal(size=(batch, 32, 32, 3)), np.float32)
     y = jax.numpy.asarray(rng.integers(0, 10, batch))
     net = models.resnet18(10, width=resnet18_width)
-    return games.from_flax(net, x), net.init(jax.random.PRNGKey(0), x), x, y
+    return {"network": (games.from_flax(net, x), net.init(jax.random.PRNGKey(0), x))}, x, y
+  if tuple(kinds) != ("network",) and model not in flax_networks.FLAX_NETWORKS:
+    raise ValueError(f"--games applies to {flax_networks.FLAX_NETWORKS}, not {model!r}")
   data = datasets.load("digits", images=model in games.IMAGE_NETWORKS)
-  game = games.network_from_name(model, data.x_train.shape[1:], data.num_classes)
   idx = rng.choice(len(data.x_train), batch, replace=batch > len(data.x_train))
-  return (game, game.init(jax.random.PRNGKey(0)), np.asarray(data.x_train[idx], np.float32),
-          np.asarray(data.y_train[idx]))
+  x, y = np.asarray(data.x_train[idx], np.float32), np.asarray(data.y_train[idx])
+  made = {kind: flax_networks.game_and_params(kind, model, x, data.num_classes)
+          for kind in kinds}
+  return made, x, y
 
 
 def run_model(model: str, optimizers: list[str], batch: int, rounds: int, per_round: int,
               device, resnet18_width: int = 64, vxx_reg: float = 0.0,
-              trained_steps: int = 0) -> list[dict]:
-  game, params, x, y = problem(model, batch, resnet18_width)
-  params, x, y = jax.device_put((params, x, y), device)
+              trained_steps: int = 0, kinds=("network",)) -> list[dict]:
+  made, x, y = problems(model, batch, resnet18_width, kinds)
+  x, y = jax.device_put((x, y), device)
   # The same batches for every optimizer, loaded and placed once.
   first = list(itertools.islice(training_batches(model, batch, device), trained_steps))
   steps, rows = {}, {}
-  for name in optimizers:
-    compiled, state, compile_s, peak = compiled_step(name, game, params, x, y, vxx_reg)
-    start = train_first(compiled, params, state, iter(first), trained_steps)
-    steps[name] = (compiled,) + start
-    rows[name] = {"model": model, "optimizer": name, "batch": batch, "vxx_reg": vxx_reg,
-                  "trained_steps": trained_steps, "compile_s": compile_s, "peak_bytes": peak}
-    print(f"  compiled {model}/{name} in {compile_s:.1f} s", flush=True)
+  for kind, (game, params) in made.items():
+    params = jax.device_put(params, device)
+    for name in optimizers:
+      compiled, state, compile_s, peak = compiled_step(name, game, params, x, y, vxx_reg)
+      start = train_first(compiled, params, state, iter(first), trained_steps)
+      steps[(kind, name)] = (compiled,) + start
+      rows[(kind, name)] = {"model": model, "game": kind, "optimizer": name, "batch": batch,
+                            "vxx_reg": vxx_reg, "trained_steps": trained_steps,
+                            "compile_s": compile_s, "peak_bytes": peak}
+      print(f"  compiled {model}/{kind}/{name} in {compile_s:.1f} s", flush=True)
   times = time_rounds(steps, x, y, rounds, per_round)
-  base = {b: times.get(b) for b in ("sgd", "adam")}
-  mem_sgd = rows.get("sgd", {}).get("peak_bytes")
-  for name in optimizers:
-    r = rows[name]
-    r["step_s"] = times[name]
-    r["vs_sgd"] = times[name] / base["sgd"] if base["sgd"] else None
-    r["vs_adam"] = times[name] / base["adam"] if base["adam"] else None
+  for (kind, name), r in rows.items():
+    base = {b: times.get((kind, b)) for b in ("sgd", "adam")}
+    mem_sgd = rows.get((kind, "sgd"), {}).get("peak_bytes")
+    r["step_s"] = times[(kind, name)]
+    r["vs_sgd"] = times[(kind, name)] / base["sgd"] if base["sgd"] else None
+    r["vs_adam"] = times[(kind, name)] / base["adam"] if base["adam"] else None
+    r["vs_first_game"] = times[(kind, name)] / times[(kinds[0], name)]
     r["memory_vs_sgd"] = (r["peak_bytes"] / mem_sgd if mem_sgd and r["peak_bytes"]
                           else None)
-  return [rows[name] for name in optimizers]
+  return list(rows.values())
 
 
 def table(rows: list[dict]) -> str:
+  """The rows as a markdown table; with several games, a game column and the ratio to the first."""
   fmt = lambda v, spec: "–" if v is None else format(v, spec)
-  lines = ["| model | optimizer | step (ms) | / optax.sgd | / optax.adam | compile (s) "
-           "| memory / sgd |", "|---|---|---|---|---|---|---|"]
+  kinds = list(dict.fromkeys(r["game"] for r in rows))
+  several = len(kinds) > 1
+  head = "| model | " + ("game | " if several else "") + "optimizer | step (ms) | "
+  head += f"/ {kinds[0]} game | " if several else ""
+  lines = [head + "/ optax.sgd | / optax.adam | compile (s) | memory / sgd |",
+           "|---|" + "---|" * (8 if several else 6)]
   for r in rows:
-    lines.append(f"| {r['model']} | {r['optimizer']} | {r['step_s'] * 1e3:.2f} | "
-                 f"{fmt(r['vs_sgd'], '.2f')} | {fmt(r['vs_adam'], '.2f')} | "
+    line = f"| {r['model']} | " + (f"{r['game']} | " if several else "")
+    line += f"{r['optimizer']} | {r['step_s'] * 1e3:.2f} | "
+    line += f"{r['vs_first_game']:.2f} | " if several else ""
+    lines.append(line + f"{fmt(r['vs_sgd'], '.2f')} | {fmt(r['vs_adam'], '.2f')} | "
                  f"{r['compile_s']:.1f} | {fmt(r['memory_vs_sgd'], '.2f')} |")
   return "\n".join(lines)
 
@@ -170,6 +201,9 @@ def main(argv=None) -> int:
   p.add_argument("--resnet18-width", type=int, default=64,
                  help="base width of the resnet18 model (64: ResNet18)")
   p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS)
+  p.add_argument("--games", default="network",
+                 help=f"for the mlp and the resnet: comma-separated, from "
+                      f"{flax_networks.GAME_KINDS}; ratios are to the first")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--rounds", type=int, default=11)
   p.add_argument("--steps", type=int, default=10, help="steps per round")
@@ -191,7 +225,8 @@ def main(argv=None) -> int:
           f"after {args.trained_steps} training steps", flush=True)
     with jax.default_device(device):
       done = run_model(model, optimizers, args.batch, args.rounds, args.steps, device,
-                       args.resnet18_width, args.vxx_reg, args.trained_steps)
+                       args.resnet18_width, args.vxx_reg, args.trained_steps,
+                       tuple(args.games.split(",")))
     rows += done
     print(f"\n{machine}\n\n{table(done)}")
     # Written after every model: an interrupted run keeps the models it finished.

@@ -101,8 +101,8 @@ def test_players_are_named_by_module_path():
   game = G.from_nnx(cnn, batch("cnn", 3)[0])
   assert [p.name for p in game.players] == ["conv1", "conv2", "head"]
   assert [p.layer for p in game.players] == [
-      G.Conv2D(2, (3, 3), (1, 1), ((1, 1), (1, 1)), None),
-      G.Conv2D(2, (3, 3), (2, 2), ((0, 1), (0, 1)), None), G.Dense(3, None)]
+      G.Conv2D(2, (3, 3), (1, 1), "SAME", None),
+      G.Conv2D(2, (3, 3), (2, 2), "SAME", None), G.Dense(3, None)]
   # from_flax reads an nnx.Module through from_nnx.
   assert [p.path for p in G.from_flax(cnn, batch("cnn", 3)[0]).players] == [
       p.path for p in game.players]

@@ -44,7 +44,7 @@ def test_players_stages_and_layers():
   # One stage per layer in execution order (Conv_2 runs inside Conv_1's argument).
   assert [[p.name for p in s.players] for s in game.stages] == [
       ["params/Conv_0"], ["params/Conv_2"], ["params/Conv_1"], ["params/Dense_0"]]
-  conv = G.Conv2D(2, (3, 3), (1, 1), ((1, 1), (1, 1)), None)
+  conv = G.Conv2D(2, (3, 3), (1, 1), "SAME", None)
   assert [p.layer for p in game.players] == [conv, conv, conv, G.Dense(3, None)]
   assert game.input_shape == (4, 4, 1)
   # The residual stream is carried beside the inner convolution's output.

@@ -273,6 +273,29 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   h = layer.preactivation(theta, x)
   act_pull = jax.vjp(games_lib.get_activation(layer.activation), h)[1]
   g = jax.vmap(lambda c: act_pull(c)[0], in_axes=1, out_axes=1)(factor_next)
+  slope = None
+  if layer.activation is None or isinstance(layer.activation, str):  # elementwise
+    slope = act_pull(jnp.ones_like(h))[0]  # act'(h)
+  return _dense_form(layer, theta, a, g, inv_diag, slope)
+
+
+def tapped_dense_layer(f: lin.Linearised, n: int, factor_next: State, theta: Params,
+                       inv_diag: Params) -> Form:
+  """:func:`dense_layer` for a dense player inside another stage function (a traced stage).
+
+  ``F_theta^T z = [a (x) g, g]`` holds whatever follows the layer in the
+  stage, with ``g`` the stage's VJP at the layer's pre-activation per column
+  (:func:`layer_taps.statistics`) and ``a`` the input its tap saw; only the
+  Jacobian's share of the trace needs the layer to end the stage (None here).
+  """
+  g = _column_output_grads(f, n, factor_next)[:, :, 0]  # one output position: (B, r, O)
+  layer, layer_x = layer_taps.tapped_layers(f.fn, f.x, f.thetas, (n,))[n]
+  return _dense_form(layer, theta, layer.linear_input(layer_x), g, inv_diag, None)
+
+
+def _dense_form(layer: games_lib.Dense, theta: Params, a: jax.Array, g: jax.Array,
+                inv_diag: Params, slope: Optional[jax.Array]) -> Form:
+  """The forms of :func:`dense_layer` from ``a`` (B, K), ``g`` (B, r, O) and ``act'(h)`` (or None)."""
   dk = inv_diag["kernel"]
   w = jnp.sum(a * a, axis=-1, keepdims=True) * dk if dk.ndim == 0 else (a * a) @ dk
   augmented, inverse = a, jnp.broadcast_to(dk, theta["kernel"].shape)
@@ -282,10 +305,7 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
     inverse = jnp.concatenate(
         [inverse, jnp.broadcast_to(inv_diag["bias"], theta["bias"].shape)[None]], axis=0)
   s = gram_blocks(g, g * jnp.expand_dims(w, 1))
-  jacobian_trace = None
-  if layer.activation is None or isinstance(layer.activation, str):  # elementwise
-    slope = act_pull(jnp.ones_like(h))[0]  # act'(h)
-    jacobian_trace = jnp.sum(slope * slope * w)
+  jacobian_trace = None if slope is None else jnp.sum(slope * slope * w)
 
   def gram(v: jax.Array) -> jax.Array:
     combined = lin.factor_apply(g, v)  # sum_s v_js g_js: (B, O)
@@ -314,6 +334,13 @@ def explicit_gradients_pay(f: lin.Linearised, n: int, factor_next: State) -> boo
   return jax.tree.leaves(factor_next)[0].shape[1] * layer.features <= positions
 
 
+def _column_output_grads(f: lin.Linearised, n: int, factor_next: State) -> jax.Array:
+  """``g_r = dZ'_r/dh`` at player ``n``'s pre-activation, per column: (B, r, P, O)."""
+  return jax.vmap(
+      lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, (n,))[n].output_grads,
+      in_axes=1, out_axes=1)(factor_next)
+
+
 def diagonal_layer(f: lin.Linearised, n: int, factor_next: State, theta: Params,
                    inv_diag: Params) -> Form:
   """S and ``v -> G v`` of a dense/conv player with a diagonal curvature ``D^-1``.
@@ -328,9 +355,7 @@ def diagonal_layer(f: lin.Linearised, n: int, factor_next: State, theta: Params,
   partitions correctly when the batch is split over devices
   (:func:`linearise.partition_safe`).
   """
-  # g_r = dZ'_r/dh at the player's pre-activation, per column: (B, r, P, O)
-  g = jax.vmap(lambda z: layer_taps.statistics(f.fn, f.x, f.thetas, z, (n,))[n].output_grads,
-               in_axes=1, out_axes=1)(factor_next)
+  g = _column_output_grads(f, n, factor_next)
   layer, layer_x = layer_taps.tapped_layers(f.fn, f.x, f.thetas, (n,))[n]
   inv = jax.tree.map(lambda d, t: jnp.broadcast_to(d, t.shape), inv_diag, theta)
   inv_kernel = inv["kernel"].reshape(-1, inv["kernel"].shape[-1])
@@ -355,14 +380,17 @@ def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
   """The forms of one player of stage ``f`` under a curvature of its own.
 
   A diagonal curvature (``inverse_diagonal`` not None) has closed forms for
-  dense and conv players (:func:`dense_layer`, :func:`diagonal_layer`); any
-  other player or curvature solves with each per-sample gradient.
+  dense and conv players (:func:`dense_layer`, :func:`tapped_dense_layer`
+  inside other stage functions, :func:`diagonal_layer`); any other player
+  or curvature solves with each per-sample gradient.
   """
   theta = f.thetas[n]
   inv_diag = curvature.inverse_diagonal(step, damping, theta)
-  if (inv_diag is not None and isinstance(player_.layer, games_lib.Dense) and
-      f.fn is games_lib.layer_stage_fn(player_.layer)):
-    return dense_layer(player_.layer, theta, f.x, factor_next, inv_diag)
+  if inv_diag is not None and isinstance(player_.layer, games_lib.Dense):
+    if f.fn is games_lib.layer_stage_fn(player_.layer):
+      return dense_layer(player_.layer, theta, f.x, factor_next, inv_diag)
+    if layer_taps.has_kronecker_structure(player_, theta):
+      return tapped_dense_layer(f, n, factor_next, theta, inv_diag)
   if (inv_diag is not None and layer_taps.has_kronecker_structure(player_, theta) and
       (lin.partition_safe() or explicit_gradients_pay(f, n, factor_next))):
     return diagonal_layer(f, n, factor_next, theta, inv_diag)

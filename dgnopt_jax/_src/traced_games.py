@@ -19,13 +19,16 @@ a game (DGNOpt §3.1, eq. 3):
   ``("params", "Dense_0")``); a leaf directly under the root, or under a node
   that also holds another player's leaves, is a player of its own.
 * **Stages.** A player's *layer* is the range of batch-dependent equations
-  from its first consumer to its last; overlapping ranges share a stage, and a
-  range that begins with an elementwise op applied to the output of one of
+  from its first consumer to its last; overlapping ranges are one layer, and
+  a range that begins with an elementwise op applied to the output of one of
   the previous range's parametric equations (a bias added right after a
-  kernel's ``dot_general``, held as separate leaves) joins it. The program is
-  cut before the first equation of each stage's range: parameter-free ops
-  after a layer (its activation, a pooling) belong to its stage, those before
-  the first layer to the first stage. The state between two stages is what is
+  kernel's ``dot_general``, held as separate leaves) joins it. Layers play
+  at levels (:func:`_levels`, the ``alignment``): layers at one level share a
+  stage (parallel branches, attention's projections, a projection shortcut
+  beside a residual body's last or first layer), a parameter-free equation
+  plays at the latest level of what it reads, and the equations are put in
+  level order, so each stage is a contiguous range. The state between two
+  stages is what is
   live across the cut: the batch-dependent values computed before it and used
   after it (a residual stream comes out as a second value), a bare array where
   there is one, else a tuple in the order they are computed. The first stage's
@@ -43,6 +46,24 @@ a game (DGNOpt §3.1, eq. 3):
   Other players (a ``dot_general`` over other axes, a 3-D attention kernel, a
   LayerNorm scale) have ``layer=None``: the diagonal curvatures and the
   per-sample VJP handle them.
+
+* **Repeated stages.** Stages whose programs are the same up to the names
+  of their values share one stage function object, so that
+  :func:`segments.plan_segments` solves a run of them (equal layers, the
+  stages of equal residual blocks) with ``lax.scan`` and the compiled step
+  does not grow with the depth. The same means: the same equations in
+  order (primitives; params equal by value, sub-jaxprs by structure, a
+  ``custom_jvp``'s JVP rule through the jaxpr it traces, a ``custom_vjp``'s
+  rules by identity), the same avals,
+  each input wired alike (the state's n-th array, the stage's own earlier
+  outputs, its n-th player's m-th leaf, constants and literals of equal
+  value), the same taps and Kronecker layers, the same outputs. The shared
+  function evaluates the first such stage's equations on each stage's own
+  state and params. The form of each stage is computed once, when the game
+  is built (and checked again for each batch size traced later). The
+  last block of a run followed by parameter-free ops (a pooling, a reshape
+  before the head) takes them into its stage, so it is not one of the
+  repeats.
 
 Samples must propagate independently (the per-sample Jacobians of the game
 are block-diagonal over the batch): the program is traced at two batch sizes,
@@ -109,10 +130,7 @@ equation. The first stage reads its input in the example's dtypes: the
 solver hands the input over as floats where it differentiates through the
 states, and integer inputs (token ids) are converted back.
 
-Not yet done: parallel layers with no data dependence between them are not
-put in one stage (each gets its own, the other's input carried in the
-state); repeated layers sharing one scanned body (each traced stage has a
-function of its own); dropout in train mode (an rng carried in the batch),
+Not yet done: dropout in train mode (an rng carried in the batch),
 and params shared by two layers (an error naming the leaf). Flax NNX modules
 are traced through ``nnx.merge`` by :mod:`nnx_games`.
 """
@@ -120,6 +138,7 @@ are traced through ``nnx.merge`` by :mod:`nnx_games`.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 from typing import Any, Callable, Mapping, Optional
 
 from flax import errors as flax_errors
@@ -157,6 +176,10 @@ _NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 # How a stage is evaluated: on the batch; on the batch, its statistics handed
 # on as one copy per sample; sample by sample (its state holds statistics).
 _BATCH, _STATISTICS, _PER_SAMPLE = "batch", "statistics", "per sample"
+# Levels of custom JVP rules compared between stages: the rules themselves
+# (first derivatives, all the solver takes), not the rules of the functions
+# they call (second derivatives; tracing those costs as much again per level).
+_JVP_ORDERS = 1
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -278,7 +301,6 @@ class _Program:
     self.sources: dict[int, frozenset] = {v: frozenset([i]) for v, i in leaf_of.items()}
     self.x_eqns, self.consumed, self.x_index = [], [], {v: -1 for v in self.x_ids}
     self.defining: dict[int, int] = {}
-    signature = []
     for pos, eqn in enumerate(self.eqns):
       for o in eqn.outputs:
         self.defining[o] = pos
@@ -295,14 +317,26 @@ class _Program:
       self.batch_values.update(eqn.outputs)
       for o in eqn.outputs:
         self.x_index[o] = j
-      signature.append((eqn.primitive.name, len(eqn.outputs), tuple(
-          self._describe(a) for a in eqn.inputs)))
-    self.signature = tuple(signature)
+    self._index()
+
+  def _index(self) -> None:
+    """``signature`` and ``uses`` from the order of ``x_eqns``."""
+    self.signature = tuple((self.eqns[pos].primitive.name, len(self.eqns[pos].outputs),
+                            tuple(self._describe(a) for a in self.eqns[pos].inputs))
+                           for pos in self.x_eqns)
     self.uses: dict[int, list[int]] = {}
     for j, pos in enumerate(self.x_eqns):
       for a in self.eqns[pos].inputs:
         if _is_var(a):
           self.uses.setdefault(a, []).append(j)
+
+  def reorder(self, order: list[int]) -> None:
+    """Puts the batch-dependent equations in ``order`` (old indices; a topological order)."""
+    new_index = {old: new for new, old in enumerate(order)}
+    self.x_eqns = [self.x_eqns[j] for j in order]
+    self.consumed = [self.consumed[j] for j in order]
+    self.x_index = {v: new_index.get(j, -1) for v, j in self.x_index.items()}
+    self._index()
 
   def _describe(self, a: Any) -> tuple:
     if not _is_var(a):
@@ -512,6 +546,235 @@ def _failing_module(error: BaseException) -> str:
   return path
 
 
+def _array_key(value: Any) -> tuple:
+  """A hashable key equal for two arrays exactly when their shapes, dtypes and values are."""
+  a = np.asarray(value)
+  return ("array", a.shape, str(a.dtype), a.tobytes())
+
+
+class _CanonicalForms:
+  """Forms of equation params and sub-jaxprs that are equal for programs equal up to renaming.
+
+  Two stages share one stage function when their programs are the same up
+  to the names of their variables (:meth:`_TracedGame.representatives`): the
+  shared function binds one stage's equations to the other's state and
+  params, so every part of an equation that its result depends on must be
+  compared, by value, not by object: the primitive, its params (nested
+  tuples, arrays by their bytes, sub-jaxprs by their own forms), the avals
+  and the context it is bound in. Objects that cannot be compared by value
+  (a Python callable such as a ``custom_vjp`` backward rule) are compared by
+  identity, so that stages holding distinct ones keep their own functions.
+  A ``custom_jvp_call``'s JVP rule is a thunk made afresh for every call: it
+  is compared through the JVP jaxpr it traces (with every tangent nonzero,
+  the only case whose jaxpr does not depend on which tangents the caller
+  has; a rule that asks for ``symbolic_zeros`` is compared by identity).
+  A JVP jaxpr may call the function again (``relu``'s does), so rules are
+  traced to ``jvp_orders`` levels (:data:`_JVP_ORDERS`): the derivatives of
+  the stage functions to that order are compared.
+
+  One instance per program: the forms of sub-jaxprs and constants are
+  computed once however many equations hold them. ``jvp_orders``: how many
+  levels of JVP rules are traced (0: none, the rules are left out).
+  """
+
+  def __init__(self, consts: dict, jvp_orders: int):
+    self._consts = consts
+    self._jvp_orders = jvp_orders
+    self._const_keys: dict[int, tuple] = {}
+    self._jaxprs: dict[tuple, tuple] = {}  # (id, order) -> (the jaxpr, kept alive; its form)
+    self._order = 0  # how many JVP rules the jaxpr being formed is nested in
+
+  def const(self, v: int) -> tuple:
+    if v not in self._const_keys:
+      self._const_keys[v] = ("const", _array_key(self._consts[v]))
+    return self._const_keys[v]
+
+  def value(self, v: Any) -> Any:
+    """The form of one equation param."""
+    if isinstance(v, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+      return self.jaxpr(v)
+    if isinstance(v, (np.ndarray, np.generic, jax.Array)):
+      return _array_key(v)
+    if isinstance(v, (tuple, list)):
+      return (type(v), tuple(self.value(e) for e in v))
+    if isinstance(v, dict):
+      return (dict, tuple((k, self.value(e)) for k, e in v.items()))
+    try:
+      hash(v)
+    except TypeError:
+      return ("object", id(v))
+    return (type(v), v)
+
+  def params(self, primitive: Any, params: dict, num_inputs: int) -> tuple:
+    """The form of an equation's params."""
+    form = []
+    for name, v in params.items():
+      if primitive.name == "custom_jvp_call" and name == "jvp_jaxpr_fun":
+        if self._order >= self._jvp_orders:
+          continue
+        if not params.get("symbolic_zeros", False):
+          v = self._jvp(v, num_inputs - params["num_consts"])
+      form.append((name, self.value(v)))
+    return tuple(form)
+
+  def _jvp(self, rule: Any, num_tangents: int) -> Any:
+    """A ``custom_jvp_call``'s JVP rule as (its jaxpr, its constants, its zero outputs)."""
+    try:
+      jaxpr, consts, out_zeros = rule.call_wrapped(*[False] * num_tangents)
+    except Exception:  # pylint: disable=broad-except  (compared by identity instead)
+      return rule
+    self._order += 1
+    try:
+      form = self.jaxpr(jaxpr)
+    finally:
+      self._order -= 1
+    return ("jvp", form, tuple(_array_key(c) for c in consts), tuple(out_zeros))
+
+  def jaxpr(self, j: Any) -> tuple:
+    """The form of a (closed) jaxpr: its equations with variables named by position."""
+    key = (id(j), self._order)
+    if key in self._jaxprs:
+      return self._jaxprs[key][1]
+    inner = j.jaxpr if isinstance(j, jex_core.ClosedJaxpr) else j
+    names = {v: ("const", n) for n, v in enumerate(inner.constvars)}
+    names.update((v, ("in", n)) for n, v in enumerate(inner.invars))
+    atom = lambda a: (("literal", a.aval, _array_key(a.val))
+                      if isinstance(a, jex_core.Literal) else names[a])
+    eqns = []
+    for e, eqn in enumerate(inner.eqns):
+      inputs = tuple(atom(a) for a in eqn.invars)
+      names.update((v, ("eqn", e, n)) for n, v in enumerate(eqn.outvars))
+      eqns.append((eqn.primitive, self.params(eqn.primitive, eqn.params, len(eqn.invars)),
+                   inputs, tuple(v.aval for v in eqn.outvars), eqn.ctx))
+    form = (tuple(v.aval for v in inner.constvars), tuple(v.aval for v in inner.invars),
+            tuple(eqns), tuple(atom(a) for a in inner.outvars),
+            tuple(_array_key(c) for c in getattr(j, "consts", ())))
+    self._jaxprs[key] = (j, form)
+    return form
+
+
+def _levels(prog: _Program, layers: list[tuple[int, int]], alignment: str,
+            statistics: frozenset = frozenset(),
+            reductions: frozenset = frozenset()) -> tuple[list, list]:
+  """The stage level of every layer and of every batch-dependent equation.
+
+  ``layers`` are the x-equation ranges of the layers, in program order. A
+  layer reads another when one of its equations reads, directly or through
+  parameter-free equations, a value the other's equations compute. With
+  ``"split"`` a layer plays at its depth, the longest chain of layers it
+  reads (as early as its inputs allow: a projection shortcut beside the
+  residual body's first layer); with ``"merge"`` at the deepest layer's
+  depth less the longest chain of layers that read it (as late as its users
+  allow: beside the body's last layer). Parallel branches of equal depth
+  play at one level either way (DGNOpt Fig. 3a, 10a). A parameter-free
+  equation plays at the latest level of the values it reads (an activation
+  or a pooling in the stage of the layer before it; what reads only the
+  input, in the first stage).
+
+  Returns:
+    (level per layer, the x-equations in stage order). No equation's level
+    is below the levels of the equations it reads, so the equations sorted
+    by level are in an order the program can run in. Within a level the
+    layers' equations come first, then the parameter-free equations reading
+    them (a layer at a level reads only lower levels, or parameter-free
+    equations on the input alone): the operations between the layers of one
+    stage are those of the layers, and a batch statistic of one branch does
+    not fall inside the stage's layers. Among the parameter-free equations,
+    the early statistics (:func:`_early_statistics`) come first, so that the
+    statistics of parallel branches (a residual body's and its projection
+    shortcut's BatchNorms) are one statistics stage; program order otherwise.
+  """
+  owner = {j: n for n, (first, last) in enumerate(layers) for j in range(first, last + 1)}
+
+  def producers(j: int) -> list[int]:
+    return [prog.x_index[a] for a in prog.eqns[prog.x_eqns[j]].inputs
+            if _is_var(a) and a in prog.batch_values and a not in prog.x_ids]
+
+  reads: list[set] = []  # per equation, the layers it reads through parameter-free equations
+  for j in range(len(prog.x_eqns)):
+    reads.append(set().union(*[{owner[i]} if i in owner else reads[i] for i in producers(j)]))
+  read_by_layer = [set() for _ in layers]
+  for j, n in owner.items():
+    read_by_layer[n] |= reads[j] - {n}
+  depth: list[int] = []
+  for n in range(len(layers)):
+    depth.append(1 + max((depth[m] for m in read_by_layer[n]), default=-1))
+  if alignment == "split":
+    layer_levels = depth
+  else:
+    height = [0] * len(layers)
+    for n in reversed(range(len(layers))):
+      for m in read_by_layer[n]:
+        height[m] = max(height[m], height[n] + 1)
+    layer_levels = [max(depth) - h for h in height]
+  eqn_levels: list[int] = []
+  for j in range(len(prog.x_eqns)):
+    eqn_levels.append(layer_levels[owner[j]] if j in owner else
+                      max((eqn_levels[i] for i in producers(j)), default=0))
+  count = len(prog.x_eqns)
+  after_layers = [j not in owner and any(layer_levels[n] == eqn_levels[j] for n in reads[j])
+                  for j in range(count)]
+  early = _early_statistics(prog, producers, owner, statistics, reductions)
+  # A topological order by (level, after the layers, not an early statistic, program order).
+  key = lambda j: (eqn_levels[j], after_layers[j], not early[j], j)
+  waiting = [len(set(producers(j))) for j in range(count)]
+  readers: dict[int, set] = {}
+  for j in range(count):
+    for i in set(producers(j)):
+      readers.setdefault(i, set()).add(j)
+  ready = [key(j) for j in range(count) if not waiting[j]]
+  heapq.heapify(ready)
+  order = []
+  while ready:
+    j = heapq.heappop(ready)[-1]
+    order.append(j)
+    for r in readers.get(j, ()):
+      waiting[r] -= 1
+      if not waiting[r]:
+        heapq.heappush(ready, key(r))
+  return layer_levels, order
+
+
+def _early_statistics(prog: _Program, producers: Callable, owner: dict, statistics: frozenset,
+                      reductions: frozenset) -> list[bool]:
+  """Per x-equation: whether it computes batch statistics before the batch first reads them.
+
+  ``statistics`` are the x-equations with an output without a batch axis,
+  ``reductions`` the batch reductions among them. A statistic is early when
+  it comes, in program order, before the first equation that reads on the
+  batch a statistic computed from the same reductions (a BatchNorm's mean
+  and variance come before ``x - mean``; ``rsqrt(var + eps)``, after it,
+  does not); a parameter-free equation whose values only early statistics
+  read (``x * x`` for a mean of squares) is early too. The statistics stage
+  of one BatchNorm then ends where the module-tree reader's ends, whichever
+  branch its BatchNorm is on.
+  """
+  count = len(prog.x_eqns)
+  roots: list[set] = [set() for _ in range(count)]  # the reductions a statistic is computed from
+  for j in sorted(statistics):
+    roots[j] = ({j} if j in reductions else set()).union(
+        *[roots[p] for p in producers(j) if p in statistics])
+  first_use: dict[int, int] = {}
+  for j in range(count):
+    if j not in statistics:
+      for p in producers(j):
+        if p in statistics:
+          for r in roots[p]:
+            first_use.setdefault(r, j)
+  outputs = {a for a in prog.out_ids if _is_var(a)}
+  early = [False] * count
+  for j in reversed(range(count)):
+    if j in owner:
+      continue
+    outs = prog.eqns[prog.x_eqns[j]].outputs
+    if j in statistics:
+      early[j] = j < min((first_use.get(r, count) for r in roots[j]), default=count)
+    else:
+      users = {u for o in outs for u in prog.uses.get(o, ())}
+      early[j] = bool(users) and not outputs.intersection(outs) and all(early[u] for u in users)
+  return early
+
+
 @dataclasses.dataclass(frozen=True)
 class _Tap:
   """Where a Kronecker player's pre-activation is: x-equation indices and its layer."""
@@ -525,8 +788,11 @@ class _Tap:
 class _TracedGame:
   """The cut of ``apply_fn``'s program into stages, and the stage functions' evaluator."""
 
-  def __init__(self, apply_fn: Callable, params: Params, example_input: Any):
+  def __init__(self, apply_fn: Callable, params: Params, example_input: Any,
+               alignment: str = "merge"):
     self.apply_fn = apply_fn
+    self.alignment = alignment
+    self._order: Optional[list[int]] = None
     self.params_avals = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p),
                                                                     jnp.result_type(p)),
                                      params)
@@ -558,6 +824,10 @@ class _TracedGame:
         if hasattr(example.avals[va], "shape") and
         not _batch_axes(example.avals[va], other.avals[vb])}
     self._cut(example, other)
+    # Stage k is evaluated by the plan of stage representative[k]; every later
+    # trace (another batch size) must group the stages alike.
+    self.representative = self._representatives(example)
+    self._check_representatives(other, f"batch size {self.other_batch}")
 
   # -- traces ---------------------------------------------------------------
 
@@ -574,9 +844,13 @@ class _TracedGame:
             f"without an rng ({e}); dropout in train mode is not supported by traced games "
             "yet: apply the model with deterministic=True (or train=False for its dropout)"
         ) from e
+      if self._order is not None:
+        prog.reorder(self._order)
       if self._programs:
         self._check_same(prog, f"batch size {batch}")
       self._programs[batch] = prog
+      if hasattr(self, "representative"):
+        self._check_representatives(prog, f"batch size {batch}")
     return self._programs[batch]
 
   def _check_same(self, prog: _Program, what: str) -> None:
@@ -595,6 +869,78 @@ class _TracedGame:
         f"from_function: traced at {what}, apply_fn has {len(prog.signature)} operations on "
         f"the batch, the example batch (size {self.batch}) {len(example.signature)}; the "
         "stages need a program whose operations do not depend on the batch size")
+
+  # -- stages with the same program ------------------------------------------
+
+  def _stage_form(self, prog: _Program, k: int, forms: _CanonicalForms) -> tuple:
+    """Stage ``k``'s program up to the names of its values: equal for stages one function computes.
+
+    Values are named by their role: the ``n``-th array of the incoming state,
+    leaf ``m`` of the stage's ``n``-th player (by position in its params
+    subtree), the ``n``-th output of the stage's ``e``-th equation, a constant
+    or a literal by its value. Two stages with equal forms evaluate the same
+    equations on the same kinds of values and hand on the same layout of
+    values, so that one stage's plan evaluated on the other's state and
+    params computes the other stage (:meth:`evaluate`). The taps (which
+    equation, which player, which layer input) and the first and last stage's
+    own handling of the input and output are part of the form.
+    """
+    inputs, eqns, positions, outputs, taps, leaf_ids = self._plan(prog, k)
+    names = {v: ("state", n) for n, v in enumerate(inputs)}
+    for n, ids in enumerate(leaf_ids):
+      names.update((v, ("theta", n, m)) for m, v in enumerate(ids))
+
+    def atom(a):
+      if not _is_var(a):
+        return ("literal", a.aval, _array_key(a.val))
+      if a in names:
+        return names[a]
+      return forms.const(a)  # every other value a stage reads is a constant
+
+    body = []
+    for e, (pos, eqn) in enumerate(zip(positions, eqns)):
+      args = tuple(atom(a) for a in eqn.inputs)
+      names.update((o, ("eqn", e, n)) for n, o in enumerate(eqn.outputs))
+      tap = taps.get(pos)
+      body.append((eqn.primitive, forms.params(eqn.primitive, eqn.params, len(eqn.inputs)),
+                   args, tuple(prog.avals[o] for o in eqn.outputs), eqn.ctx,
+                   tap and (tap[0], atom(tap[1]), tap[2])))
+    return (k == 0, k == len(self.units) - 1, self.kinds[k], tuple(prog.avals[v] for v in inputs),
+            tuple(tuple(prog.avals[v] for v in ids) for ids in leaf_ids), tuple(body),
+            tuple(atom(a) for a in outputs))
+
+  def _representatives(self, prog: _Program) -> list[int]:
+    """Per stage, the first stage whose program is the same up to renaming (:meth:`_stage_form`).
+
+    Stages with one representative get one stage function object, so that
+    :func:`segments.plan_segments` solves a run of them (equal layers, or the
+    stages of equal blocks) with ``lax.scan``. Each stage's form is computed
+    once, in one pass over its equations (sub-jaxprs once per program).
+    """
+    forms = _CanonicalForms(prog.consts, _JVP_ORDERS)
+    first: dict[tuple, int] = {}
+    return [first.setdefault(self._stage_form(prog, k, forms), k)
+            for k in range(len(self.units))]
+
+  def _check_representatives(self, prog: _Program, what: str) -> None:
+    """Raises a ``ValueError`` unless every stage's program in ``prog`` is its representative's.
+
+    The custom JVP rules, compared on the example's trace, are the same
+    Python rules traced at another batch size: they are not traced again.
+    """
+    forms = _CanonicalForms(prog.consts, 0)
+    of_representative = {}
+    for k, r in enumerate(self.representative):
+      if r == k:
+        continue
+      if r not in of_representative:
+        of_representative[r] = self._stage_form(prog, r, forms)
+      if self._stage_form(prog, k, forms) != of_representative[r]:
+        raise ValueError(
+            f"from_function: traced at {what}, stage {k} "
+            f"({', '.join(self._name(u) for u in self.units[k])}) computes differently from "
+            f"stage {r}, whose program it has on the example batch (size {self.batch}); the "
+            "stages need a program whose operations do not depend on the batch size")
 
   # -- players and stages -----------------------------------------------------
 
@@ -681,7 +1027,27 @@ class _TracedGame:
         groups[-1][2].append(u)
       else:
         groups.append([first, last, [u]])
-    self._stages(prog, groups)
+    # Layers at one level share a stage; the equations are put in stage order.
+    layer_levels, order = _levels(prog, [(g[0], g[1]) for g in groups], self.alignment,
+                                  frozenset(j for j, _ in self.statistics),
+                                  frozenset(self.reductions))
+    new_index = {old: new for new, old in enumerate(order)}
+    if order != list(range(len(order))):
+      self._order = order
+      for p in (prog, other):
+        p.reorder(order)
+      consumers = {}
+      for j, leaves in enumerate(prog.consumed):
+        for i in leaves:
+          consumers.setdefault(i, []).append(j)
+      self.reductions = {new_index[r] for r in self.reductions}
+      self.statistics = {(new_index[j], o) for j, o in self.statistics}
+    levels: dict[int, list] = {}
+    for (first, last, us), level in zip(groups, layer_levels):
+      merged = levels.setdefault(level, [new_index[first], new_index[last], []])
+      merged[0], merged[1] = min(merged[0], new_index[first]), max(merged[1], new_index[last])
+      merged[2].extend(us)
+    self._stages(prog, [levels[level] for level in sorted(levels)])
     self.unit_leaves = units
     # States between stages must carry the batch on axis 0 alone (statistics:
     # one copy per sample).
@@ -862,6 +1228,12 @@ class _TracedGame:
           p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
         return None
       padding = tuple(tuple(int(e) for e in pair) for pair in p["padding"])
+      # Named where it is one (the Kronecker curvatures join "SAME" convolutions of a stage).
+      spatial, window = prog.avals[lhs].shape[1:3], kernel.shape[:2]
+      for name in ("SAME", "VALID"):
+        if padding == tuple(jax.lax.padtype_to_pads(spatial, window, p["window_strides"], name)):
+          padding = name
+          break
       layer = games_lib.Conv2D(int(features), tuple(int(s) for s in kernel.shape[:2]),
                                tuple(int(s) for s in p["window_strides"]), padding, None,
                                "bias" in theta)
@@ -934,9 +1306,18 @@ class _TracedGame:
                           leaf_ids)
     return self._plans[key]
 
+  def _alike(self, k: int, name: str) -> str:
+    """``name`` (of a part of stage ``k``) and the stages sharing stage ``k``'s function, for errors."""
+    others = self.representative.count(k) - 1
+    return name + (f" (or its counterpart in one of {others} stages with the same program)"
+                   if others else "")
+
   def evaluate(self, k: int, state: Any, thetas: tuple, exact: bool = False) -> Any:
     """Stage ``k``'s function: its equations on the incoming state and its players' params.
 
+    It is also the function of every stage whose representative is ``k``
+    (:meth:`_representatives`): those stages' programs are stage ``k``'s up to
+    renaming, so stage ``k``'s equations on their states and params compute them.
     A statistics stage hands its statistics on as one copy per sample, under
     ``jax.lax.stop_gradient`` unless ``exact`` (its ``gradient_fn``). A stage
     whose state holds statistics is evaluated sample by sample: ``jax.vmap``
@@ -961,7 +1342,8 @@ class _TracedGame:
       running_averages.record(self.update_collections)
     inputs, outputs = self._plan(prog, k)[0], self._plan(prog, k)[3]
     if len(leaves) != len(inputs):
-      raise ValueError(f"stage {k} expects a state of {len(inputs)} arrays, got {len(leaves)}")
+      raise ValueError(f"{self._alike(k, f'stage {k}')} expects a state of {len(inputs)} "
+                       f"arrays, got {len(leaves)}")
     if self.kinds[k] == _PER_SAMPLE:
       copies = [self.is_statistic(prog, v) for v in inputs]
 
@@ -987,13 +1369,14 @@ class _TracedGame:
     inputs, eqns, positions, outputs, taps, leaf_ids = self._plan(prog, k)
     env = dict(prog.consts)
     env.update(zip(inputs, leaves))
-    for ids, theta, unit in zip(leaf_ids, thetas, self.units[k]):
+    for n, (ids, theta) in enumerate(zip(leaf_ids, thetas)):
       values = jax.tree.leaves(theta)
       want = [prog.avals[i] for i in ids]
       if [(np.shape(v), jnp.result_type(v)) for v in values] != [(a.shape, a.dtype)
                                                                   for a in want]:
         raise TypeError(
-            f"the params of player {self._name(unit)!r} have shapes and dtypes "
+            f"the params of {self._alike(k, f'player {self._name(self.units[k][n])!r}')} have "
+            "shapes and dtypes "
             f"{[(np.shape(v), str(jnp.result_type(v))) for v in values]}; apply_fn was traced "
             f"on {[(a.shape, str(a.dtype)) for a in want]}")
       env.update(zip(ids, values))
@@ -1022,7 +1405,7 @@ class _TracedGame:
 
 def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, example_input: Any,
                   loss: losses_lib.LossLike = "softmax_cross_entropy", *,
-                  weight_decay: float = 0.0) -> games_lib.Game:
+                  weight_decay: float = 0.0, alignment: str = "merge") -> games_lib.Game:
   """The game a JAX function defines, traced on an example batch (module docstring).
 
   Args:
@@ -1042,10 +1425,16 @@ def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, exampl
       its per-sample shape is the game's ``input_shape`` when it is one array.
     loss: terminal loss name, :class:`TerminalLoss` or per-sample callable.
     weight_decay: stage-cost coefficient ``weight_decay/2 |theta|^2`` of every player.
+    alignment: at which level a layer on a shorter parallel path plays:
+      ``"merge"`` as late as the layers reading it allow (a residual block's
+      projection shortcut beside the body's last layer), ``"split"`` as
+      early as its inputs allow (beside the first; DGNOpt Fig. 10a).
+      Parallel layers of equal depth (inception branches, attention's
+      query, key and value projections) share a stage either way.
 
   Returns:
-    A :class:`games.Game` on ``params``: one stage per layer, one player per
-    params subtree a layer consumes, and a statistics stage (named
+    A :class:`games.Game` on ``params``: one stage per level of layers, one
+    player per params subtree a layer consumes, and a statistics stage (named
     ``"statistics"``, with a ``gradient_fn``) per group of batch statistics;
     ``game.apply(params, x)`` equals ``apply_fn(params, x)`` (its outputs).
     It has no ``init`` (``params`` are given).
@@ -1062,17 +1451,25 @@ def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, exampl
   """
   if not callable(apply_fn):
     raise TypeError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
-  traced = _TracedGame(apply_fn, params, example_input)
-  stages = []
+  if alignment not in games_lib.RESIDUAL_ALIGNMENTS:
+    raise ValueError(f"alignment must be one of {games_lib.RESIDUAL_ALIGNMENTS}, got "
+                     f"{alignment!r}")
+  traced = _TracedGame(apply_fn, params, example_input, alignment)
+  stages, fns = [], {}
   for k, units in enumerate(traced.units):
     players = tuple(games_lib.Player(u, weight_decay,
                                      traced.taps[(k, n)].layer if (k, n) in traced.taps else None)
                     for n, u in enumerate(units))
-    fn = _stage_fn(traced, k)
+    # Stages with the same program share one function (one scanned body).
+    rep = traced.representative[k]
     statistics = traced.kinds[k] == _STATISTICS
+    if rep == k:
+      fns[k] = (_stage_fn(traced, k),
+                _stage_fn(traced, k, exact=True) if statistics else None)
+    fn, gradient_fn = fns[rep]
     stages.append(games_lib.Stage(
         fn, players, "statistics" if statistics else "+".join(p.name for p in players),
-        gradient_fn=_stage_fn(traced, k, exact=True) if statistics else None))
+        gradient_fn=gradient_fn))
   input_shape = (tuple(traced.x_avals[0].shape[1:])
                  if jax.tree_util.treedef_is_leaf(traced.x_tree) else None)
   return games_lib.Game(tuple(stages), losses_lib.get_loss(loss), None, input_shape)
