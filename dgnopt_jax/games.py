@@ -27,10 +27,11 @@ from dgnopt_jax._src.networks import IMAGE_NETWORKS
 from dgnopt_jax._src.networks import NETWORKS
 from dgnopt_jax._src.networks import network_from_name
 from dgnopt_jax._src.traced_games import from_function
+from dgnopt_jax._src.traced_games import per_sample_rngs
 
 __all__ = ["AvgPool", "Conv2D", "Dense", "Flatten", "Game", "InceptionBlock", "Parallel",
            "Player", "RESIDUAL_ALIGNMENTS", "ResidualBlock", "Stage", "get_activation",
            "get_path", "sequential", "stage", "collapse_params", "fictitious", "split_params",
-           "from_flax", "from_function", "from_nnx", "update_batch_stats", "UnsupportedModuleError", "IMAGE_NETWORKS",
+           "from_flax", "from_function", "from_nnx", "per_sample_rngs", "update_batch_stats", "UnsupportedModuleError", "IMAGE_NETWORKS",
            "NETWORKS", "network_from_name"]
 

@@ -87,6 +87,14 @@ _SLOW_CHECKS = frozenset({
     "tests/test_alignment.py::test_per_alignment_states_when_the_stages_differ",
     "tests/test_from_flax.py::test_updates_equal_hand_written_game[residual-gr-identity]",
     "tests/test_benchmark_scripts.py::test_resnet18_throughput_writes_its_record",
+    "tests/test_model_zoo.py::test_steps_equal_dense_reference[plain_mlp-gr-kfac]",
+    "tests/test_model_zoo.py::test_steps_equal_dense_reference[compact_mlp-gr-rmsprop]",
+    "tests/test_model_zoo.py::test_steps_equal_dense_reference[compact_cnn-fne-identity]",
+    "tests/test_model_zoo.py::test_steps_equal_dense_reference[setup_mlp-gr-identity]",
+    "tests/test_model_zoo.py::test_steps_equal_dense_reference[setup_projection-gr-identity]",
+    "tests/test_model_zoo.py::test_steps_equal_dense_reference[attention-gr-identity]",
+    "tests/test_traced_games.py::test_token_rows_are_kronecker_players_equal_to_the_reference[fne-ekfac]",
+    "tests/test_dropout.py::test_steps_equal_dense_reference[fne-identity]",
 })
 
 

@@ -68,8 +68,9 @@ def test_open_loop_equals_optax(name):
   h.assert_open_loop_equals_optax(game, params, loss, data, one_trajectory=name == "resnet18")
 
 
-# One FNE and one GR step per model in the default run (the transformer's with -m slow);
-# the others with -m slow.
+# In the default run a step of each model, FNE and GR each on several (the
+# BatchNorm CNN's, ResNet18's and the transformer's with -m slow; tests/conftest.py
+# marks more slow); the others with -m slow.
 @pytest.mark.parametrize("name,principle,curvature", [
     ("plain_mlp", "fne", "kfac"), ("plain_mlp", "gr", "kfac"),
     ("compact_mlp", "fne", "adam"), ("compact_mlp", "gr", "rmsprop"),

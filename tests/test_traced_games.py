@@ -127,6 +127,29 @@ def test_batch_merged_with_other_axes_is_a_generic_player():
   assert [p.layer for p in game.players] == [None, G.Dense(3, None, use_bias=False)]
 
 
+@pytest.mark.parametrize("principle,curvature", [("gr", "kfac"), ("fne", "ekfac")])
+def test_token_rows_are_kronecker_players_equal_to_the_reference(principle, curvature):
+  """``nn.Dense`` on (B, T, K): each row an output position; the step equals the dense reference."""
+
+  class Tokens(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      hidden = nn.tanh(nn.Dense(3)(x))  # (B, T, 3)
+      return nn.Dense(3)(jnp.mean(nn.tanh(nn.Dense(2)(hidden)), axis=1))
+
+  model, (x, y) = Tokens(), h.classification_batch((4, 2), 3)
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) + 0.1,
+                        model.init(jax.random.PRNGKey(0), x))
+  game = G.from_function(model.apply, params, x)
+  assert [p.layer for p in game.players] == [G.Dense(3, None, rows=True),
+                                             G.Dense(2, None, rows=True), G.Dense(3, None)]
+  make = dgnopt.gr if principle == "gr" else dgnopt.fne
+  tx = make(game, 0.1, curvature, damping=0.5, vxx_reg=1e-2)
+  h.assert_steps_match_reference(tx, game, params, (x, y), 2, learning_rate=0.1,
+                                 curvature=curvature, damping=0.5, vxx_reg=1e-2,
+                                 principle=principle)
+
+
 def test_root_leaves_and_bias_share_a_stage():
   """Flat params: each leaf a player; a bias added to a product joins its stage."""
 

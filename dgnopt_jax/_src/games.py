@@ -93,12 +93,23 @@ class Dense:
   ``f_theta^T z = [a (x) g, g]`` with ``a = flatten(x)`` and
   ``g = activation'(h) * z``, which the solver uses to form per-sample
   quadratic forms without materialising per-sample gradients.
+
+  With ``rows=True`` it acts on the last axis of a ``(B, ..., K)`` state
+  (Flax's ``nn.Dense`` on token rows, ``(B, T, K) -> (B, T, O)``): every
+  row ``p`` is an output position, as a convolution's, and the per-sample
+  derivative is ``sum_p a_p (x) g_p`` (the rows' Kronecker statistics
+  ``a`` (B, P, K), ``g`` (B, P, O); GT-DDP eq. 43).
   """
 
   features: int
   activation: Union[str, Callable, None] = None
   use_bias: bool = True
-  kind = "dense"
+  rows: bool = False
+
+  @property
+  def kind(self) -> str:
+    """``"dense"`` (one row per sample) or ``"rows"`` (one per output position)."""
+    return "rows" if self.rows else "dense"
 
   def __post_init__(self):
     _check_layer(self, features=self.features)
@@ -108,14 +119,15 @@ class Dense:
     return "dense"
 
   def init(self, key: Array, in_shape: tuple[int, ...], dtype=jnp.float32):
-    fan_in = math.prod(in_shape)
+    fan_in = in_shape[-1] if self.rows else math.prod(in_shape)
     params = {"kernel": _lecun_normal(key, (fan_in, self.features), fan_in, dtype)}
     if self.use_bias:
       params["bias"] = jnp.zeros((self.features,), dtype)
-    return params, (self.features,)
+    out_shape = tuple(in_shape[:-1]) if self.rows else ()
+    return params, out_shape + (self.features,)
 
   def linear_input(self, x: Array) -> Array:
-    return x.reshape(x.shape[0], -1)
+    return x if self.rows else x.reshape(x.shape[0], -1)
 
   def preactivation(self, params: Params, x: Array) -> Array:
     h = self.linear_input(x) @ params["kernel"]

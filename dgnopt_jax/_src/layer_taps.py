@@ -153,7 +153,8 @@ def per_sample_kernel_gradients(layer: Any, x: jax.Array, output_grads: jax.Arra
 def kernel_rows(layer: Any, x: jax.Array, bias_column: bool = False) -> jax.Array:
   """The layer's inputs, (B, P, K): ``h_p = a_p kernel.reshape(K, O)``.
 
-  For a convolution, the image patches in ``kernel.reshape(-1, O)`` order,
+  For a dense layer one row (P = 1), on token rows its rows; for a
+  convolution, the image patches in ``kernel.reshape(-1, O)`` order,
   built from ``kh * kw`` strided slices of the padded input (copies only):
   ``lax.conv_general_dilated_patches`` computes the same as a convolution
   with a one-hot kernel, ``kh * kw * C`` times more arithmetic.
@@ -161,8 +162,9 @@ def kernel_rows(layer: Any, x: jax.Array, bias_column: bool = False) -> jax.Arra
   """
   if layer.kind == "conv":
     parts = _padded_windows(x, layer.kernel_size, layer.strides, layer.padding)
-  else:
-    parts = [layer.linear_input(x)[:, None, :]]
+  else:  # one row per sample (dense), or the rows of a (B, ..., K) state (rows)
+    a = layer.linear_input(x)
+    parts = [a.reshape(a.shape[0], -1, a.shape[-1])]
   if bias_column:
     parts.append(jnp.ones(parts[0].shape[:-1] + (1,), parts[0].dtype))
   a = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
@@ -220,7 +222,7 @@ def matrix_shape(theta: Params) -> tuple[int, int]:
 def has_kronecker_structure(player: Any, theta: Params) -> bool:
   """Whether ``player`` is a ready-made dense/conv layer whose params it owns whole."""
   layer = getattr(player, "layer", None)
-  if getattr(layer, "kind", None) not in ("dense", "conv"):
+  if getattr(layer, "kind", None) not in ("dense", "rows", "conv"):
     return False
   return isinstance(theta, dict) and set(theta) == ({"kernel", "bias"} if layer.use_bias
                                                      else {"kernel"})

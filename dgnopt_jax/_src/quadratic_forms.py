@@ -386,7 +386,8 @@ def player(curvature: Any, player_: games_lib.Player, f: lin.Linearised, n: int,
   """
   theta = f.thetas[n]
   inv_diag = curvature.inverse_diagonal(step, damping, theta)
-  if inv_diag is not None and isinstance(player_.layer, games_lib.Dense):
+  if (inv_diag is not None and isinstance(player_.layer, games_lib.Dense) and
+      player_.layer.kind == "dense"):  # one row per sample: a g^T is rank one
     if f.fn is games_lib.layer_stage_fn(player_.layer):
       return dense_layer(player_.layer, theta, f.x, factor_next, inv_diag)
     if layer_taps.has_kronecker_structure(player_, theta):

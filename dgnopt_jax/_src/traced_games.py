@@ -35,11 +35,13 @@ a game (DGNOpt §3.1, eq. 3):
   state is the input ``x``, the last stage's output is the model's output.
 * **Kronecker structure.** A player whose params are ``{"kernel"[, "bias"]}``
   and whose kernel is the right operand of a ``dot_general`` contracting the
-  last axis of a ``(B, K)`` input with a ``(K, O)`` kernel (``nn.Dense``,
-  ``x @ W + b``), or of a ``conv_general_dilated`` on NHWC inputs with an HWIO
-  kernel (``nn.Conv``), the input's rows being the samples, the kernel used
-  as it is (or converted to another dtype), its bias (if any) broadcast over
-  the last axis and added to that product alone, gets a :class:`games.Dense` /
+  last axis of a ``(B, K)`` or ``(B, ..., K)`` input with a ``(K, O)`` kernel
+  (``nn.Dense``, ``x @ W + b``, on token rows too), or of a
+  ``conv_general_dilated`` on NHWC inputs with an HWIO kernel (``nn.Conv``),
+  the input's leading axis being the samples, the kernel used as it is (or
+  converted to another dtype), its bias (if any) broadcast over the last axis
+  and added to that product alone, gets a :class:`games.Dense` (``rows=True``
+  on token rows: each row an output position, GT-DDP eq. 43) /
   :class:`games.Conv2D` ``layer``; the stage function passes the product's
   input and the pre-activation through :func:`layer_taps.tap`, so that the
   Kronecker curvatures find their statistics as for the ready-made layers.
@@ -116,10 +118,12 @@ exception:
   recognised by a second item laid out as those collections of ``params``):
   the game's output is the first item, and :func:`games.update_batch_stats`
   replaces the collections by the second, Flax's own running averages.
-* **Random draws.** Dropout in train mode is not supported yet: without an
-  rng Flax's error is reported with the module's path, and random numbers of
-  a batch-sized shape drawn from a key ``apply_fn`` holds are an error (the
-  stages are evaluated at other batch sizes, where that key draws others).
+* **Random draws.** Random numbers must be a function of each sample alone:
+  drawn from keys of the batch (:func:`per_sample_rngs`: one key per sample
+  from a seed in the batch), they are. Without an rng Flax's error is
+  reported with the module's path, and random numbers of a batch-sized
+  shape drawn from a key ``apply_fn`` holds are an error (the stages are
+  evaluated at other batch sizes, where that key draws others).
 
 A stage function is evaluated by binding its equations in order
 (``primitive.bind``, as ``jax.core.eval_jaxpr``). The solver calls stage
@@ -128,10 +132,11 @@ functions on other batch sizes (and on single samples under ``vmap``), so
 batch-dependent part of that trace must match the example's equation by
 equation. The first stage reads its input in the example's dtypes: the
 solver hands the input over as floats where it differentiates through the
-states, and integer inputs (token ids) are converted back.
+states, and integer inputs (token ids) are converted back. Later states are
+floats too: a boolean (a dropout mask) as 0/1, an integer as its two 16-bit
+halves (:func:`_encoded`), read back by the stage that takes them.
 
-Not yet done: dropout in train mode (an rng carried in the batch),
-and params shared by two layers (an error naming the leaf). Flax NNX modules
+Not yet done: params shared by two layers (an error naming the leaf). Flax NNX modules
 are traced through ``nnx.merge`` by :mod:`nnx_games`.
 """
 
@@ -139,7 +144,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from flax import errors as flax_errors
 import flax.linen as nn
@@ -524,14 +529,52 @@ def _check_random_draws(prog_a: _Program, prog_b: _Program) -> None:
   if len(prog_a.eqns) != len(prog_b.eqns):
     return
   for ea, eb in zip(prog_a.eqns, prog_b.eqns):
+    if any(_is_var(a) and a in prog_a.batch_values for a in ea.inputs):
+      continue  # keys of the batch: each sample's numbers come from its own key
     if ea.primitive.name in _RANDOM and ea.primitive.name == eb.primitive.name and any(
         prog_a.avals[a].shape != prog_b.avals[b].shape for a, b in zip(ea.outputs, eb.outputs)):
       raise ValueError(
           f"from_function: {ea.primitive.name} at {ea.where} draws random numbers whose shape "
           "follows the batch from a key apply_fn holds (dropout with rngs={'dropout': key}?); "
           "the stages are evaluated on other batch sizes and single samples, where that key "
-          "draws other numbers, so dropout in train mode is not supported by traced games "
-          "yet: apply the model with deterministic=True")
+          "draws other numbers: give each sample its own key from a seed in the batch "
+          "(games.per_sample_rngs), or apply the model with deterministic=True")
+
+
+def _encoded(value: Array, dtype: Any, stage: str) -> Array:
+  """A state value as floats of ``dtype``, exactly: the solver's states are float arrays.
+
+  Floats pass unchanged; a boolean (a dropout mask) becomes 0/1; an integer
+  of at most 32 bits (a per-sample seed, a token id) its high and low 16
+  bits on a new last axis, exact in any float type. :func:`_decoded` inverts
+  it. The solver differentiates through these floats; the stage that reads
+  them converts them back, so their derivatives are zero.
+  """
+  kind = jnp.result_type(value)
+  if jnp.issubdtype(kind, jnp.floating):
+    return value
+  if kind == jnp.bool_:
+    return value.astype(dtype)
+  if jnp.issubdtype(kind, jnp.integer) and np.dtype(kind).itemsize <= 4:
+    bits = jax.lax.convert_element_type(value, jnp.uint32)
+    return jnp.stack([bits >> 16, bits & 0xFFFF], axis=-1).astype(dtype)
+  raise TypeError(f"from_function: {stage} hands on a value of dtype {kind} to the next "
+                  "stage; states are floats, booleans or integers of at most 32 bits (a "
+                  "PRNG key: derive it in the stage that draws from it, from a per-sample "
+                  "seed in the batch)")
+
+
+def _decoded(value: Array, dtype: Any) -> Array:
+  """The state value :func:`_encoded` made floats of, back in the program's ``dtype``."""
+  if jnp.result_type(value) == dtype:
+    return value
+  if dtype == jnp.bool_:
+    return value > 0.5
+  if jnp.issubdtype(dtype, jnp.integer):
+    halves = jnp.round(value).astype(jnp.uint32)
+    bits = (halves[..., 0] << 16) | halves[..., 1]
+    return jax.lax.convert_element_type(bits, dtype)
+  return value
 
 
 def _failing_module(error: BaseException) -> str:
@@ -841,8 +884,9 @@ class _TracedGame:
       except flax_errors.InvalidRngError as e:
         raise ValueError(
             f"from_function: the module at {_failing_module(e)!r} draws random numbers "
-            f"without an rng ({e}); dropout in train mode is not supported by traced games "
-            "yet: apply the model with deterministic=True (or train=False for its dropout)"
+            f"without an rng ({e}); for dropout in train mode give each sample its own key "
+            "from a seed in the batch (games.per_sample_rngs), or apply the model with "
+            "deterministic=True (or train=False for its dropout)"
         ) from e
       if self._order is not None:
         prog.reorder(self._order)
@@ -1215,11 +1259,13 @@ class _TracedGame:
     features = kernel.shape[-1]
     p = eqn.params
     if eqn.primitive.name == "dot_general":
-      if (len(kernel.shape) != 2 or len(prog.avals[lhs].shape) != 2 or lhs_axes != {0} or
-          tuple(map(tuple, p["dimension_numbers"][0])) != ((1,), (0,)) or
+      # x @ kernel on the last axis: (B, K) one row per sample, (B, ..., K) rows.
+      rank = len(prog.avals[lhs].shape)
+      if (len(kernel.shape) != 2 or rank < 2 or lhs_axes != {0} or
+          tuple(map(tuple, p["dimension_numbers"][0])) != ((rank - 1,), (0,)) or
           any(p["dimension_numbers"][1])):
         return None
-      layer = games_lib.Dense(int(features), None, "bias" in theta)
+      layer = games_lib.Dense(int(features), None, "bias" in theta, rows=rank > 2)
     elif eqn.primitive.name == "conv_general_dilated":
       dn = p["dimension_numbers"]
       if (len(kernel.shape) != 4 or lhs_axes != {0} or
@@ -1344,6 +1390,8 @@ class _TracedGame:
     if len(leaves) != len(inputs):
       raise ValueError(f"{self._alike(k, f'stage {k}')} expects a state of {len(inputs)} "
                        f"arrays, got {len(leaves)}")
+    if k > 0:
+      leaves = [_decoded(a, prog.avals[v].dtype) for a, v in zip(leaves, inputs)]
     if self.kinds[k] == _PER_SAMPLE:
       copies = [self.is_statistic(prog, v) for v in inputs]
 
@@ -1362,6 +1410,10 @@ class _TracedGame:
                 for a, v in zip(values, outputs)]
     if k == len(self.units) - 1:
       return jax.tree.unflatten(prog.out_tree, values)
+    floats = [jnp.result_type(a) for a in jax.tree.leaves((values, thetas))
+              if jnp.issubdtype(jnp.result_type(a), jnp.floating)]
+    dtype = jnp.result_type(*floats) if floats else jnp.float32
+    values = [_encoded(a, dtype, self._alike(k, f"stage {k}")) for a in values]
     return values[0] if len(values) == 1 else tuple(values)
 
   def _run(self, prog: _Program, k: int, leaves: list, thetas: tuple) -> list:
@@ -1473,6 +1525,48 @@ def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, exampl
   input_shape = (tuple(traced.x_avals[0].shape[1:])
                  if jax.tree_util.treedef_is_leaf(traced.x_tree) else None)
   return games_lib.Game(tuple(stages), losses_lib.get_loss(loss), None, input_shape)
+
+
+def per_sample_rngs(apply_fn: Callable, names: Sequence[str] = ("dropout",),
+                    seed: int = 0) -> Callable:
+  """``apply_fn(params, x, rngs=...)`` as a traceable ``f(params, (x, seeds))``: dropout from the batch.
+
+  A traced game's stages are evaluated on other batch sizes and on single
+  samples, so its random numbers must be a function of each sample alone.
+  ``f`` evaluates sample ``i`` on its own (``jax.vmap`` over the batch, a
+  batch of one inside), with the key ``fold_in(fold_in(key(seed), n),
+  seeds[i])`` for the ``n``-th name of ``names`` (Flax's ``rngs=`` dict).
+  ``seeds`` is an integer array of shape ``(batch,)`` in the batch; give
+  every sample of every step its own (``step * batch + arange(batch)``):
+  the same seeds draw the same masks, in the forward pass and the rollout
+  of one step alike. The solver carries the batch in floats, so seeds are
+  below ``2**24`` (exact in float32).
+
+  The per-sample products are players without the Kronecker structure
+  (``kfac``/``ekfac`` give them the diagonal of the empirical Fisher).
+
+  Args:
+    apply_fn: ``apply_fn(params, x, rngs={name: key, ...})``, e.g. a Flax
+      ``model.apply`` (``functools.partial`` for more arguments).
+    names: the rng collections to key (Flax's ``"dropout"``).
+    seed: the base key's seed.
+
+  Returns:
+    ``f(params, (x, seeds))``: ``apply_fn``'s outputs for the batch ``x``.
+  """
+  base = jax.random.PRNGKey(seed)
+
+  def one(params: Params, x: Any, sample_seed: Array) -> Any:
+    rngs = {name: jax.random.fold_in(jax.random.fold_in(base, n), sample_seed)
+            for n, name in enumerate(names)}
+    one_sample = jax.tree.map(lambda a: a[None], x)
+    return jax.tree.map(lambda a: a[0], apply_fn(params, one_sample, rngs=rngs))
+
+  def with_seeds(params: Params, inputs: tuple) -> Any:
+    x, seeds = inputs
+    return jax.vmap(one, in_axes=(None, 0, 0))(params, x, seeds)
+
+  return with_seeds
 
 
 def _stage_fn(traced: _TracedGame, k: int, exact: bool = False) -> Callable:
