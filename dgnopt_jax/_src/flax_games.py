@@ -6,7 +6,8 @@ makes (``{"params": ...}``, with ``"batch_stats"`` when there is BatchNorm),
 so ``model.apply(params, x)`` keeps working and checkpoints are
 interchangeable. No stage function is written by hand.
 
-What is read (the structure is taken from the module tree, not traced):
+What is read (the structure is taken from the module tree, not traced; any
+other module is traced, :func:`_traced`):
 
 * containers: ``nn.Sequential`` and :class:`models.Chain` (a chain of
   stages), :class:`models.Residual` and :class:`models.Branches` (parallel
@@ -86,6 +87,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Callable, Sequence
 
 from flax import nnx
@@ -99,6 +101,7 @@ from dgnopt_jax._src import guards
 from dgnopt_jax._src import losses as losses_lib
 from dgnopt_jax._src import nnx_games
 from dgnopt_jax._src import running_averages
+from dgnopt_jax._src import traced_games
 
 Array = jax.Array
 Params = Any
@@ -633,8 +636,14 @@ def _layer(ctx: _Context, layer: Any, x, path: Path, train: bool | None
 
 
 def _call_kwargs(model: nn.Module, train: bool) -> dict:
-  return {"train": train} if isinstance(model, (flax_blocks.Chain, flax_blocks.Residual,
-                                                flax_blocks.Branches)) else {}
+  """``{"train": train}`` for this library's containers and modules whose ``__call__`` names ``train``."""
+  if isinstance(model, (flax_blocks.Chain, flax_blocks.Residual, flax_blocks.Branches)):
+    return {"train": train}
+  try:
+    named = "train" in inspect.signature(type(model).__call__).parameters
+  except (TypeError, ValueError):
+    named = False
+  return {"train": train} if named else {}
 
 
 def _leaf_paths(tree: Any) -> list[Path]:
@@ -652,17 +661,29 @@ def from_flax(model: nn.Module, example_input: Array | jax.ShapeDtypeStruct,
   the pure ``nnx.State`` of its ``nnx.Param`` variables); ``train``,
   ``alignment`` and ``variables`` do not apply to it.
 
+  A module this reader does not map (a custom ``@nn.compact`` or
+  setup-style module, attention, an embedding, a layer outside the list in
+  the module docstring) is traced instead: the game of ``model.apply``'s
+  program (:func:`games.from_function`, docs/GAMES.md), with the same
+  params, ``init`` and BatchNorm rule. The reader is kept for the models it
+  maps: its pooling and flattening stages of their own give updates the
+  traced cut does not where ``vxx_reg > 0``.
+
   Args:
-    model: an unbound Flax module: ``nn.Sequential``, a
-      :class:`dgnopt_jax.models.Chain` / ``Residual`` / ``Branches``, or a
-      supported layer (module docstring), nested freely.
+    model: an unbound Flax linen module: ``nn.Sequential``, a
+      :class:`dgnopt_jax.models.Chain` / ``Residual`` / ``Branches``, a
+      supported layer (module docstring), nested freely, or any other
+      module (traced).
     example_input: a batch (or ``jax.ShapeDtypeStruct``) of the model's input;
       its per-sample shape becomes the game's ``input_shape``.
     loss: terminal loss name, :class:`TerminalLoss` or per-sample callable.
     weight_decay: stage-cost coefficient ``weight_decay/2 |theta|^2`` of every player.
     train: the mode of BatchNorm layers whose ``use_running_average`` is
       None (train: batch statistics; eval: running averages). Also passed to
-      the model as ``train=`` when it is a :mod:`dgnopt_jax.models` container.
+      the model as ``train=`` when it is a :mod:`dgnopt_jax.models` container
+      or its ``__call__`` has a ``train`` parameter. A traced module in eval
+      mode must not read running averages (an error names them; close over
+      them with :func:`games.from_function`).
     alignment: where a residual block's shortcut players play, ``"merge"``
       (beside the body's last layer) or ``"split"`` (beside its first), as
       :class:`games.ResidualBlock`.
@@ -677,8 +698,9 @@ def from_flax(model: nn.Module, example_input: Array | jax.ShapeDtypeStruct,
     ``model.apply(params, x, mutable=["batch_stats"])``).
 
   Raises:
-    UnsupportedModuleError: a module or callable that cannot be mapped,
-      named by its path and class, with the reason.
+    ValueError: a traced module whose program the tracer refuses (an
+      operation across the batch, tied weights, ...), naming the module
+      path and the primitive.
     ValueError: an unknown alignment, or params that no stage uses.
   """
   if isinstance(model, nnx.Module):
@@ -702,7 +724,10 @@ def from_flax(model: nn.Module, example_input: Array | jax.ShapeDtypeStruct,
       lambda s: jax.ShapeDtypeStruct(s.shape, x.dtype)
       if jnp.issubdtype(s.dtype, jnp.floating) else s, shapes)
   ctx = _Context(train, weight_decay, alignment, variables, like_input)
-  pieces, _ = _layer(ctx, model.bind(shapes), x, (), train)
+  try:
+    pieces, _ = _layer(ctx, model.bind(shapes), x, (), train)
+  except UnsupportedModuleError:
+    return _traced(model, x, kwargs, like_input, loss, weight_decay, alignment, train)
 
   stages = []
   for p in pieces:
@@ -730,6 +755,36 @@ def from_flax(model: nn.Module, example_input: Array | jax.ShapeDtypeStruct,
     raise ValueError(f"the game's output shape {out.shape} differs from the model's "
                      f"{expected.shape}; the model is not what from_flax read")
   return game
+
+
+def _traced(model: nn.Module, x: jax.ShapeDtypeStruct, kwargs: dict, like_input: Params,
+            loss: losses_lib.LossLike, weight_decay: float, alignment: str,
+            train: bool) -> games_lib.Game:
+  """The game of a module the reader does not map: its forward pass traced (:mod:`traced_games`).
+
+  A custom ``@nn.compact`` or setup-style module, an attention block, an
+  embedding: ``traced_games.from_function`` of ``model.apply`` (in train
+  mode with Flax's mutable ``batch_stats``, so BatchNorm follows the same
+  statistics rule), on params of the example's float dtype (a traced program
+  has fixed dtypes: the game's ``init``, ``model.init``, casts its floating
+  params to it). Its errors name the module path and the primitive.
+  """
+  mutable = [c for c in like_input if c != "params"] if train else []
+
+  def apply_fn(variables: Params, inputs: Any) -> Any:
+    if mutable:
+      return model.apply(variables, inputs, mutable=mutable, **kwargs)
+    return model.apply(variables, inputs, **kwargs)
+
+  game = traced_games.from_function(apply_fn, like_input, jnp.zeros(x.shape, x.dtype), loss,
+                                    weight_decay=weight_decay, alignment=alignment)
+  input_shape, dtype = tuple(x.shape[1:]), x.dtype
+
+  def init_fn(key: Array) -> Params:  # in the dtypes the program was traced on
+    variables = model.init(key, jnp.zeros((1,) + input_shape, dtype), **kwargs)
+    return jax.tree.map(lambda v, like: v.astype(like.dtype), variables, like_input)
+
+  return dataclasses.replace(game, init_fn=jax.jit(init_fn), input_shape=input_shape)
 
 
 def update_batch_stats(game: games_lib.Game, params: Params, inputs: Array) -> Params:
