@@ -102,6 +102,7 @@ _SLOW_CHECKS = frozenset({
     "tests/test_group_rational.py::test_single_player_stages_gr_is_fne_step_for_step[adam-0.001]",
     "tests/test_benchmark_scripts.py::test_batch_scaling_takes_a_device_and_writes_its_record",
     "tests/test_experiment_runs.py::test_table4_script",
+    "tests/test_reference_equivalence.py::test_relu_cnn[dense-0.5-5]",
 })
 
 
