@@ -56,6 +56,10 @@ def loss(apply_fn):
 def test_apply_equals_the_model_sample_by_sample():
   apply_fn, variables, x, _ = setup()
   game = G.from_function(apply_fn, variables, (x, seeds(0)))
+  # Each sample's Dense under the vmap multiplies a (B, 1, K) input: token-row players.
+  assert [p.layer for p in game.players] == [G.Dense(5, None, rows=True),
+                                             G.Dense(5, None, rows=True),
+                                             G.Dense(3, None, rows=True)]
   out = game.apply(variables, (x, seeds(0)))
   base = jax.random.PRNGKey(0)
   for i in range(x.shape[0]):

@@ -699,7 +699,7 @@ class _CanonicalForms:
 def _levels(prog: _Program, layers: list[tuple[int, int]], alignment: str,
             statistics: frozenset = frozenset(),
             reductions: frozenset = frozenset()) -> tuple[list, list]:
-  """The stage level of every layer and of every batch-dependent equation.
+  """The stage level of every layer, and the batch-dependent equations in stage order.
 
   ``layers`` are the x-equation ranges of the layers, in program order. A
   layer reads another when one of its equations reads, directly or through
@@ -728,14 +728,13 @@ def _levels(prog: _Program, layers: list[tuple[int, int]], alignment: str,
     shortcut's BatchNorms) are one statistics stage; program order otherwise.
   """
   owner = {j: n for n, (first, last) in enumerate(layers) for j in range(first, last + 1)}
-
-  def producers(j: int) -> list[int]:
-    return [prog.x_index[a] for a in prog.eqns[prog.x_eqns[j]].inputs
-            if _is_var(a) and a in prog.batch_values and a not in prog.x_ids]
-
+  count = len(prog.x_eqns)
+  producers = [sorted({prog.x_index[a] for a in prog.eqns[prog.x_eqns[j]].inputs
+                       if _is_var(a) and a in prog.batch_values and a not in prog.x_ids})
+               for j in range(count)]  # the x-equations each one reads
   reads: list[set] = []  # per equation, the layers it reads through parameter-free equations
-  for j in range(len(prog.x_eqns)):
-    reads.append(set().union(*[{owner[i]} if i in owner else reads[i] for i in producers(j)]))
+  for j in range(count):
+    reads.append(set().union(*[{owner[i]} if i in owner else reads[i] for i in producers[j]]))
   read_by_layer = [set() for _ in layers]
   for j, n in owner.items():
     read_by_layer[n] |= reads[j] - {n}
@@ -751,19 +750,18 @@ def _levels(prog: _Program, layers: list[tuple[int, int]], alignment: str,
         height[m] = max(height[m], height[n] + 1)
     layer_levels = [max(depth) - h for h in height]
   eqn_levels: list[int] = []
-  for j in range(len(prog.x_eqns)):
+  for j in range(count):
     eqn_levels.append(layer_levels[owner[j]] if j in owner else
-                      max((eqn_levels[i] for i in producers(j)), default=0))
-  count = len(prog.x_eqns)
+                      max((eqn_levels[i] for i in producers[j]), default=0))
   after_layers = [j not in owner and any(layer_levels[n] == eqn_levels[j] for n in reads[j])
                   for j in range(count)]
   early = _early_statistics(prog, producers, owner, statistics, reductions)
   # A topological order by (level, after the layers, not an early statistic, program order).
   key = lambda j: (eqn_levels[j], after_layers[j], not early[j], j)
-  waiting = [len(set(producers(j))) for j in range(count)]
+  waiting = [len(producers[j]) for j in range(count)]
   readers: dict[int, set] = {}
   for j in range(count):
-    for i in set(producers(j)):
+    for i in producers[j]:
       readers.setdefault(i, set()).add(j)
   ready = [key(j) for j in range(count) if not waiting[j]]
   heapq.heapify(ready)
@@ -778,7 +776,7 @@ def _levels(prog: _Program, layers: list[tuple[int, int]], alignment: str,
   return layer_levels, order
 
 
-def _early_statistics(prog: _Program, producers: Callable, owner: dict, statistics: frozenset,
+def _early_statistics(prog: _Program, producers: list, owner: dict, statistics: frozenset,
                       reductions: frozenset) -> list[bool]:
   """Per x-equation: whether it computes batch statistics before the batch first reads them.
 
@@ -796,11 +794,11 @@ def _early_statistics(prog: _Program, producers: Callable, owner: dict, statisti
   roots: list[set] = [set() for _ in range(count)]  # the reductions a statistic is computed from
   for j in sorted(statistics):
     roots[j] = ({j} if j in reductions else set()).union(
-        *[roots[p] for p in producers(j) if p in statistics])
+        *[roots[p] for p in producers[j] if p in statistics])
   first_use: dict[int, int] = {}
   for j in range(count):
     if j not in statistics:
-      for p in producers(j):
+      for p in producers[j]:
         if p in statistics:
           for r in roots[p]:
             first_use.setdefault(r, j)
@@ -1080,10 +1078,7 @@ class _TracedGame:
       self._order = order
       for p in (prog, other):
         p.reorder(order)
-      consumers = {}
-      for j, leaves in enumerate(prog.consumed):
-        for i in leaves:
-          consumers.setdefault(i, []).append(j)
+      consumers = {i: sorted(new_index[j] for j in js) for i, js in consumers.items()}
       self.reductions = {new_index[r] for r in self.reductions}
       self.statistics = {(new_index[j], o) for j, o in self.statistics}
     levels: dict[int, list] = {}
@@ -1386,7 +1381,8 @@ class _TracedGame:
     prog = self.program(1 if self.kinds[k] == _PER_SAMPLE else batch)
     if k == 0 and prog.mutable:
       running_averages.record(self.update_collections)
-    inputs, outputs = self._plan(prog, k)[0], self._plan(prog, k)[3]
+    plan = self._plan(prog, k)
+    inputs, outputs = plan[0], plan[3]
     if len(leaves) != len(inputs):
       raise ValueError(f"{self._alike(k, f'stage {k}')} expects a state of {len(inputs)} "
                        f"arrays, got {len(leaves)}")
@@ -1542,8 +1538,8 @@ def per_sample_rngs(apply_fn: Callable, names: Sequence[str] = ("dropout",),
   of one step alike. The solver carries the batch in floats, so seeds are
   below ``2**24`` (exact in float32).
 
-  The per-sample products are players without the Kronecker structure
-  (``kfac``/``ekfac`` give them the diagonal of the empirical Fisher).
+  Under the ``vmap`` a ``Dense`` multiplies a ``(B, 1, K)`` input: a
+  token-row Kronecker player (:class:`games.Dense` with ``rows=True``).
 
   Args:
     apply_fn: ``apply_fn(params, x, rngs={name: key, ...})``, e.g. a Flax
