@@ -21,7 +21,7 @@ from dgnopt_jax._src.fictitious import fictitious
 from dgnopt_jax._src.fictitious import split_params
 from dgnopt_jax._src.flax_games import UnsupportedModuleError
 from dgnopt_jax._src.flax_games import from_flax
-from dgnopt_jax._src.flax_games import update_batch_stats
+from dgnopt_jax._src.running_averages import update_batch_stats
 from dgnopt_jax._src.nnx_games import from_nnx
 from dgnopt_jax._src.networks import IMAGE_NETWORKS
 from dgnopt_jax._src.networks import NETWORKS

@@ -5,11 +5,10 @@ module-tree reader (``games.from_flax``) builds the game from the module
 tree. On nn.Sequential, models.Chain with Residual (identity and projection
 shortcuts, both alignments), an inception block and ResNet18 in train mode
 (BatchNorm: statistics stages), both give the same stages (the same players,
-level by level) and the same fne/gr updates (float64) without the value
-Hessian's Tikhonov term. With it (``vxx_reg > 0``) they
-differ where the reader gives pooling and flattening stages of their own: the
-term is a state cost at every stage's output, and the traced game's layer
-stage ends after the pooling (docs/GAMES.md).
+level by level; pooling and flattening stages of their own; an inception
+branch's pooling in the branch's stage) and the same fne/gr updates
+(float64), with the value Hessian's Tikhonov term, which is a state cost at
+every stage's output and so tells apart games cut differently.
 """
 
 import dataclasses
@@ -56,7 +55,7 @@ def traced_game(name, model, variables, x, alignment):
 
 
 def players_by_stage(game):
-  return [tuple(p.path for p in s.players) for s in game.stages if s.players]
+  return [tuple(p.path for p in s.players) for s in game.stages]
 
 
 @pytest.mark.parametrize("name,alignment", MODELS)
@@ -66,8 +65,7 @@ def test_same_players_level_by_level(name, alignment):
   read = G.from_flax(model, x, alignment=alignment)
   assert players_by_stage(traced) == players_by_stage(read)
   # The statistics stages where the reader has them.
-  statistics = lambda game: [s.gradient_fn is not None for s in game.stages
-                             if s.players or s.gradient_fn is not None]
+  statistics = lambda game: [s.gradient_fn is not None for s in game.stages]
   assert statistics(traced) == statistics(read)
   # The same Kronecker players (the traced layer's activation stays in the stage function).
   kinds = lambda game: [p.layer and dataclasses.replace(p.layer, activation=None)
@@ -84,8 +82,7 @@ def test_same_players_level_by_level(name, alignment):
     for n, a in MODELS for p in ("fne", "gr") for c in ("identity", "kfac")])
 def test_updates_equal_module_tree_game(name, alignment, principle, curvature):
   model, variables, x, y = model_and_batch(name)
-  # The MLP has no parameter-free stage: equal with the Tikhonov term too.
-  vxx_reg = 1e-3 if name == "mlp" else 0.0
+  vxx_reg = 1e-3  # a state cost at every stage's output: the same cut, or different updates
   make = dgnopt.fne if principle == "fne" else dgnopt.gr
   # ResNet18's first steps at the larger rates are rejected (zero updates).
   lr = 0.01 if name == "resnet18" else 0.3 if curvature == "identity" else 0.05

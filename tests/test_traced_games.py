@@ -1,9 +1,10 @@
 """games.from_function: games traced from JAX functions and custom Flax modules.
 
 How the tracer cuts a program into players, stages and states, which layers
-get Kronecker structure, that on networks today's readers
-(``games.sequential``, ``games.from_flax``) also handle it gives their
-updates, and what it refuses. The models are ``tests/zoo.py``'s; that each
+get Kronecker structure, that on a network written by hand
+(``games.sequential``) it gives that game's updates (``games.from_flax``'s
+models against hand-written games: tests/test_from_flax.py), and what it
+refuses. The models are ``tests/zoo.py``'s; that each
 computes its function, that its open-loop solvers are optax's and its FNE/GR
 steps the dense reference's, and that it compiles once, is in
 ``tests/test_model_zoo.py``.
@@ -41,9 +42,12 @@ def cross_entropy(apply_fn):
 def test_players_stages_and_layers():
   apply_fn, params, x, _ = case("compact_cnn")
   game = G.from_function(apply_fn, params, x)
-  # One stage per layer in execution order (Conv_2 runs inside Conv_1's argument).
+  # One stage per layer in execution order (Conv_2 runs inside Conv_1's argument);
+  # the max-pooling and the flattening between the last convolution and the
+  # dense layer are stages of their own.
   assert [[p.name for p in s.players] for s in game.stages] == [
-      ["params/Conv_0"], ["params/Conv_2"], ["params/Conv_1"], ["params/Dense_0"]]
+      ["params/Conv_0"], ["params/Conv_2"], ["params/Conv_1"], [], [], ["params/Dense_0"]]
+  assert [s.name for s in game.stages[3:5]] == ["reduce_window_max", "reshape"]
   conv = G.Conv2D(2, (3, 3), (1, 1), "SAME", None)
   assert [p.layer for p in game.players] == [conv, conv, conv, G.Dense(3, None)]
   assert game.input_shape == (4, 4, 1)
@@ -163,42 +167,24 @@ def test_root_leaves_and_bias_share_a_stage():
 
 
 # ----------------------------------------------------------------------------
-# The same updates as today's readers. (Every model's forward pass, open-loop
+# The same updates as a hand-written game. (Every model's forward pass, open-loop
 # and FNE/GR steps and compilation: tests/test_model_zoo.py.)
 # ----------------------------------------------------------------------------
 
 
-def equivalent_games():
-  """(apply_fn, today's game, params, example input) on networks both readers handle."""
-  mlp = nn.Sequential([nn.Dense(5), nn.tanh, nn.Dense(5), nn.tanh, nn.Dense(3)])
-  residual = models.Chain([nn.Conv(2, (3, 3)), nn.relu,
-                           models.Residual([nn.Conv(2, (3, 3)), nn.relu, nn.Conv(2, (3, 3))]),
-                           models.global_average_pool, nn.Dense(3)])
-  out = {}
-  for name, model, shape in (("flax_mlp", mlp, (4,)), ("flax_residual", residual, (4, 4, 1))):
-    x, _ = h.classification_batch(shape, 4)
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64),
-                          model.init(jax.random.PRNGKey(0), x))
-    out[name] = (model.apply, G.from_flax(model, x), params, x)
-  sequential = h.tanh_mlp()
-  params = h.perturbed_params(sequential)
-  out["sequential_mlp"] = (sequential.apply, sequential, params,
-                           h.classification_batch((4,), 4)[0])
-  return out
-
-
-@pytest.mark.parametrize("name", ["sequential_mlp", "flax_mlp", "flax_residual"])
 @pytest.mark.parametrize("curvature", ["identity", "kfac"])
-def test_updates_equal_todays_game(name, curvature):
-  """The traced game is the same game: the same FNE updates over three steps."""
-  apply_fn, todays, params, x = equivalent_games()[name]
-  traced = G.from_function(apply_fn, params, x)
-  assert [[p.path for p in s.players] for s in traced.stages if s.players] == \
-      [[p.path for p in s.players] for s in todays.stages if s.players]
+def test_updates_equal_hand_written_game(curvature):
+  """The traced game of a ``games.sequential`` MLP's apply is that game: the same FNE updates."""
+  todays = h.tanh_mlp()
+  params = h.perturbed_params(todays)
+  x = h.classification_batch((4,), 4)[0]
+  traced = G.from_function(todays.apply, params, x)
+  assert [[p.path for p in s.players] for s in traced.stages] == \
+      [[p.path for p in s.players] for s in todays.stages]
   batch = (x, jnp.arange(x.shape[0]) % 3)
   runs = []
   for game in (traced, todays):
-    tx = dgnopt.fne(game, 0.1, curvature)
+    tx = dgnopt.fne(game, 0.1, curvature, vxx_reg=1e-3)
     state, p, updates = tx.init(params), params, []
     for _ in range(3):
       u, state = h.step(tx, p, batch, state)

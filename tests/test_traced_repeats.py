@@ -60,16 +60,16 @@ class Block(nn.Module):
 
 
 class Tower(nn.Module):
-  """A compact CNN: a stem, ``BLOCKS + 1`` identical residual blocks, a dense head.
+  """A compact CNN: a stem, ``BLOCKS`` identical residual blocks, a dense head.
 
-  The last block's second stage also holds the reshape before the head (the
-  ops after a layer belong to its stage): ``BLOCKS`` blocks repeat.
+  The reshape before the head is a stage of its own (a parameter-free
+  operation from the whole state to the whole state), so every block repeats.
   """
 
   @nn.compact
   def __call__(self, x):
     x = nn.relu(nn.Conv(2, (3, 3))(x))
-    for _ in range(BLOCKS + 1):
+    for _ in range(BLOCKS):
       x = Block()(x)
     return nn.Dense(3)(x.reshape((x.shape[0], -1)))
 

@@ -80,7 +80,7 @@ exception:
   ``nn.BatchNorm``, ``x - x.mean(0)``) makes a *statistic*, a value without
   a batch axis, and so does every operation on statistics, params and
   constants alone (``var = max(0, m2 - m^2)``, ``rsqrt(var + eps)``). They
-  follow the BatchNorm rule of :mod:`flax_games`: a parameter-free
+  follow the BatchNorm rule (docs/GAMES.md): a parameter-free
   *statistics stage* ``F_stats(x) = (x, sg(mean), sg(var))`` begins with the
   parameter-free operations before the sum whose values only the statistics
   use (Flax's ``x**2``) and ends before the first operation that makes a
@@ -144,6 +144,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from flax import errors as flax_errors
@@ -177,6 +178,15 @@ _CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"
 _WINDOWED = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min",
                        "reduce_window"})
 _CONTROL_FLOW = frozenset({"while", "scan", "cond"})
+# Ops acting on each element alone (an activation, an affine map with
+# constants): they continue the stage of what they read.
+_ELEMENTWISE = frozenset({
+    "abs", "acos", "acosh", "add", "add_any", "and", "asin", "asinh", "atan", "atan2", "atanh",
+    "cbrt", "ceil", "clamp", "convert_element_type", "copy", "copy_p", "cos", "cosh", "div",
+    "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expm1", "floor", "ge", "gt", "integer_pow",
+    "is_finite", "le", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg",
+    "nextafter", "not", "or", "pow", "reduce_precision", "rem", "round", "rsqrt", "select_n",
+    "sign", "sin", "sinh", "sqrt", "square", "sub", "tan", "tanh", "xor"})
 _NHWC_HWIO = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 # How a stage is evaluated: on the batch; on the batch, its statistics handed
 # on as one copy per sample; sample by sample (its state holds statistics).
@@ -207,6 +217,17 @@ def _where(eqn: Any, prefix: str) -> str:
   names = "/".join(s for s in (prefix, str(eqn.source_info.name_stack)) if s)
   source = source_info_util.summarize(eqn.source_info)
   return f"{names or '<top level>'} ({source})"
+
+
+def _is_elementwise(primitive: Any, params: dict) -> bool:
+  """Whether an equation acts on each element alone: an elementwise primitive, or a call
+  (``jax.nn.relu``'s ``custom_jvp_call``) of such primitives and scalar broadcasts."""
+  if primitive.name in _ELEMENTWISE:
+    return True
+  jaxprs = [j for value in params.values() for j in _sub_jaxprs(value)]
+  return bool(jaxprs) and primitive.name not in _CONTROL_FLOW and all(
+      (e.primitive.name == "broadcast_in_dim" and not getattr(e.invars[0].aval, "shape", ()))
+      or _is_elementwise(e.primitive, e.params) for j in jaxprs for e in j.eqns)
 
 
 def _sub_jaxprs(value: Any) -> list:
@@ -352,6 +373,20 @@ class _Program:
       eqn = self.eqns[self.defining[a]]
       return ("value", self.x_index[a], eqn.outputs.index(a))
     return ("params", tuple(sorted(self.sources.get(a, ()))))
+
+  def live_counts(self) -> list[int]:
+    """The number of values :meth:`live` at every cut ``0 .. len(x_eqns)``."""
+    count = len(self.x_eqns)
+    outputs = {a for a in self.out_ids if _is_var(a)}
+    change = [0] * (count + 2)
+    vals = list(self.x_ids) + [o for pos in self.x_eqns for o in self.eqns[pos].outputs]
+    for v in vals:
+      first = self.x_index[v] + 1  # live from the cut after its equation
+      last = count if v in outputs else max(self.uses.get(v, ()), default=-1)
+      if last >= first:  # live at the cuts first .. last
+        change[first] += 1
+        change[last + 1] -= 1
+    return list(itertools.accumulate(change))[:count + 1]
 
   def live(self, cut: int) -> list[int]:
     """The batch-dependent values computed before x-equation ``cut`` and used from it on."""
@@ -714,8 +749,14 @@ def _levels(prog: _Program, layers: list[tuple[int, int]], alignment: str,
   or a pooling in the stage of the layer before it; what reads only the
   input, in the first stage).
 
+  One exception: a chain of parameter-free equations that begins at a fork
+  (a value other equations read too) and feeds one layer alone plays in that
+  layer's stage (:func:`_branch_prefixes`): an inception branch's pooling
+  joins the branch's convolution, and the state between the stages is the
+  block's input, not the pooled copy beside it.
+
   Returns:
-    (level per layer, the x-equations in stage order). No equation's level
+    (level per layer, level per x-equation, the x-equations in stage order). No equation's level
     is below the levels of the equations it reads, so the equations sorted
     by level are in an order the program can run in. Within a level the
     layers' equations come first, then the parameter-free equations reading
@@ -753,6 +794,9 @@ def _levels(prog: _Program, layers: list[tuple[int, int]], alignment: str,
   for j in range(count):
     eqn_levels.append(layer_levels[owner[j]] if j in owner else
                       max((eqn_levels[i] for i in producers[j]), default=0))
+  for chain, n in _branch_prefixes(prog, owner, statistics):
+    for j in chain:
+      eqn_levels[j] = layer_levels[n]
   after_layers = [j not in owner and any(layer_levels[n] == eqn_levels[j] for n in reads[j])
                   for j in range(count)]
   early = _early_statistics(prog, producers, owner, statistics, reductions)
@@ -773,7 +817,53 @@ def _levels(prog: _Program, layers: list[tuple[int, int]], alignment: str,
       waiting[r] -= 1
       if not waiting[r]:
         heapq.heappush(ready, key(r))
-  return layer_levels, order
+  return layer_levels, eqn_levels, order
+
+
+def _branch_prefixes(prog: _Program, owner: dict, statistics: frozenset
+                     ) -> list[tuple[list[int], int]]:
+  """Chains of parameter-free equations from a fork to one layer: ``(x-equations, layer)``.
+
+  A chain link is a parameter-free x-equation, not a statistic, with one
+  batch-dependent input, whose outputs one equation alone reads (the next
+  link, or an equation of the layer). A chain begins where its first link's
+  input is a fork: a value other equations read too (a block's input read by
+  every branch), or an output. A chain whose first link reads a value only
+  it reads continues the stage before it instead (an activation after its
+  layer). These are the parameter-free layers at the start of a branch
+  (``[avg_pool, conv]``), which the branch's stage computes from the fork.
+  """
+  count = len(prog.x_eqns)
+  outputs = {a for a in prog.out_ids if _is_var(a)}
+  batch_input = {}
+  reader = {}
+  for j in range(count):
+    if j in owner or j in statistics:
+      continue
+    eqn = prog.eqns[prog.x_eqns[j]]
+    ins = {a for a in eqn.inputs if _is_var(a) and a in prog.batch_values}
+    if len(ins) != 1 or outputs.intersection(eqn.outputs):
+      continue
+    users = {u for o in eqn.outputs for u in prog.uses.get(o, ())}
+    if len(users) == 1:
+      batch_input[j], reader[j] = ins.pop(), users.pop()
+  target: dict[int, int] = {}
+  for j in sorted(reader, reverse=True):
+    if reader[j] in owner:
+      target[j] = owner[reader[j]]
+    elif reader[j] in target:
+      target[j] = target[reader[j]]
+  chains = []
+  for j in sorted(target):
+    v = batch_input[j]
+    if prog.x_index[v] in target or prog.x_index[v] in statistics:  # a later link; statistics
+      continue
+    if len(set(prog.uses.get(v, ()))) > 1 or v in outputs:
+      chain = [j]
+      while reader[chain[-1]] not in owner:
+        chain.append(reader[chain[-1]])
+      chains.append((chain, target[j]))
+  return chains
 
 
 def _early_statistics(prog: _Program, producers: list, owner: dict, statistics: frozenset,
@@ -1070,7 +1160,7 @@ class _TracedGame:
       else:
         groups.append([first, last, [u]])
     # Layers at one level share a stage; the equations are put in stage order.
-    layer_levels, order = _levels(prog, [(g[0], g[1]) for g in groups], self.alignment,
+    layer_levels, eqn_levels, order = _levels(prog, [(g[0], g[1]) for g in groups], self.alignment,
                                   frozenset(j for j, _ in self.statistics),
                                   frozenset(self.reductions))
     new_index = {old: new for new, old in enumerate(order)}
@@ -1086,7 +1176,11 @@ class _TracedGame:
       merged = levels.setdefault(level, [new_index[first], new_index[last], []])
       merged[0], merged[1] = min(merged[0], new_index[first]), max(merged[1], new_index[last])
       merged[2].extend(us)
-    self._stages(prog, [levels[level] for level in sorted(levels)])
+    for old, level in enumerate(eqn_levels):  # a branch's parameter-free start (_branch_prefixes)
+      if level in levels:
+        levels[level][0] = min(levels[level][0], new_index[old])
+    self._stages(prog, [levels[level] for level in sorted(levels)],
+                 lambda v: self._is_state(prog, other, v))
     self.unit_leaves = units
     # States between stages must carry the batch on axis 0 alone (statistics:
     # one copy per sample).
@@ -1107,7 +1201,7 @@ class _TracedGame:
         if tap is not None:
           self.taps[(k, n)] = tap
 
-  def _stages(self, prog: _Program, groups: list) -> None:
+  def _stages(self, prog: _Program, groups: list, is_state: Callable[[int], bool]) -> None:
     """Cuts the program into stages at the players' layers and around the batch statistics.
 
     A statistics stage begins with the parameter-free operations before a
@@ -1166,6 +1260,20 @@ class _TracedGame:
       if end < n:
         kinds.setdefault(end, _BATCH)
         after_statistics.add(end)
+    # A parameter-free operation from the whole state to the whole state (one
+    # value live before it, its input; one after it, its output) outside the
+    # layers and the statistics, other than an elementwise one: a stage of its
+    # own (a pooling, a flattening between two layers).
+    live = prog.live_counts()
+    outside = lambda j: not any(f <= j <= l for f, l, _ in groups) and not any(
+        a <= j < b for a, b in segments)
+    states = lambda values: all(is_state(v) for v in values
+                                if _is_var(v) and v in prog.batch_values)
+    for j in range(n):
+      if (live[j] == 1 and live[j + 1] == 1 and outside(j) and
+          not _is_elementwise(eqn_at(j).primitive, eqn_at(j).params) and
+          states(eqn_at(j).inputs) and states(eqn_at(j).outputs)):
+        kinds.setdefault(j, _BATCH)
     starts: list[int] = []
     for b in sorted(kinds):
       if (starts and starts[-1] in after_statistics and b not in after_statistics and
@@ -1179,14 +1287,25 @@ class _TracedGame:
     self.units = [tuple(u for first, _, us in groups if lo <= first < hi for u in us)
                   for lo, hi in zip(self.starts, self.ends)]
 
-  def _check_state(self, prog: _Program, other: _Program, v: int, what: str) -> None:
-    if v in prog.x_ids:
-      return
+  def _batch_axes_of(self, prog: _Program, other: _Program, v: int) -> tuple[frozenset, bool]:
+    """``v``'s batch axes, and whether its leading axis is the samples (not merged with others)."""
     j = prog.x_index[v]
     ov = other.eqns[other.x_eqns[j]].outputs[prog.eqns[prog.x_eqns[j]].outputs.index(v)]
-    axes = _batch_axes(prog.avals[v], other.avals[ov])
-    if axes != {0} or (prog.avals[v].shape[0], other.avals[ov].shape[0]) != (
-        self.batch, self.other_batch):
+    leading = (prog.avals[v].shape[:1], other.avals[ov].shape[:1]) == (
+        (self.batch,), (self.other_batch,))
+    return _batch_axes(prog.avals[v], other.avals[ov]), leading
+
+  def _is_state(self, prog: _Program, other: _Program, v: int) -> bool:
+    """Whether ``v`` can be (part of) a state: the samples on its leading axis alone."""
+    if v in prog.x_ids:
+      return True
+    axes, leading = self._batch_axes_of(prog, other, v)
+    return axes == {0} and leading
+
+  def _check_state(self, prog: _Program, other: _Program, v: int, what: str) -> None:
+    if not self._is_state(prog, other, v):
+      j = prog.x_index[v]
+      axes, _ = self._batch_axes_of(prog, other, v)
       eqn = prog.eqns[prog.x_eqns[j]]
       raise ValueError(
           f"from_function: {what} holds the result of {eqn.primitive.name} at {eqn.where}, "
@@ -1515,9 +1634,14 @@ def from_function(apply_fn: Callable[[Params, Any], Any], params: Params, exampl
       fns[k] = (_stage_fn(traced, k),
                 _stage_fn(traced, k, exact=True) if statistics else None)
     fn, gradient_fn = fns[rep]
-    stages.append(games_lib.Stage(
-        fn, players, "statistics" if statistics else "+".join(p.name for p in players),
-        gradient_fn=gradient_fn))
+    if statistics:
+      name = "statistics"
+    elif players:
+      name = "+".join(p.name for p in players)
+    else:  # a parameter-free stage (a pooling, a flattening): its first operation
+      prog = traced.program(traced.batch)
+      name = prog.eqns[prog.x_eqns[traced.starts[k]]].primitive.name
+    stages.append(games_lib.Stage(fn, players, name, gradient_fn=gradient_fn))
   input_shape = (tuple(traced.x_avals[0].shape[1:])
                  if jax.tree_util.treedef_is_leaf(traced.x_tree) else None)
   return games_lib.Game(tuple(stages), losses_lib.get_loss(loss), None, input_shape)
