@@ -169,8 +169,9 @@ class Heads(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    hidden = nn.tanh(nn.DenseGeneral((2, 2))(x))  # (B, T, 2, 2)
-    return nn.DenseGeneral(3, axis=(-2, -1))(jnp.mean(hidden, axis=1))  # (B, 2, 2) -> (B, 3)
+    hidden = nn.tanh(nn.DenseGeneral((2, 2))(nn.tanh(nn.Dense(4)(x))))  # (B, T, 2, 2)
+    pooled = nn.DenseGeneral(4, axis=(-2, -1))(jnp.mean(hidden, axis=1))  # (B, 2, 2) -> (B, 4)
+    return nn.Dense(3)(nn.tanh(pooled))
 
 
 class MergeHeads(nn.Module):
@@ -178,14 +179,16 @@ class MergeHeads(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    hidden = nn.tanh(nn.DenseGeneral((2, 3), axis=(-2, -1))(x))  # (B, T, 2, 3)
+    hidden = nn.tanh(nn.Dense(2)(x))  # (B, T, 2, 2)
+    hidden = nn.tanh(nn.DenseGeneral((2, 3), axis=(-2, -1))(hidden))  # (B, T, 2, 3)
     return nn.Dense(3)(jnp.mean(hidden, axis=1).reshape(x.shape[0], -1))
 
 
 DENSE_GENERAL = {
-    "heads": (Heads(), (3, 4), [G.Dense((2, 2), None, rows=True),
-                                G.Dense(3, None, contracted_axes=2)]),
-    "merge_heads": (MergeHeads(), (3, 2, 2), [G.Dense((2, 3), None, rows=True, contracted_axes=2),
+    "heads": (Heads(), (3, 4), [G.Dense(4, None, rows=True), G.Dense((2, 2), None, rows=True),
+                                G.Dense(4, None, contracted_axes=2), G.Dense(3, None)]),
+    "merge_heads": (MergeHeads(), (3, 2, 2), [G.Dense(2, None, rows=True),
+                                              G.Dense((2, 3), None, rows=True, contracted_axes=2),
                                               G.Dense(3, None)]),
 }
 
@@ -195,7 +198,12 @@ DENSE_GENERAL = {
 @pytest.mark.parametrize("name", sorted(DENSE_GENERAL))
 def test_dense_general_kernels_are_kronecker_players_equal_to_the_reference(
     name, principle, curvature):
-  """Multi-axis kernels in their (K, O) matrix view; the steps equal the dense reference."""
+  """Multi-axis kernels in their (K, O) matrix view; the steps equal the dense reference.
+
+  Without the V_xx Tikhonov term, so that the value correction and the
+  rollout's feedback come from the players' per-sample gradients in that
+  view (the Kronecker eigenbasis, the rank-one dense factors).
+  """
   model, shape, layers = DENSE_GENERAL[name]
   x, y = h.classification_batch(shape, 3)
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) + 0.1,
@@ -204,10 +212,24 @@ def test_dense_general_kernels_are_kronecker_players_equal_to_the_reference(
   assert [p.layer for p in game.players] == layers
   np.testing.assert_allclose(game.apply(params, x), model.apply(params, x), rtol=1e-12)
   make = dgnopt.gr if principle == "gr" else dgnopt.fne
-  tx = make(game, 0.1, curvature, damping=0.5, vxx_reg=1e-2)
-  h.assert_steps_match_reference(tx, game, params, (x, y), 2, learning_rate=0.1,
-                                 curvature=curvature, damping=0.5, vxx_reg=1e-2,
-                                 principle=principle)
+  tx = make(game, 0.5, curvature, damping=0.5, coupling_iterations=100)
+  h.assert_steps_match_reference(tx, game, params, (x, y), 2, learning_rate=0.5,
+                                 curvature=curvature, damping=0.5, principle=principle)
+
+
+@pytest.mark.parametrize("name", sorted(DENSE_GENERAL))
+def test_dense_general_diagonal_forms_from_taps_equal_the_reference(name, monkeypatch):
+  """The per-sample forms that several devices use (layer taps, params copies), in the matrix view."""
+  from dgnopt_jax._src import linearise
+  monkeypatch.setattr(linearise, "partition_safe", lambda: True)
+  model, shape, _ = DENSE_GENERAL[name]
+  x, y = h.classification_batch(shape, 3)
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) + 0.1,
+                        model.init(jax.random.PRNGKey(0), x))
+  game = G.from_function(model.apply, params, x)
+  tx = dgnopt.fne(game, 0.5, "adam", damping=0.5, coupling_iterations=100)
+  h.assert_steps_match_reference(tx, game, params, (x, y), 2, learning_rate=0.5,
+                                 curvature="adam", damping=0.5, principle="fne")
 
 
 def test_root_leaves_and_bias_share_a_stage():
