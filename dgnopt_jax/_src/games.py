@@ -226,6 +226,11 @@ class Conv2D:
     return "conv2d"
 
   @property
+  def feature_shape(self) -> tuple[int, ...]:
+    """The kernel's output axes: ``(features,)``."""
+    return (self.features,)
+
+  @property
   def output_size(self) -> int:
     """``O``, the columns of the matrix view ``[kernel.reshape(-1, O); bias]``."""
     return self.features

@@ -130,6 +130,14 @@ def _debias(ema: Any, decay: float, count: jax.Array) -> Any:
   return jax.tree.map(lambda m: m / (1 - jnp.asarray(decay, m.dtype) ** count), ema)
 
 
+def _stacked_output_size(v: Params) -> int:
+  """``O`` of a player of a cooperative stage: its bias's size, else its kernel's last axis.
+
+  :meth:`Kronecker.joint` stacks a kernel with several output axes only with its bias.
+  """
+  return v["bias"].size if "bias" in v else v["kernel"].shape[-1]
+
+
 def psd_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(U, max(lambda, 0)) of the symmetric part of ``matrix``: its PSD projection.
 
@@ -350,8 +358,7 @@ class Kronecker(curvature_base.Curvature):
     if isinstance(step, SharedKroneckerStep):
       return self._solve_shared(step, v, damping)
     if isinstance(v, tuple):  # a cooperative stage: one vector per player
-      mats = [layer_taps.to_matrix(vn, vn["bias"].size if "bias" in vn else vn["kernel"].shape[-1])
-              for vn in v]
+      mats = [layer_taps.to_matrix(vn, _stacked_output_size(vn)) for vn in v]
       solved = self._solve_matrix(step, jax.scipy.linalg.block_diag(*mats), damping)
       out, r, c = [], 0, 0
       for m, vn in zip(mats, v):  # the diagonal blocks

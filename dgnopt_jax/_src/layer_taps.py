@@ -234,15 +234,18 @@ def matrix_shape(theta: Params, output_size: int) -> tuple[int, int]:
 
 
 def has_kronecker_structure(player: Any, theta: Params) -> bool:
-  """Whether ``player`` is a ready-made dense/conv layer whose params it owns whole."""
+  """Whether ``player`` is a ready-made dense/conv layer whose params it owns whole.
+
+  Its kernel's trailing axes and its bias are the layer's ``feature_shape``, so
+  that the matrix view (:func:`to_matrix`) is the layer's product.
+  """
   layer = getattr(player, "layer", None)
   if getattr(layer, "kind", None) not in ("dense", "rows", "conv"):
     return False
   if not (isinstance(theta, dict) and set(theta) == ({"kernel", "bias"} if layer.use_bias
                                                        else {"kernel"})):
     return False
-  # The matrix view: the kernel's trailing axes are the layer's outputs.
-  outputs = getattr(layer, "feature_shape", None) or (layer.features,)
+  outputs = layer.feature_shape
   shape = tuple(theta["kernel"].shape)
   return (len(shape) > len(outputs) and shape[len(shape) - len(outputs):] == outputs and
           (not layer.use_bias or tuple(theta["bias"].shape) == outputs))
