@@ -41,7 +41,8 @@ def test_image_patches_reproduce_the_convolution(kernel_size, strides, padding, 
                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
     a = layer_taps.kernel_rows(layer, x)
     h_rows = a @ theta["kernel"].reshape(-1, theta["kernel"].shape[-1])
-    h_aug = layer_taps.layer_inputs(layer, theta, x) @ layer_taps.to_matrix(theta)
+    h_aug = (layer_taps.layer_inputs(layer, theta, x) @
+             layer_taps.to_matrix(theta, layer.output_size))
     return h_conv, h_rows.reshape(h_conv.shape), h_aug.reshape(h_conv.shape)
 
   h_conv, h_rows, h_aug = both(theta, x)

@@ -13,6 +13,11 @@ from dgnopt_jax._src import layer_taps
 G = dgnopt.games
 
 
+def as_matrix(theta):
+  """The (Ka, O) matrix view of params with a 2-D kernel (or a conv's, O its last axis)."""
+  return layer_taps.to_matrix(theta, theta["kernel"].shape[-1])
+
+
 def _per_sample_gradients(stage, x, thetas, v_next, n):
   """Independent per-sample gradients of V_x'^(i) . F(x^(i), theta) by jax.grad per sample."""
 
@@ -25,13 +30,19 @@ def _per_sample_gradients(stage, x, thetas, v_next, n):
   return jax.vmap(one)(x, v_next)
 
 
-@pytest.mark.parametrize("which", ["dense", "conv", "conv_strided", "residual", "inception"])
+@pytest.mark.parametrize("which", ["dense", "dense_rows_multi_axis", "dense_multi_axis", "conv",
+                                   "conv_strided", "residual", "inception"])
 def test_statistics_rebuild_per_sample_gradients(which):
   """sum_p a_ip g_ip^T is each player's per-sample gradient (GT-DDP eq. 43), their sum Q_theta."""
   rng = np.random.default_rng(0)
   shape = (5, 5, 2)
   game = {
       "dense": lambda: G.sequential([G.Flatten(), G.Dense(4, "tanh")], shape),
+      # A (5, 2, 2, 3) kernel on the rows of (B, 5, 5, 2); a (5, 5, 2, 2, 3) kernel on the samples.
+      "dense_rows_multi_axis": lambda: G.sequential(
+          [G.Dense((2, 3), "tanh", rows=True, contracted_axes=2)], shape),
+      "dense_multi_axis": lambda: G.sequential([G.Dense((2, 3), "tanh", contracted_axes=3)],
+                                               shape),
       "conv": lambda: G.sequential([G.Conv2D(3, (3, 3), activation="tanh")], shape),
       "conv_strided": lambda: G.sequential(
           [G.Conv2D(3, (2, 2), (2, 2), "VALID", "tanh")], shape),
@@ -65,7 +76,8 @@ def test_statistics_rebuild_per_sample_gradients(which):
         h.assert_trees_close(q[:, 0].reshape(want["kernel"].shape), want["kernel"], 1e-12)
         checked += 1
     x = y
-  assert checked == {"dense": 1, "conv": 1, "conv_strided": 1, "residual": 6,
+  assert checked == {"dense": 1, "dense_rows_multi_axis": 1, "dense_multi_axis": 1, "conv": 1,
+                     "conv_strided": 1, "residual": 6,
                      "inception": 4}[which]
 
 
@@ -78,6 +90,35 @@ def _random_statistics(rng, batch, positions, sizes):
 def _like(rows, cols, rng):
   return {"kernel": jnp.asarray(rng.normal(size=(rows - 1, cols))),
           "bias": jnp.asarray(rng.normal(size=(cols,)))}
+
+
+def test_multi_axis_kernel_is_solved_in_its_matrix_view():
+  """A (2, 2, 2, 3) kernel with a (2, 3) bias: factors of (5, 6), the solve of [kernel; bias]."""
+  rng = np.random.default_rng(2)
+  damping = 0.3
+  curv = kronecker.Kronecker(decay=0.5, inverse_every=1, statistics_every=1)
+  layer = G.Dense((2, 3), rows=True, contracted_axes=2)
+  theta = {"kernel": jnp.asarray(rng.normal(size=(2, 2, 2, 3))),
+           "bias": jnp.asarray(rng.normal(size=(2, 3)))}
+  player = G.Player(("p",), layer=layer)
+  assert layer_taps.has_kronecker_structure(player, theta)
+  state = curv.init(theta, player)
+  assert state.input_cov.shape == (5, 5) and state.output_cov.shape == (6, 6)
+  (stats,) = _random_statistics(rng, 6, 2, [(5, 6)])
+  state, solve_step = curv.update(state, theta, None, stats)
+  a, g = np.asarray(stats.inputs), np.asarray(stats.output_grads)
+  factors = [np.einsum("bpi,bpj->ij", a, a) / 12, 6 * np.einsum("bpo,bpq->oq", g, g)]
+  v = {"kernel": jnp.asarray(rng.normal(size=(2, 2, 2, 3))),
+       "bias": jnp.asarray(rng.normal(size=(2, 3)))}
+  flat = lambda t: np.concatenate([np.asarray(t["kernel"]).reshape(4, 6),
+                                   np.asarray(t["bias"]).reshape(1, 6)]).reshape(-1)
+  want = np.linalg.solve(np.kron(*factors) + damping * np.eye(30), flat(v))
+  got = curv.solve(solve_step, v, damping)
+  assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, v)
+  np.testing.assert_allclose(flat(got), want, rtol=1e-9, atol=1e-12)
+  # A kernel whose trailing axes are not the layer's outputs is no Kronecker player.
+  assert not layer_taps.has_kronecker_structure(
+      player, {"kernel": theta["kernel"].reshape(4, 6), "bias": theta["bias"]})
 
 
 @pytest.mark.parametrize("rescaling", [False, True])
@@ -127,8 +168,8 @@ def test_solve_equals_dense_kronecker_solve(rescaling, inverse_every, statistics
     else:
       matrix = np.kron(*factors)
     v = _like(4, 3, rng)
-    got = layer_taps.to_matrix(curv.solve(solve_step, v, damping))
-    vec = np.asarray(layer_taps.to_matrix(v)).reshape(-1)
+    got = as_matrix(curv.solve(solve_step, v, damping))
+    vec = np.asarray(as_matrix(v)).reshape(-1)
     want = np.linalg.solve(matrix + damping * np.eye(12), vec).reshape(4, 3)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(np.asarray(state.input_cov), covs[0], rtol=1e-12, atol=1e-14)
@@ -168,13 +209,13 @@ def test_cooperative_gains_solve_the_joint_kronecker_system(sizes):
   embedded = np.zeros((rows, cols))
   r = c = 0
   for v, (ka, o) in zip(vs, sizes):
-    embedded[r:r + ka, c:c + o] = np.asarray(layer_taps.to_matrix(v))
+    embedded[r:r + ka, c:c + o] = np.asarray(as_matrix(v))
     r, c = r + ka, c + o
   solved = np.linalg.solve(np.kron(a_ww, g_ww) + damping * np.eye(rows * cols),
                            embedded.reshape(-1)).reshape(rows, cols)
   r = c = 0
   for out, (ka, o) in zip(got, sizes):
-    np.testing.assert_allclose(np.asarray(layer_taps.to_matrix(out)), solved[r:r + ka, c:c + o],
+    np.testing.assert_allclose(np.asarray(as_matrix(out)), solved[r:r + ka, c:c + o],
                                rtol=1e-9, atol=1e-12)
     r, c = r + ka, c + o
 
@@ -204,9 +245,9 @@ def test_cooperative_gains_are_gt_ddp_theorem_3():
     g_uu, g_uv, g_vv = g_ww[rg[u], rg[u]], g_ww[rg[u], rg[w]], g_ww[rg[w], rg[w]]
     a_tilde = a_uu - a_uv @ inv(a_vv) @ a_uv.T
     g_tilde = g_uu - g_uv @ inv(g_vv) @ g_uv.T
-    v_u, v_v = (np.asarray(layer_taps.to_matrix(vs[i])) for i in (u, w))
+    v_u, v_v = (np.asarray(as_matrix(vs[i])) for i in (u, w))
     want = inv(a_tilde) @ (v_u + a_uv @ inv(a_vv) @ v_v @ inv(g_vv) @ g_uv.T) @ inv(g_tilde)
-    np.testing.assert_allclose(np.asarray(layer_taps.to_matrix(got[u])), want, rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(as_matrix(got[u])), want, rtol=1e-7)
 
 
 def _inception_game():
@@ -317,11 +358,11 @@ def test_shared_statistics_give_gt_ddp_corollary_7(rescaling):
     e, u = np.linalg.eigh(k)
   k_uu = u @ np.diag(e) @ u.T
   coop = u @ np.diag(gamma * e / (gamma + e) + gamma) @ u.T  # eq. 24
-  d = [np.asarray(layer_taps.to_matrix(v)).reshape(-1) for v in vs]
+  d = [np.asarray(as_matrix(v)).reshape(-1) for v in vs]
   for n, m in [(0, 1), (1, 0)]:
     rhs = d[n] - k_uu @ np.linalg.solve(k_uu + gamma * np.eye(15), d[m])
     want = np.linalg.solve(coop, rhs).reshape(5, 3)
-    np.testing.assert_allclose(np.asarray(layer_taps.to_matrix(got[n])), want, rtol=1e-8,
+    np.testing.assert_allclose(np.asarray(as_matrix(got[n])), want, rtol=1e-8,
                                atol=1e-10)
 
 

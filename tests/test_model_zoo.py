@@ -86,6 +86,7 @@ def test_open_loop_equals_optax(name):
     pytest.param("resnet18", "gr", "identity", marks=pytest.mark.slow),
     pytest.param("transformer", "fne", "adam", marks=pytest.mark.slow),
     pytest.param("transformer", "gr", "kfac", marks=pytest.mark.slow),
+    pytest.param("transformer", "fne", "ekfac", marks=pytest.mark.slow),
     pytest.param("plain_mlp", "fne", "identity", marks=pytest.mark.slow),
     pytest.param("compact_cnn", "fne", "ekfac", marks=pytest.mark.slow),
     pytest.param("compact_mlp", "gr", "kfac", marks=pytest.mark.slow),

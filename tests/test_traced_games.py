@@ -80,7 +80,21 @@ def test_attention_players():
   attention = ["query", "key", "value", "out"]
   assert [p.name for p in game.players] == (
       [f"params/MultiHeadDotProductAttention_0/{n}" for n in attention] + ["params/Dense_0"])
-  assert [p.layer for p in game.players] == [None] * 4 + [G.Dense(3, None)]
+  # query/key/value (B, T, D) @ (D, H, hd) and out (B, T, H, hd) @ (H, hd, D): token rows.
+  heads = G.Dense((2, 2), None, rows=True)
+  assert [p.layer for p in game.players] == [heads] * 3 + [
+      G.Dense(4, None, rows=True, contracted_axes=2), G.Dense(3, None)]
+
+
+def test_transformer_attention_projections_are_kronecker_players():
+  apply_fn, params, x, _ = case("transformer")
+  game = G.from_function(apply_fn, params, x)
+  layers = {p.name: p.layer for p in game.players}
+  heads, out = G.Dense((2, 2), None, rows=True), G.Dense(4, None, rows=True, contracted_axes=2)
+  for block in range(2):
+    attention = f"params/EncoderBlock_{block}/MultiHeadDotProductAttention_0"
+    assert [layers[f"{attention}/{n}"] for n in ("query", "key", "value", "out")] == (
+        [heads] * 3 + [out])
 
 
 def test_integer_inputs_through_an_embedding():
@@ -106,7 +120,7 @@ def test_integer_inputs_through_an_embedding():
 
 
 def test_generic_players_without_kronecker_structure():
-  """A 3-D projection kernel and params as tuples: players without a layer."""
+  """Params as tuples (a 3-D projection kernel and its bias): players without a layer."""
 
   def projection(params, x):
     w, b = params[0]
@@ -152,6 +166,74 @@ def test_token_rows_are_kronecker_players_equal_to_the_reference(principle, curv
   h.assert_steps_match_reference(tx, game, params, (x, y), 2, learning_rate=0.1,
                                  curvature=curvature, damping=0.5, vxx_reg=1e-2,
                                  principle=principle)
+
+
+class Heads(nn.Module):
+  """``nn.DenseGeneral``: a (D, H, hd) kernel on token rows, then one over a sample's axes."""
+
+  @nn.compact
+  def __call__(self, x):
+    hidden = nn.tanh(nn.DenseGeneral((2, 2))(nn.tanh(nn.Dense(4)(x))))  # (B, T, 2, 2)
+    pooled = nn.DenseGeneral(4, axis=(-2, -1))(jnp.mean(hidden, axis=1))  # (B, 2, 2) -> (B, 4)
+    return nn.Dense(3)(nn.tanh(pooled))
+
+
+class MergeHeads(nn.Module):
+  """``nn.DenseGeneral(axis=(-2, -1))`` on (B, T, H, hd) rows: a (H, hd, 2, 3) kernel."""
+
+  @nn.compact
+  def __call__(self, x):
+    hidden = nn.tanh(nn.Dense(2)(x))  # (B, T, 2, 2)
+    hidden = nn.tanh(nn.DenseGeneral((2, 3), axis=(-2, -1))(hidden))  # (B, T, 2, 3)
+    return nn.Dense(3)(jnp.mean(hidden, axis=1).reshape(x.shape[0], -1))
+
+
+DENSE_GENERAL = {
+    "heads": (Heads(), (3, 4), [G.Dense(4, None, rows=True), G.Dense((2, 2), None, rows=True),
+                                G.Dense(4, None, contracted_axes=2), G.Dense(3, None)]),
+    "merge_heads": (MergeHeads(), (3, 2, 2), [G.Dense(2, None, rows=True),
+                                              G.Dense((2, 3), None, rows=True, contracted_axes=2),
+                                              G.Dense(3, None)]),
+}
+
+
+@pytest.mark.parametrize("principle,curvature", [("gr", "kfac"), ("fne", "ekfac"),
+                                                 ("fne", "adam")])
+@pytest.mark.parametrize("name", sorted(DENSE_GENERAL))
+def test_dense_general_kernels_are_kronecker_players_equal_to_the_reference(
+    name, principle, curvature):
+  """Multi-axis kernels in their (K, O) matrix view; the steps equal the dense reference.
+
+  Without the V_xx Tikhonov term, so that the value correction and the
+  rollout's feedback come from the players' per-sample gradients in that
+  view (the Kronecker eigenbasis, the rank-one dense factors).
+  """
+  model, shape, layers = DENSE_GENERAL[name]
+  x, y = h.classification_batch(shape, 3)
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) + 0.1,
+                        model.init(jax.random.PRNGKey(0), x))
+  game = G.from_function(model.apply, params, x)
+  assert [p.layer for p in game.players] == layers
+  np.testing.assert_allclose(game.apply(params, x), model.apply(params, x), rtol=1e-12)
+  make = dgnopt.gr if principle == "gr" else dgnopt.fne
+  tx = make(game, 0.5, curvature, damping=0.5, coupling_iterations=100)
+  h.assert_steps_match_reference(tx, game, params, (x, y), 2, learning_rate=0.5,
+                                 curvature=curvature, damping=0.5, principle=principle)
+
+
+@pytest.mark.parametrize("name", sorted(DENSE_GENERAL))
+def test_dense_general_diagonal_forms_from_taps_equal_the_reference(name, monkeypatch):
+  """The per-sample forms that several devices use (layer taps, params copies), in the matrix view."""
+  from dgnopt_jax._src import linearise
+  monkeypatch.setattr(linearise, "partition_safe", lambda: True)
+  model, shape, _ = DENSE_GENERAL[name]
+  x, y = h.classification_batch(shape, 3)
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) + 0.1,
+                        model.init(jax.random.PRNGKey(0), x))
+  game = G.from_function(model.apply, params, x)
+  tx = dgnopt.fne(game, 0.5, "adam", damping=0.5, coupling_iterations=100)
+  h.assert_steps_match_reference(tx, game, params, (x, y), 2, learning_rate=0.5,
+                                 curvature="adam", damping=0.5, principle="fne")
 
 
 def test_root_leaves_and_bias_share_a_stage():

@@ -94,17 +94,43 @@ class Dense:
   ``g = activation'(h) * z``, which the solver uses to form per-sample
   quadratic forms without materialising per-sample gradients.
 
-  With ``rows=True`` it acts on the last axis of a ``(B, ..., K)`` state
-  (Flax's ``nn.Dense`` on token rows, ``(B, T, K) -> (B, T, O)``): every
-  row ``p`` is an output position, as a convolution's, and the per-sample
-  derivative is ``sum_p a_p (x) g_p`` (the rows' Kronecker statistics
-  ``a`` (B, P, K), ``g`` (B, P, O); GT-DDP eq. 43).
+  With ``rows=True`` it acts on the last ``contracted_axes`` axes of a
+  ``(B, ..., K1..Kn)`` state (Flax's ``nn.Dense`` on token rows,
+  ``(B, T, K) -> (B, T, O)``; ``nn.DenseGeneral`` and the projections of
+  ``nn.MultiHeadDotProductAttention``, ``(B, T, D) -> (B, T, H, hd)`` and
+  ``(B, T, H, hd) -> (B, T, D)``): every row ``p`` is an output position,
+  as a convolution's, and the per-sample derivative is
+  ``sum_p a_p (x) g_p`` (the rows' Kronecker statistics ``a`` (B, P, K),
+  ``g`` (B, P, O); GT-DDP eq. 43).
+
+  A kernel of shape ``(K1..Kn, O1..Om)`` (``features = (O1..Om)``) and its
+  bias ``(O1..Om)`` are one dense layer in their *matrix view*::
+
+    h.reshape(B, P, O) = x.reshape(B, P, K) @ kernel.reshape(K, O) + bias.reshape(O)
+
+  with ``K = K1...Kn``, ``O = O1...Om`` (row-major, so the reshapes are
+  free): the Kronecker statistics, factors and solves all work on the
+  ``(K [+1], O)`` matrix ``[kernel; bias]`` (:func:`layer_taps.to_matrix`),
+  whatever the kernel's layout.
+
+  Attributes:
+    features: the number of outputs, or the output feature shape
+      ``(O1..Om)`` (a one-element tuple is stored as its integer).
+    activation: name or callable applied to the pre-activation.
+    use_bias: whether the player has a bias of shape ``features``.
+    rows: act on the last ``contracted_axes`` axes, each remaining row an
+      output position; otherwise the whole per-sample input is contracted.
+    contracted_axes: the number of trailing input axes the kernel
+      contracts (its leading axes). With ``rows=False`` the kernel's input
+      axes are the whole per-sample input shape, or one axis of its size
+      when this is 1.
   """
 
-  features: int
+  features: Union[int, tuple[int, ...]]
   activation: Union[str, Callable, None] = None
   use_bias: bool = True
   rows: bool = False
+  contracted_axes: int = 1
 
   @property
   def kind(self) -> str:
@@ -112,27 +138,65 @@ class Dense:
     return "rows" if self.rows else "dense"
 
   def __post_init__(self):
-    _check_layer(self, features=self.features)
+    if isinstance(self.features, (tuple, list)):
+      if not self.features:
+        raise ValueError("Dense: features must be a positive integer or a non-empty tuple of "
+                         "them, got ()")
+      for size in self.features:
+        _check_layer(self, features=size)
+      # One spelling per layer: layers compare by value.
+      features = self.features[0] if len(self.features) == 1 else tuple(self.features)
+      object.__setattr__(self, "features", features)
+    _check_layer(self, features=1 if isinstance(self.features, tuple) else self.features,
+                 contracted_axes=self.contracted_axes)
+
+  @property
+  def feature_shape(self) -> tuple[int, ...]:
+    """The kernel's output axes ``(O1..Om)``."""
+    return self.features if isinstance(self.features, tuple) else (self.features,)
+
+  @property
+  def output_size(self) -> int:
+    """``O``, the columns of the matrix view ``[kernel; bias]``."""
+    return math.prod(self.feature_shape)
 
   @property
   def prefix(self) -> str:
     return "dense"
 
   def init(self, key: Array, in_shape: tuple[int, ...], dtype=jnp.float32):
-    fan_in = in_shape[-1] if self.rows else math.prod(in_shape)
-    params = {"kernel": _lecun_normal(key, (fan_in, self.features), fan_in, dtype)}
+    n = self.contracted_axes
+    if len(in_shape) < n:
+      raise ValueError(f"Dense contracts {n} trailing axes; the per-sample input shape "
+                       f"{tuple(in_shape)} has {len(in_shape)}")
+    if self.rows:
+      kernel_in = tuple(in_shape[len(in_shape) - n:])
+    elif n == 1:
+      kernel_in = (math.prod(in_shape),)
+    elif len(in_shape) == n:
+      kernel_in = tuple(in_shape)
+    else:
+      raise ValueError(f"Dense(rows=False) contracts the whole per-sample input: "
+                       f"contracted_axes={n} must be 1 or its rank, {len(in_shape)}")
+    fan_in = math.prod(kernel_in)
+    params = {"kernel": _lecun_normal(key, kernel_in + self.feature_shape, fan_in, dtype)}
     if self.use_bias:
-      params["bias"] = jnp.zeros((self.features,), dtype)
-    out_shape = tuple(in_shape[:-1]) if self.rows else ()
-    return params, out_shape + (self.features,)
+      params["bias"] = jnp.zeros(self.feature_shape, dtype)
+    out_shape = tuple(in_shape[:len(in_shape) - n]) if self.rows else ()
+    return params, out_shape + self.feature_shape
 
   def linear_input(self, x: Array) -> Array:
-    return x if self.rows else x.reshape(x.shape[0], -1)
+    """The input's rows ``(B, K)`` (or ``(B, ..., K)`` with ``rows``) of the matrix view."""
+    if not self.rows:
+      return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[:x.ndim - self.contracted_axes] + (-1,))
 
   def preactivation(self, params: Params, x: Array) -> Array:
-    h = self.linear_input(x) @ params["kernel"]
+    a = self.linear_input(x)
+    h = a @ params["kernel"].reshape(a.shape[-1], self.output_size)
     if self.use_bias:
-      h = h + params["bias"]
+      h = h + params["bias"].reshape(self.output_size)
+    h = h.reshape(h.shape[:-1] + self.feature_shape)
     return layer_taps.tap(self, params, x, h)
 
   def __call__(self, params: Params, x: Array) -> Array:
@@ -160,6 +224,16 @@ class Conv2D:
   @property
   def prefix(self) -> str:
     return "conv2d"
+
+  @property
+  def feature_shape(self) -> tuple[int, ...]:
+    """The kernel's output axes: ``(features,)``."""
+    return (self.features,)
+
+  @property
+  def output_size(self) -> int:
+    """``O``, the columns of the matrix view ``[kernel.reshape(-1, O); bias]``."""
+    return self.features
 
   def init(self, key: Array, in_shape: tuple[int, ...], dtype=jnp.float32):
     if len(in_shape) != 3:

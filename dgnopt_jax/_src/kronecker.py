@@ -130,6 +130,14 @@ def _debias(ema: Any, decay: float, count: jax.Array) -> Any:
   return jax.tree.map(lambda m: m / (1 - jnp.asarray(decay, m.dtype) ** count), ema)
 
 
+def _stacked_output_size(v: Params) -> int:
+  """``O`` of a player of a cooperative stage: its bias's size, else its kernel's last axis.
+
+  :meth:`Kronecker.joint` stacks a kernel with several output axes only with its bias.
+  """
+  return v["bias"].size if "bias" in v else v["kernel"].shape[-1]
+
+
 def psd_eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(U, max(lambda, 0)) of the symmetric part of ``matrix``: its PSD projection.
 
@@ -190,16 +198,16 @@ class Kronecker(curvature_base.Curvature):
   def check(self, player, theta) -> None:
     if not layer_taps.has_kronecker_structure(player, theta):
       return
-    rows, cols = layer_taps.matrix_shape(theta)
+    rows, cols = layer_taps.matrix_shape(theta, player.layer.output_size)
     if max(rows, cols) > self.max_factor_size:
       raise ValueError(
           f"curvature {self.name!r} cannot handle player {player.name!r}: its Kronecker "
           f"factors are {rows}x{rows} and {cols}x{cols}, above max_factor_size="
           f"{self.max_factor_size}; raise the limit or use a diagonal curvature")
 
-  def _kronecker_init(self, thetas: tuple) -> KroneckerState:
+  def _kronecker_init(self, layers: tuple, thetas: tuple) -> KroneckerState:
     """Fresh statistics of the players' stacked layer (one player: its own)."""
-    shapes = [layer_taps.matrix_shape(t) for t in thetas]
+    shapes = [layer_taps.matrix_shape(t, l.output_size) for l, t in zip(layers, thetas)]
     rows, cols = sum(r for r, _ in shapes), sum(c for _, c in shapes)
     # Factors of half-precision players are kept (and decomposed) in float32.
     dtype = jnp.promote_types(thetas[0]["kernel"].dtype, jnp.float32)
@@ -212,7 +220,7 @@ class Kronecker(curvature_base.Curvature):
 
   def init(self, theta: Params, player: Any = None) -> KroneckerState | DiagonalState:
     if layer_taps.has_kronecker_structure(player, theta):
-      return self._kronecker_init((theta,))
+      return self._kronecker_init((player.layer,), (theta,))
     return DiagonalState(jax.tree.map(jnp.zeros_like, theta), jnp.zeros([], jnp.int32))
 
   def joint(self, stage: Any, thetas: tuple) -> bool:
@@ -224,20 +232,23 @@ class Kronecker(curvature_base.Curvature):
     if len(players) < 2 or not all(layer_taps.has_kronecker_structure(p, t)
                                    for p, t in zip(players, thetas)):
       return False
-    shapes = [layer_taps.matrix_shape(t) for t in thetas]
+    layers = [p.layer for p in players]
+    shapes = [layer_taps.matrix_shape(t, l.output_size) for l, t in zip(layers, thetas)]
     if not stage.shared_statistics and max(sum(r for r, _ in shapes),
                                            sum(c for _, c in shapes)) > self.max_factor_size:
       return False
-    layers = [p.layer for p in players]
     if all(l.kind == "dense" for l in layers):
-      return True
+      # The joint solve splits its columns by each player's last kernel axis
+      # or bias (:meth:`solve`): a kernel with several output axes needs its bias.
+      return all(len(l.feature_shape) == 1 or l.use_bias for l in layers)
     return (all(l.kind == "conv" and l.padding == "SAME" for l in layers) and
             len({tuple(l.strides) for l in layers}) == 1)
 
   def init_joint(self, stage: Any, thetas: tuple) -> KroneckerState:
+    layers = tuple(p.layer for p in stage.players)
     if stage.shared_statistics:
-      return SharedKroneckerState(*self._kronecker_init(thetas[:1]))
-    return self._kronecker_init(thetas)
+      return SharedKroneckerState(*self._kronecker_init(layers[:1], thetas[:1]))
+    return self._kronecker_init(layers, thetas)
 
   # -- statistics --------------------------------------------------------------
 
@@ -335,26 +346,34 @@ class Kronecker(curvature_base.Curvature):
     return (step.input_basis @ rotated @ step.output_basis.T).astype(mat.dtype)
 
   def solve(self, step, v: Params, damping) -> Params:
-    """``(C + damping I)^-1 v``; for a cooperative stage ``v`` is a tuple per player."""
+    """``(C + damping I)^-1 v``; for a cooperative stage ``v`` is a tuple per player.
+
+    ``v`` is solved in its matrix view ``[kernel; bias]`` (Ka, O)
+    (:func:`layer_taps.to_matrix`), ``O`` the width of the output factor;
+    in a cooperative stage player ``n``'s ``O_n`` is its bias's size, or its
+    kernel's last axis (:meth:`joint` stacks only such players).
+    """
     if not isinstance(step, KroneckerStep):
       return jax.tree.map(lambda x, d: x * safe_reciprocal(d + damping), v, step)
     if isinstance(step, SharedKroneckerStep):
       return self._solve_shared(step, v, damping)
     if isinstance(v, tuple):  # a cooperative stage: one vector per player
-      mats = [layer_taps.to_matrix(vn) for vn in v]
+      mats = [layer_taps.to_matrix(vn, _stacked_output_size(vn)) for vn in v]
       solved = self._solve_matrix(step, jax.scipy.linalg.block_diag(*mats), damping)
       out, r, c = [], 0, 0
       for m, vn in zip(mats, v):  # the diagonal blocks
         out.append(layer_taps.from_matrix(solved[r:r + m.shape[0], c:c + m.shape[1]], vn))
         r, c = r + m.shape[0], c + m.shape[1]
       return tuple(out)
-    return layer_taps.from_matrix(self._solve_matrix(step, layer_taps.to_matrix(v), damping), v)
+    mat = layer_taps.to_matrix(v, step.output_basis.shape[0])
+    return layer_taps.from_matrix(self._solve_matrix(step, mat, damping), v)
 
   def _solve_shared(self, step: SharedKroneckerStep, v: tuple, damping) -> tuple:
     """``(J_N (x) K + damping I)^-1`` on the players' vectors, in K's eigenbasis."""
     dtype = step.input_basis.dtype
-    rotated = [step.input_basis.T @ layer_taps.to_matrix(vn).astype(dtype) @ step.output_basis
-               for vn in v]
+    outputs = step.output_basis.shape[0]  # every player's: they share their statistics
+    rotated = [step.input_basis.T @ layer_taps.to_matrix(vn, outputs).astype(dtype) @
+               step.output_basis for vn in v]
     mean = sum(rotated) / len(rotated)
     common = mean * safe_reciprocal(len(rotated) * step.eigenvalues + damping)
     out = []

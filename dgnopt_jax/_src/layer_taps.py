@@ -18,6 +18,14 @@ Outside :func:`statistics` a tap is the identity.
 A player is matched to its layer by the params object the stage function
 hands to the layer (``thetas[n]`` passed on unchanged, as every ready-made
 stage does).
+
+Everything here works on the layer's *matrix view*: a kernel
+``(K1..Kn, O1..Om)`` (a ``(D, H, hd)`` attention projection, a convolution's
+``(kh, kw, C, O)``) and its bias ``(O1..Om)`` are the ``(Ka, O)`` matrix
+``[kernel.reshape(K, O); bias.reshape(1, O)]`` (:func:`to_matrix`, ``O``
+the layer's ``output_size``), ``a`` holds the input's rows in the same
+row-major order and ``g`` the pre-activation's trailing output axes
+flattened to ``O``.
 """
 
 from __future__ import annotations
@@ -194,38 +202,53 @@ def _find_layers(fn: Any, x: State, thetas: tuple, players: tuple[int, ...]) -> 
   return rec
 
 
-def to_matrix(theta: Params) -> jax.Array:
-  """A dense/conv player's params as the (Ka, O) matrix ``[kernel; bias]``."""
+def to_matrix(theta: Params, output_size: int) -> jax.Array:
+  """A dense/conv player's params as the (Ka, O) matrix ``[kernel; bias]``.
+
+  ``output_size`` is ``O``, the layer's ``output_size`` (the product of the
+  kernel's output axes: ``H * hd`` for a ``(D, H, hd)`` attention kernel);
+  the kernel's leading axes are its rows, in row-major order, so that
+  ``h = a @ kernel.reshape(-1, O)`` with ``a`` the rows of
+  :func:`kernel_rows`.
+  """
   kernel = theta["kernel"]
-  mat = kernel.reshape(-1, kernel.shape[-1])
+  mat = kernel.reshape(-1, output_size)
   if "bias" in theta:
-    mat = jnp.concatenate([mat, theta["bias"][None, :]], axis=0)
+    mat = jnp.concatenate([mat, theta["bias"].reshape(1, output_size)], axis=0)
   return mat
 
 
 def from_matrix(mat: jax.Array, like: Params) -> Params:
-  """Inverse of :func:`to_matrix`, shaped like ``like``."""
+  """Inverse of :func:`to_matrix` (``O = mat.shape[1]``), shaped like ``like``."""
   kernel = like["kernel"]
-  rows = kernel.size // kernel.shape[-1]
+  rows = kernel.size // mat.shape[1]
   out = {"kernel": mat[:rows].reshape(kernel.shape)}
   if "bias" in like:
-    out["bias"] = mat[rows]
+    out["bias"] = mat[rows].reshape(like["bias"].shape)
   return out
 
 
-def matrix_shape(theta: Params) -> tuple[int, int]:
+def matrix_shape(theta: Params, output_size: int) -> tuple[int, int]:
   """(Ka, O) of :func:`to_matrix`."""
-  kernel = theta["kernel"]
-  return (kernel.size // kernel.shape[-1] + ("bias" in theta), kernel.shape[-1])
+  return (theta["kernel"].size // output_size + ("bias" in theta), output_size)
 
 
 def has_kronecker_structure(player: Any, theta: Params) -> bool:
-  """Whether ``player`` is a ready-made dense/conv layer whose params it owns whole."""
+  """Whether ``player`` is a ready-made dense/conv layer whose params it owns whole.
+
+  Its kernel's trailing axes and its bias are the layer's ``feature_shape``, so
+  that the matrix view (:func:`to_matrix`) is the layer's product.
+  """
   layer = getattr(player, "layer", None)
   if getattr(layer, "kind", None) not in ("dense", "rows", "conv"):
     return False
-  return isinstance(theta, dict) and set(theta) == ({"kernel", "bias"} if layer.use_bias
-                                                     else {"kernel"})
+  if not (isinstance(theta, dict) and set(theta) == ({"kernel", "bias"} if layer.use_bias
+                                                       else {"kernel"})):
+    return False
+  outputs = layer.feature_shape
+  shape = tuple(theta["kernel"].shape)
+  return (len(shape) > len(outputs) and shape[len(shape) - len(outputs):] == outputs and
+          (not layer.use_bias or tuple(theta["bias"].shape) == outputs))
 
 
 def statistics(fn: Any, x: State, thetas: tuple, v_next: State,
@@ -252,5 +275,6 @@ def statistics(fn: Any, x: State, thetas: tuple, v_next: State,
 
   _, pull, inputs = jax.vjp(probed, zeros, has_aux=True)
   grads = pull(v_next)[0]
-  flat = lambda g: g.reshape(g.shape[0], -1, g.shape[-1])  # (B, P, O)
-  return {n: KroneckerStatistics(inputs[n], flat(grads[n])) for n in players}
+  # (B, P, O): the pre-activation's trailing output axes are the matrix view's O.
+  flat = lambda n: grads[n].reshape(grads[n].shape[0], -1, rec.layers[n][0].output_size)
+  return {n: KroneckerStatistics(inputs[n], flat(n)) for n in players}

@@ -80,18 +80,20 @@ def gradient_coefficients(grads: Gradients, dtheta: Params) -> jax.Array:
   """``Z'^(i)T F_theta^(i) dtheta = q_i . dtheta`` for every sample and column: (B, r)."""
   if isinstance(grads, RotatedGradients):
     q = grads.rotated
-    mat = layer_taps.to_matrix(dtheta).astype(q.dtype)
+    mat = layer_taps.to_matrix(dtheta, grads.output_basis.shape[0]).astype(q.dtype)
     return jnp.einsum("brjl,jl->br", q, grads.input_basis.T @ mat @ grads.output_basis)
   if isinstance(grads, DenseGradients):
     g = grads.output_grads
-    change = grads.inputs @ dtheta["kernel"].astype(g.dtype)  # F_theta dtheta at h: (B, O)
+    # F_theta dtheta at h, in the matrix view: (B, O).
+    change = grads.inputs @ dtheta["kernel"].reshape(-1, g.shape[-1]).astype(g.dtype)
     if "bias" in dtheta:
-      change = change + dtheta["bias"].astype(g.dtype)
+      change = change + dtheta["bias"].reshape(-1).astype(g.dtype)
     return lin.per_sample_dot(g, change[:, None], 1)
-  kernel = dtheta["kernel"].reshape(-1, dtheta["kernel"].shape[-1])
+  kernel = dtheta["kernel"].reshape(grads.kernel.shape[2:])
   out = jnp.einsum("brko,ko->br", grads.kernel, kernel.astype(grads.kernel.dtype))
   if grads.bias is not None:
-    out = out + jnp.einsum("bro,o->br", grads.bias, dtheta["bias"].astype(grads.bias.dtype))
+    out = out + jnp.einsum("bro,o->br", grads.bias,
+                           dtheta["bias"].reshape(-1).astype(grads.bias.dtype))
   return out
 
 
@@ -105,15 +107,17 @@ def gradient_pullback(grads: Gradients, coeffs: jax.Array, like: Params) -> Para
   if isinstance(grads, DenseGradients):
     g = grads.output_grads
     combined = lin.factor_apply(g, coeffs)  # sum_r c_ir g_ir: (B, O)
-    out = {"kernel": (grads.inputs.T @ combined).astype(like["kernel"].dtype)}
+    kernel = (grads.inputs.T @ combined).reshape(like["kernel"].shape)
+    out = {"kernel": kernel.astype(like["kernel"].dtype)}
     if "bias" in like:
-      out["bias"] = jnp.sum(combined, axis=0).astype(like["bias"].dtype)
+      out["bias"] = jnp.sum(combined, axis=0).reshape(like["bias"].shape).astype(
+          like["bias"].dtype)
     return out
   kernel = jnp.einsum("brko,br->ko", grads.kernel, coeffs.astype(grads.kernel.dtype))
   out = {"kernel": kernel.reshape(like["kernel"].shape).astype(like["kernel"].dtype)}
   if grads.bias is not None:
-    out["bias"] = jnp.einsum("bro,br->o", grads.bias,
-                             coeffs.astype(grads.bias.dtype)).astype(like["bias"].dtype)
+    bias = jnp.einsum("bro,br->o", grads.bias, coeffs.astype(grads.bias.dtype))
+    out["bias"] = bias.reshape(like["bias"].shape).astype(like["bias"].dtype)
   return out
 
 
@@ -273,9 +277,10 @@ def dense_layer(layer: games_lib.Dense, theta: Params, x: State, factor_next: St
   h = layer.preactivation(theta, x)
   act_pull = jax.vjp(games_lib.get_activation(layer.activation), h)[1]
   g = jax.vmap(lambda c: act_pull(c)[0], in_axes=1, out_axes=1)(factor_next)
+  g = g.reshape(g.shape[:2] + (layer.output_size,))  # the matrix view's outputs: (B, r, O)
   slope = None
   if layer.activation is None or isinstance(layer.activation, str):  # elementwise
-    slope = act_pull(jnp.ones_like(h))[0]  # act'(h)
+    slope = act_pull(jnp.ones_like(h))[0].reshape(h.shape[0], -1)  # act'(h): (B, O)
   return _dense_form(layer, theta, a, g, inv_diag, slope)
 
 
@@ -295,15 +300,20 @@ def tapped_dense_layer(f: lin.Linearised, n: int, factor_next: State, theta: Par
 
 def _dense_form(layer: games_lib.Dense, theta: Params, a: jax.Array, g: jax.Array,
                 inv_diag: Params, slope: Optional[jax.Array]) -> Form:
-  """The forms of :func:`dense_layer` from ``a`` (B, K), ``g`` (B, r, O) and ``act'(h)`` (or None)."""
-  dk = inv_diag["kernel"]
+  """The forms of :func:`dense_layer` from ``a`` (B, K), ``g`` (B, r, O) and ``act'(h)`` (or None).
+
+  ``D`` is taken in the layer's (K, O) matrix view (:func:`layer_taps.to_matrix`).
+  """
+  size = layer.output_size
+  dk, db = inv_diag["kernel"], inv_diag.get("bias")
+  dk = dk if dk.ndim == 0 else dk.reshape(-1, size)
+  db = db if db is None or db.ndim == 0 else db.reshape(size)
   w = jnp.sum(a * a, axis=-1, keepdims=True) * dk if dk.ndim == 0 else (a * a) @ dk
-  augmented, inverse = a, jnp.broadcast_to(dk, theta["kernel"].shape)
+  augmented, inverse = a, jnp.broadcast_to(dk, (a.shape[-1], size))
   if layer.use_bias:
-    w = w + inv_diag["bias"]
+    w = w + db
     augmented = jnp.concatenate([a, jnp.ones_like(a[:, :1])], axis=1)
-    inverse = jnp.concatenate(
-        [inverse, jnp.broadcast_to(inv_diag["bias"], theta["bias"].shape)[None]], axis=0)
+    inverse = jnp.concatenate([inverse, jnp.broadcast_to(db, (size,))[None]], axis=0)
   s = gram_blocks(g, g * jnp.expand_dims(w, 1))
   jacobian_trace = None if slope is None else jnp.sum(slope * slope * w)
 
@@ -311,7 +321,7 @@ def _dense_form(layer: games_lib.Dense, theta: Params, a: jax.Array, g: jax.Arra
     combined = lin.factor_apply(g, v)  # sum_s v_js g_js: (B, O)
     back = a @ (dk * (a.T @ combined))
     if layer.use_bias:
-      back = back + inv_diag["bias"] * jnp.sum(combined, axis=0)
+      back = back + db * jnp.sum(combined, axis=0)
     return lin.per_sample_dot(g, back[:, None], 1).astype(v.dtype)
 
   return Form(s, gram, DenseGradients(a, g), jacobian_trace,
@@ -358,18 +368,19 @@ def diagonal_layer(f: lin.Linearised, n: int, factor_next: State, theta: Params,
   g = _column_output_grads(f, n, factor_next)
   layer, layer_x = layer_taps.tapped_layers(f.fn, f.x, f.thetas, (n,))[n]
   inv = jax.tree.map(lambda d, t: jnp.broadcast_to(d, t.shape), inv_diag, theta)
-  inv_kernel = inv["kernel"].reshape(-1, inv["kernel"].shape[-1])
+  inv_kernel = inv["kernel"].reshape(-1, layer.output_size)  # the matrix view
   q = layer_taps.per_sample_kernel_gradients(layer, layer_x, g)
   qb = jnp.sum(g, axis=2) if "bias" in inv else None
   dtype = jax.tree.leaves(factor_next)[0].dtype
   s = gram_blocks(q, q * inv_kernel)
+  inv_bias = inv["bias"].reshape(-1) if qb is not None else None
   if qb is not None:
-    s = s + gram_blocks(qb, qb * inv["bias"])
+    s = s + gram_blocks(qb, qb * inv_bias)
 
   def gram(v: jax.Array) -> jax.Array:
     out = apply_gram(q, inv_kernel, v)
     if qb is not None:
-      out = out + apply_gram(qb, inv["bias"], v)
+      out = out + apply_gram(qb, inv_bias, v)
     return out.astype(v.dtype)
 
   return Form(s.astype(dtype), gram, LayerGradients(q, qb))

@@ -167,8 +167,8 @@ def _reference_kronecker(curvature, state, stats: list, thetas: list, q_samples:
   # Flat coordinates of each player's block of the stacked matrix.
   index = np.arange(a.shape[-1] * g.shape[-1]).reshape(a.shape[-1], g.shape[-1])
   coords, row, col = [], 0, 0
-  for theta in thetas:
-    rows, cols = layer_taps.matrix_shape(theta)
+  for stat, theta in zip(stats, thetas):
+    rows, cols = layer_taps.matrix_shape(theta, stat.output_grads.shape[-1])
     block = jnp.asarray(index[row:row + rows, col:col + cols])
     coords.append(np.asarray(ravel_pytree(layer_taps.from_matrix(block, theta))[0]).astype(int))
     row, col = row + rows, col + cols

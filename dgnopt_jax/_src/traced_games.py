@@ -34,20 +34,34 @@ a game (DGNOpt §3.1, eq. 3):
   there is one, else a tuple in the order they are computed. The first stage's
   state is the input ``x``, the last stage's output is the model's output.
 * **Kronecker structure.** A player whose params are ``{"kernel"[, "bias"]}``
-  and whose kernel is the right operand of a ``dot_general`` contracting the
-  last axis of a ``(B, K)`` or ``(B, ..., K)`` input with a ``(K, O)`` kernel
-  (``nn.Dense``, ``x @ W + b``, on token rows too), or of a
-  ``conv_general_dilated`` on NHWC inputs with an HWIO kernel (``nn.Conv``),
-  the input's leading axis being the samples, the kernel used as it is (or
-  converted to another dtype), its bias (if any) broadcast over the last axis
-  and added to that product alone, gets a :class:`games.Dense` (``rows=True``
-  on token rows: each row an output position, GT-DDP eq. 43) /
-  :class:`games.Conv2D` ``layer``; the stage function passes the product's
-  input and the pre-activation through :func:`layer_taps.tap`, so that the
-  Kronecker curvatures find their statistics as for the ready-made layers.
-  Other players (a ``dot_general`` over other axes, a 3-D attention kernel, a
-  LayerNorm scale) have ``layer=None``: the diagonal curvatures and the
-  per-sample VJP handle them.
+  and whose kernel ``(K1..Kn, O1..Om)`` is the right operand of a
+  ``dot_general`` contracting, in order and without batch dimensions, the
+  last ``n`` axes of a ``(B, K1..Kn)`` or ``(B, ..., K1..Kn)`` input with its
+  first ``n`` (``nn.Dense``, ``x @ W + b``, on token rows too;
+  ``nn.DenseGeneral``; the projections of ``nn.MultiHeadDotProductAttention``,
+  query/key/value ``(B, T, D) @ (D, H, hd)`` and out
+  ``(B, T, H, hd) @ (H, hd, D)``), or of a ``conv_general_dilated`` on NHWC
+  inputs with an HWIO kernel (``nn.Conv``), the input's leading axis being
+  the samples, the kernel used as it is (or converted to another dtype), its
+  bias ``(O1..Om)`` (if any) broadcast over the trailing axes and added to
+  that product alone, gets a :class:`games.Dense` / :class:`games.Conv2D`
+  ``layer``. A multi-axis product is a dense layer in its matrix view::
+
+    h.reshape(B, P, O) = x.reshape(B, P, K) @ kernel.reshape(K, O) + bias.reshape(O)
+
+  with ``K = K1...Kn``, ``O = O1...Om`` and ``P`` the rows (1 for a
+  ``(B, K1..Kn)`` input; on token rows, ``rows=True``, each row an output
+  position, GT-DDP eq. 43: ``Q_W = sum_p a_p g_p^T``): the layer is
+  ``Dense(features=(O1..Om), rows=..., contracted_axes=n)``, ``rows`` where
+  the input has axes besides the samples and the contracted ones, and its
+  statistics, factors and solves are those of the ``(K [+1], O)`` matrix
+  ``[kernel; bias]`` (:func:`layer_taps.to_matrix`). The stage function
+  passes the product's input and the pre-activation through
+  :func:`layer_taps.tap`, so that the Kronecker curvatures find their
+  statistics as for the ready-made layers. Other players (a ``dot_general``
+  over other axes, a kernel transposed before its product, a LayerNorm
+  scale) have ``layer=None``: the diagonal curvatures and the per-sample VJP
+  handle them.
 
 * **Repeated stages.** Stages whose programs are the same up to the names
   of their values share one stage function object, so that
@@ -1370,16 +1384,22 @@ class _TracedGame:
     if (prog.avals[lhs].shape[0], other_lhs.shape[0]) != (self.batch, self.other_batch):
       return None
     kernel = prog.avals[eqn.inputs[1]]
-    features = kernel.shape[-1]
     p = eqn.params
     if eqn.primitive.name == "dot_general":
-      # x @ kernel on the last axis: (B, K) one row per sample, (B, ..., K) rows.
+      # The last n axes of a (B, ..., K1..Kn) input contracted in order with
+      # the kernel's first n, no batch dimensions: (B, ..., O1..Om) out, the
+      # matrix view x.reshape(B, ..., K) @ kernel.reshape(K, O). (B, K1..Kn):
+      # one row per sample, else rows.
       rank = len(prog.avals[lhs].shape)
-      if (len(kernel.shape) != 2 or rank < 2 or lhs_axes != {0} or
-          tuple(map(tuple, p["dimension_numbers"][0])) != ((rank - 1,), (0,)) or
-          any(p["dimension_numbers"][1])):
+      (lhs_contract, rhs_contract), batch_dims = p["dimension_numbers"]
+      n_in = len(lhs_contract)
+      if (rank < 2 or lhs_axes != {0} or not 1 <= n_in < min(rank, len(kernel.shape)) or
+          tuple(lhs_contract) != tuple(range(rank - n_in, rank)) or
+          tuple(rhs_contract) != tuple(range(n_in)) or any(batch_dims)):
         return None
-      layer = games_lib.Dense(int(features), None, "bias" in theta, rows=rank > 2)
+      features = tuple(int(s) for s in kernel.shape[n_in:])
+      rows = rank - n_in > 1
+      layer = games_lib.Dense(features, None, "bias" in theta, rows=rows, contracted_axes=n_in)
     elif eqn.primitive.name == "conv_general_dilated":
       dn = p["dimension_numbers"]
       if (len(kernel.shape) != 4 or lhs_axes != {0} or
@@ -1394,7 +1414,8 @@ class _TracedGame:
         if padding == tuple(jax.lax.padtype_to_pads(spatial, window, p["window_strides"], name)):
           padding = name
           break
-      layer = games_lib.Conv2D(int(features), tuple(int(s) for s in kernel.shape[:2]),
+      features = (int(kernel.shape[-1]),)
+      layer = games_lib.Conv2D(features[0], tuple(int(s) for s in kernel.shape[:2]),
                                tuple(int(s) for s in p["window_strides"]), padding, None,
                                "bias" in theta)
     else:
@@ -1411,24 +1432,30 @@ class _TracedGame:
     if len(prog.uses.get(product, ())) != 1 or product in prog.out_ids:
       return None
     (bias_arg,) = [a for a in add.inputs if a != product]
-    if not self._broadcasts_last_axis(prog, bias_arg, prog.param_ids[index["bias"]], features):
+    if not self._broadcasts_trailing(prog, bias_arg, prog.param_ids[index["bias"]], features):
       return None
     return _Tap(n, j, bias_uses[0], layer)
 
-  def _broadcasts_last_axis(self, prog: _Program, v: Any, bias: int, features: int) -> bool:
-    """Whether ``v`` is the bias leaf laid out along the last axis (reshape/broadcast/convert)."""
+  def _broadcasts_trailing(self, prog: _Program, v: Any, bias: int,
+                           features: tuple[int, ...]) -> bool:
+    """Whether ``v`` is the bias leaf laid out along the trailing ``features`` axes.
+
+    Through reshapes adding leading ones, broadcasts onto the trailing axes
+    and dtype conversions: the bias of an ``(O1..Om)`` output, added to every row.
+    """
+    m = len(features)
     while _is_var(v) and v != bias:
       if v not in prog.defining:
         return False
       eqn = prog.eqns[prog.defining[v]]
-      shape = prog.avals[v].shape
-      if not shape or shape[-1] != features:
+      shape = tuple(prog.avals[v].shape)
+      if len(shape) < m or shape[len(shape) - m:] != features:
         return False
       name = eqn.primitive.name
-      if name == "reshape" and int(np.prod(shape[:-1])) != 1:
+      if name == "reshape" and int(np.prod(shape[:len(shape) - m])) != 1:
         return False
-      if name == "broadcast_in_dim" and tuple(eqn.params["broadcast_dimensions"])[-1:] != (
-          len(shape) - 1,):
+      if name == "broadcast_in_dim" and tuple(eqn.params["broadcast_dimensions"])[-m:] != tuple(
+          range(len(shape) - m, len(shape))):
         return False
       if name not in ("reshape", "broadcast_in_dim", "convert_element_type"):
         return False
