@@ -1,7 +1,7 @@
 """Compile time of one train step against depth: residual networks of 4 .. 32 identical blocks.
 
     python benchmarks/compile_depth.py [--depths 4,8,16,32] [--optimizers sgd,fne-sgd,gr-sgd,fne-kfac]
-    python benchmarks/compile_depth.py --games network,flax,traced
+    python benchmarks/compile_depth.py --games network,flax
 
 The network is the main job's residual CNN on 8x8 DIGITS images (a conv stem,
 N identity-shortcut residual blocks of 12 maps, pooling, a dense head). Runs
@@ -13,8 +13,7 @@ depth and the ratio to the shallowest, and writes JSON.
 
 ``--games`` makes the game the ways of ``flax_networks.py``: ``network`` (the
 hand-written game, the default), ``flax`` (the same network as a Flax model,
-read by ``games.from_flax``), ``traced`` (that model's ``apply`` traced by
-``games.from_function``); a row per game and optimizer.
+traced by ``games.from_flax``); a row per game and optimizer.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The main job's DIGITS networks as games made three ways, to be timed side by side.
+"""The main job's DIGITS networks as games made two ways, to be timed side by side.
 
 Shared by ``compile_depth.py`` and ``step_time.py`` (imported as a sibling
 module). Each network is the same function of the same kind of params:
@@ -6,9 +6,7 @@ module). Each network is the same function of the same kind of params:
 * ``network``: the hand-written game, :func:`dgnopt_jax.games.network_from_name`;
 * ``flax``: the network written as a Flax model (``nn.Sequential`` for the
   MLP; ``models.Chain`` with ``models.basic_block`` for the residual CNN),
-  read module by module by :func:`dgnopt_jax.games.from_flax`;
-* ``traced``: the same Flax model's ``apply`` traced by
-  :func:`dgnopt_jax.games.from_function`.
+  the traced game of its ``apply`` (:func:`dgnopt_jax.games.from_flax`).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import numpy as np
 from dgnopt_jax import games
 from dgnopt_jax import models
 
-GAME_KINDS = ("network", "flax", "traced")
+GAME_KINDS = ("network", "flax")
 FLAX_NETWORKS = ("mlp", "resnet")
 
 
@@ -54,6 +52,4 @@ def game_and_params(kind: str, name: str, x: np.ndarray, num_classes: int,
     raise ValueError(f"unknown game kind {kind!r}; choose from {GAME_KINDS}")
   model = flax_model(name, num_classes, residual_blocks)
   params = model.init(key, x)
-  if kind == "flax":
-    return games.from_flax(model, x), params
-  return games.from_function(model.apply, params, x), params
+  return games.from_flax(model, x), params

@@ -32,12 +32,11 @@ compile time and memory relative to optax.sgd; writes the figures as JSON
 
 ``--games`` times the ``mlp`` and the ``resnet`` made several ways
 (``flax_networks.py``): ``network`` (the hand-written game, the default),
-``flax`` (the same network as a Flax model read by ``games.from_flax``),
-``traced`` (that model's ``apply`` traced by ``games.from_function``). All
+``flax`` (the same network as a Flax model traced by ``games.from_flax``). All
 games' steps run in the same interleaved rounds, and the table gains each
 step time's ratio to the first game's for the same optimizer::
 
-    python benchmarks/step_time.py --games flax,traced,network
+    python benchmarks/step_time.py --games flax,network
 """
 
 from __future__ import annotations

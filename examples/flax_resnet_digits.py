@@ -24,7 +24,7 @@ so both optimizers train the same variables and evaluate them with
 With ``--batch-norm``, DGNOpt's gradient ``Q_theta`` goes through the batch
 statistics (it is ``jax.grad`` of the train-mode loss, so ``olne`` is the
 optax baseline up to rounding) while its second-order terms hold the
-statistics fixed (``dgnopt_jax/_src/flax_games.py``). Defaults, 500 steps:
+statistics fixed (docs/GAMES.md). Defaults, 500 steps:
 optax adam 96.9 %, olne-adam 96.7 %, fne-adam 96.2 % test accuracy.
 
 Prints progress and a markdown table of test accuracy and training loss.

@@ -98,7 +98,6 @@ _SLOW_CHECKS = frozenset({
     "tests/test_model_zoo.py::test_steps_equal_dense_reference[setup_mlp-fne-kfac]",
     "tests/test_model_zoo.py::test_steps_equal_dense_reference[compact_mlp-fne-adam]",
     "tests/test_model_zoo.py::test_steps_equal_dense_reference[batch_norm_mlp-gr-identity]",
-    "tests/test_traced_equals_flax.py::test_updates_equal_module_tree_game[blocks-split-gr-kfac]",
     "tests/test_group_rational.py::test_single_player_stages_gr_is_fne_step_for_step[adam-0.001]",
     "tests/test_benchmark_scripts.py::test_batch_scaling_takes_a_device_and_writes_its_record",
     "tests/test_experiment_runs.py::test_table4_script",

@@ -26,10 +26,16 @@ a game (DGNOpt §3.1, eq. 3):
   at levels (:func:`_levels`, the ``alignment``): layers at one level share a
   stage (parallel branches, attention's projections, a projection shortcut
   beside a residual body's last or first layer), a parameter-free equation
-  plays at the latest level of what it reads, and the equations are put in
-  level order, so each stage is a contiguous range. The state between two
-  stages is what is
-  live across the cut: the batch-dependent values computed before it and used
+  plays at the latest level of what it reads (an activation in its layer's
+  stage), but for a chain of them from a fork to one layer, which plays in
+  that layer's stage (an inception branch's pooling), and the equations are
+  put in level order, so each stage is a contiguous range. A parameter-free
+  equation other than an elementwise one that maps the whole state to the
+  whole state (a pooling, a flattening between two layers) is a stage of its
+  own. These are the cuts of the hand-written games (``games.sequential``
+  with ``AvgPool``/``Flatten`` stages, ``games.InceptionBlock``), which the
+  value Hessian's Tikhonov term, a state cost at every stage's output, would
+  tell apart. The state between two stages is what is live across the cut: the batch-dependent values computed before it and used
   after it (a residual stream comes out as a second value), a bare array where
   there is one, else a tuple in the order they are computed. The first stage's
   state is the input ``x``, the last stage's output is the model's output.
@@ -76,10 +82,7 @@ a game (DGNOpt §3.1, eq. 3):
   value), the same taps and Kronecker layers, the same outputs. The shared
   function evaluates the first such stage's equations on each stage's own
   state and params. The form of each stage is computed once, when the game
-  is built (and checked again for each batch size traced later). The
-  last block of a run followed by parameter-free ops (a pooling, a reshape
-  before the head) takes them into its stage, so it is not one of the
-  repeats.
+  is built (and checked again for each batch size traced later).
 
 Samples must propagate independently (the per-sample Jacobians of the game
 are block-diagonal over the batch): the program is traced at two batch sizes,
@@ -108,10 +111,12 @@ exception:
   fixed. The operations after a statistics stage join the next layer's stage
   when statistics are live where that layer begins (Flax's BatchNorm: its
   ``scale`` multiplies ``rsqrt(var + eps)``), else they form a stage of their
-  own, so Flax's ``Conv, BatchNorm, relu`` is cut as :func:`games.from_flax`
-  cuts it (conv | statistics | normalisation and relu), with the same state
-  up to the statistics' layout (``(B, 1, C)`` copies of Flax's broadcast
-  ``(1, C)`` statistics, the same values) and the same updates.
+  own, so Flax's ``Conv, BatchNorm, relu`` is cut as conv | statistics |
+  normalisation and relu, with the statistics as ``(B, 1, C)`` copies of
+  Flax's broadcast ``(1, C)`` statistics. This is the Gauss-Newton model in
+  which the batch statistics are constants of the step; in the rollout the
+  statistics stage recomputes them on the rolled-out batch, so the rollout
+  is the train-mode forward pass at the new params.
   A stage whose state holds statistics is evaluated *sample by sample*:
   ``jax.vmap`` over the samples of its equations traced on a batch of one,
   each sample reading its own copy where the batch program reads the
@@ -760,8 +765,8 @@ def _levels(prog: _Program, layers: list[tuple[int, int]], alignment: str,
   allow: beside the body's last layer). Parallel branches of equal depth
   play at one level either way (DGNOpt Fig. 3a, 10a). A parameter-free
   equation plays at the latest level of the values it reads (an activation
-  or a pooling in the stage of the layer before it; what reads only the
-  input, in the first stage).
+  in the stage of the layer before it; what reads only the input, in the
+  first stage).
 
   One exception: a chain of parameter-free equations that begins at a fork
   (a value other equations read too) and feeds one layer alone plays in that
@@ -890,9 +895,9 @@ def _early_statistics(prog: _Program, producers: list, owner: dict, statistics: 
   batch a statistic computed from the same reductions (a BatchNorm's mean
   and variance come before ``x - mean``; ``rsqrt(var + eps)``, after it,
   does not); a parameter-free equation whose values only early statistics
-  read (``x * x`` for a mean of squares) is early too. The statistics stage
-  of one BatchNorm then ends where the module-tree reader's ends, whichever
-  branch its BatchNorm is on.
+  read (``x * x`` for a mean of squares) is early too. The statistics of
+  parallel BatchNorms (a residual body's and its projection shortcut's)
+  then share one statistics stage, whichever branch each is on.
   """
   count = len(prog.x_eqns)
   roots: list[set] = [set() for _ in range(count)]  # the reductions a statistic is computed from
@@ -1224,7 +1229,10 @@ class _TracedGame:
     or reads a statistic computed before it, or at the next layer. The
     operations after it form a stage with the next layer when statistics are
     live where that layer begins (a BatchNorm's ``scale`` multiplies
-    ``rsqrt(var + eps)``), else one of their own. Sets ``starts``, ``ends``,
+    ``rsqrt(var + eps)``), else one of their own. A parameter-free
+    operation, not elementwise, from a state of one value to a state of one
+    value (``is_state``: the samples on the leading axis alone) outside the
+    layers and the statistics is a stage of its own. Sets ``starts``, ``ends``,
     ``units`` and ``kinds``.
 
     Raises:
